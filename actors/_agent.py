@@ -1,0 +1,236 @@
+"""``Agent``: the handle to one actor, as returned by ``ActorHost.get(name)``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ledger import (
+    JSON,
+    Event,
+    IntentNotFoundError,
+    IntentState,
+    LedgerTx,
+    datetime_to_ms,
+    dump_json,
+)
+from triggers import CancelResult, CancelStatus
+from triggers._engine import cancel_op, enqueue_op
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Iterable
+    from datetime import datetime
+
+    from ._host import ActorHost
+
+_PAGE = 500
+
+
+def _check_id(intent_event_id: object) -> int:
+    if isinstance(intent_event_id, bool) or not isinstance(intent_event_id, int):
+        raise TypeError(f"intent_event_id must be an int, not {type(intent_event_id).__name__}")
+    return intent_event_id
+
+
+class Agent:
+    """One actor: enqueue and cancel its work, read its ledger.
+
+    Cheap to create; holds no connection. Every method may be called from any task.
+    """
+
+    __slots__ = ("_host", "actor_id")
+
+    def __init__(self, host: ActorHost, actor_id: str) -> None:
+        self._host = host
+        self.actor_id = actor_id
+
+    def __repr__(self) -> str:
+        return f"Agent({self.actor_id!r})"
+
+    # -- work -----------------------------------------------------------------------------
+
+    async def enqueue_trigger(
+        self,
+        *,
+        trigger_kind: str,
+        payload: JSON = None,
+        at: datetime | None = None,
+        idempotency_key: str | None = None,
+    ) -> Event:
+        """Record an intent for ``trigger_kind``; returns the intent event (its ``id`` is the
+        intent's id).
+
+        The payload is validated by the trigger's ``parse_intent`` before anything is
+        written. With an ``idempotency_key``, a live intent (or one that ended within the
+        host's ``idempotency_retention``) holding the same key is returned instead of a new
+        one, atomically across processes.
+
+        Raises:
+            UnknownTriggerError: no trigger of that kind is registered.
+            IntentRejectedError: ``parse_intent`` refused the payload.
+            ledger.PayloadError: the payload is not storable as JSON.
+            ValueError: ``at`` is a naive datetime.
+        """
+        trigger = self._host.spec.registry.get(trigger_kind)
+        trigger.parse(payload)
+        text = dump_json(payload)
+        due = None if at is None else datetime_to_ms(at)
+        if idempotency_key is not None and not isinstance(idempotency_key, str):
+            raise TypeError("idempotency_key must be a str")
+        op = enqueue_op(trigger, payload, text, due, idempotency_key, self._host.key_retention_ms)
+        event, _ = await self._host.store.run(self.actor_id, op)
+        return event
+
+    async def cancel_trigger(
+        self,
+        *,
+        trigger_kind: str,
+        intent_event_id: int,
+        reason: str | None = None,
+        requested_by: str | None = None,
+    ) -> CancelResult:
+        """Cancel an intent; the status says exactly what happened (see ``CancelStatus``).
+
+        ``cancelled``: it was pending and ``commit_cancelled`` ran now. ``requested``: it is
+        running; the request is durable and the attempt's signal is aborted wherever it
+        runs. ``ignored``: the trigger ignores cancellation. ``not_found``: no such intent of
+        that kind here. ``already_completed``: it had ended (``terminal_status`` says how).
+
+        Raises:
+            UnknownTriggerError: no trigger of that kind is registered.
+            TypeError: ``intent_event_id`` is not an int, or ``reason`` not a str.
+        """
+        trigger = self._host.spec.registry.get(trigger_kind)
+        _check_id(intent_event_id)
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError("reason must be a str or None")
+        if trigger.cancellation == "ignored":
+            return CancelResult(status=CancelStatus.IGNORED, intent_event_id=intent_event_id)
+        op = cancel_op(self._host.spec.registry, trigger, intent_event_id, reason, requested_by)
+        return await self._host.store.run(self.actor_id, op)
+
+    # -- reads ----------------------------------------------------------------------------
+
+    async def events(
+        self,
+        *,
+        after: int = 0,
+        kinds: Iterable[str] | None = None,
+        intent_event_id: int | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """Events with ``id > after`` in id order, optionally by kinds and intent."""
+        kind_list = None if kinds is None else list(kinds)
+        if intent_event_id is not None:
+            _check_id(intent_event_id)
+
+        def op(tx: LedgerTx) -> list[Event]:
+            return tx.events(
+                after=after, kinds=kind_list, intent_event_id=intent_event_id, limit=limit
+            )
+
+        return await self._host.store.run(self.actor_id, op, write=False)
+
+    async def intent(self, intent_event_id: int) -> IntentState:
+        """The current state of an intent.
+
+        Raises:
+            IntentNotFoundError: no intent with that id in this actor.
+        """
+        _check_id(intent_event_id)
+        row = await self._host.store.run(
+            self.actor_id, lambda tx: tx.intent_row(intent_event_id), write=False
+        )
+        if row is None:
+            raise IntentNotFoundError(self.actor_id, intent_event_id)
+        return row.state()
+
+    async def intents(
+        self, *, status: str | None = None, after: int = 0, limit: int | None = None
+    ) -> list[IntentState]:
+        """Intents in id order, optionally only those in ``status``."""
+        rows = await self._host.store.run(
+            self.actor_id,
+            lambda tx: tx.intent_rows(status=status, after=after, limit=limit),
+            write=False,
+        )
+        return [row.state() for row in rows]
+
+    async def wait_for_intent(self, intent_event_id: int) -> IntentState:
+        """Wait until the intent ends; returns its terminal state.
+
+        Raises:
+            IntentNotFoundError: no intent with that id in this actor.
+        """
+        store = self._host.store
+        while True:
+            version = store.version(self.actor_id)
+            state = await self.intent(intent_event_id)
+            if state.status.terminal:
+                return state
+            with anyio.move_on_after(self._host.poll_interval):
+                await store.wait_changed(self.actor_id, version)
+
+    async def projection(self, name: str) -> Any:
+        """The current state of a projection of this actor class.
+
+        Raises:
+            KeyError: no projection of that name is registered.
+        """
+        self._check_projection(name)
+        return await self._host.store.run(
+            self.actor_id, lambda tx: tx.projection(name), write=False
+        )
+
+    async def rebuild_projection(self, name: str) -> Any:
+        """Recompute a projection from all events (after changing its ``apply``)."""
+        self._check_projection(name)
+        return await self._host.store.run(self.actor_id, lambda tx: tx.rebuild_projection(name))
+
+    def _check_projection(self, name: str) -> None:
+        if name not in {p.name for p in self._host.spec.projections}:
+            raise KeyError(f"no projection named {name!r} on this actor class")
+
+    async def tail(self, *, after: int = 0) -> AsyncIterator[Event]:
+        """Yield events with ``id > after`` and keep following new ones, from any process."""
+        store = self._host.store
+        while True:
+            version = store.version(self.actor_id)
+            events = await self.events(after=after, limit=_PAGE)
+            for event in events:
+                yield event
+                after = event.id
+            if len(events) < _PAGE:
+                with anyio.move_on_after(self._host.poll_interval):
+                    await store.wait_changed(self.actor_id, version)
+
+    async def stream(self, intent_event_id: int, *, start: int = 0) -> AsyncIterator[JSON]:
+        """Yield an intent's attached output chunks from index ``start``, following them
+        until the intent ends.
+
+        Raises:
+            IntentNotFoundError: no intent with that id in this actor.
+        """
+        _check_id(intent_event_id)
+        store = self._host.store
+
+        def read(tx: LedgerTx) -> tuple[list[JSON], str | None]:
+            row = tx.intent_row(intent_event_id)
+            chunks = tx.stream_read(intent_event_id, start, _PAGE)
+            return chunks, None if row is None else row.status
+
+        while True:
+            version = store.version(self.actor_id)
+            chunks, status = await store.run(self.actor_id, read, write=False)
+            if status is None:
+                raise IntentNotFoundError(self.actor_id, intent_event_id)
+            for chunk in chunks:
+                yield chunk
+            start += len(chunks)
+            if len(chunks) == _PAGE:
+                continue
+            if status in ("completed", "cancelled", "failed"):
+                return
+            with anyio.move_on_after(self._host.poll_interval):
+                await store.wait_changed(self.actor_id, version)

@@ -1,0 +1,318 @@
+"""``ActorHost``: serves the actors of one actor class from a data directory."""
+
+from __future__ import annotations
+
+import contextlib
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from ledger import (
+    Clock,
+    Committed,
+    IndexDB,
+    LedgerError,
+    LedgerStore,
+    ProcessInfo,
+    ledger_relpath,
+    system_clock,
+)
+from triggers import Scheduler, SchedulerConfig
+
+from ._agent import Agent
+from ._spec import AgentSpec
+from ._wakeup import Message, WakeupSocket, classify
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from anyio.abc import TaskGroup
+
+_log = structlog.get_logger("actors")
+
+
+class ActorHost:
+    """Serves the actors of one actor class from ``data_dir``; an async context manager.
+
+    With ``run_scheduler=True`` (the default) it claims and runs due work; with
+    ``run_scheduler=False`` it is a client that enqueues, cancels and reads. Any number of
+    hosts and clients may share one data directory, in one process or many.
+
+    Args:
+        spec: the actor class, from ``define_agent_do``.
+        data_dir: where the ledgers live (created if missing).
+        run_scheduler: run the trigger scheduler in this process.
+        synchronous: SQLite durability: ``"NORMAL"`` (default; a commit survives a process
+            crash, and the OS crash window is the last moments of writes) or ``"FULL"``
+            (every commit is flushed to disk before it returns).
+        config: scheduler tuning (concurrency, lease, poll interval, shutdown grace...).
+        max_open_ledgers: most ledger files kept open; idle actors beyond it hibernate.
+        shards: ledger worker threads.
+        clock: epoch-millisecond time source.
+        idempotency_retention: how long an ended intent keeps its idempotency key.
+        lock_timeout: seconds to wait for a ledger locked by another process.
+    """
+
+    def __init__(
+        self,
+        spec: AgentSpec,
+        *,
+        data_dir: str | Path,
+        run_scheduler: bool = True,
+        synchronous: str = "NORMAL",
+        config: SchedulerConfig | None = None,
+        max_open_ledgers: int = 512,
+        shards: int = 1,
+        clock: Clock = system_clock,
+        idempotency_retention: timedelta = timedelta(days=1),
+        lock_timeout: float = 10.0,
+    ) -> None:
+        if not isinstance(spec, AgentSpec):
+            raise TypeError("spec must come from define_agent_do(...)")
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
+        self.spec = spec
+        self.config = config or SchedulerConfig()
+        self.run_scheduler = run_scheduler
+        self.store = LedgerStore(
+            data_dir,
+            projections=spec.projections,
+            synchronous="FULL" if synchronous == "FULL" else "NORMAL",
+            max_open=max_open_ledgers,
+            shards=shards,
+            clock=clock,
+            lock_timeout=lock_timeout,
+        )
+        self.key_retention_ms = round(idempotency_retention.total_seconds() * 1000)
+        self.scheduler: Scheduler | None = None
+        self._wake: WakeupSocket | None = None
+        self._peers: list[ProcessInfo] = []
+        self._dead: set[str] = set()
+        self._tg: TaskGroup | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+
+    @property
+    def data_dir(self) -> Path:
+        """The data directory (absolute)."""
+        return self.store.data_dir
+
+    @property
+    def poll_interval(self) -> float:
+        """Seconds between fallback polls when no wake-up arrives."""
+        return self.config.poll_interval
+
+    @property
+    def process_id(self) -> str:
+        """This process's id in the data directory's registry."""
+        assert self._wake is not None, "enter the host first (async with ActorHost(...))"
+        return self._wake.process_id
+
+    def get(self, name: str) -> Agent:
+        """The handle of the actor called ``name`` (any non-empty string without NUL).
+
+        Raises:
+            TypeError: ``name`` is not a str.
+            ValueError: ``name`` is empty or holds NUL.
+        """
+        ledger_relpath(name)
+        return Agent(self, name)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> ActorHost:
+        stack = contextlib.AsyncExitStack()
+        await stack.__aenter__()
+        try:
+            await stack.enter_async_context(self.store)
+            self._wake = wake = WakeupSocket(scheduler=self.run_scheduler)
+            stack.callback(wake.close)
+            info = wake.info(self.store.clock())
+            await self.store.run_index(lambda index: index.register_process(info))
+            stack.push_async_callback(self._unregister)
+            await self._refresh_peers()
+            self.store.add_commit_listener(self._on_commit)
+            tg = anyio.create_task_group()
+            await stack.enter_async_context(tg)
+            self._tg = tg
+            stack.callback(tg.cancel_scope.cancel)
+            tg.start_soon(wake.receive_forever, self._on_message)
+            if self.run_scheduler:
+                self.scheduler = Scheduler(
+                    self.store,
+                    self.spec.registry,
+                    host_id=wake.process_id,
+                    bindings=self.spec.bindings,
+                    config=self.config,
+                    dead_owners=lambda: sorted(self._dead),
+                )
+                await tg.start(self.scheduler.serve)
+                stack.push_async_callback(self.scheduler.shutdown)
+                if self._dead:
+                    await self.scheduler.rescan(self.config.lease)
+            tg.start_soon(self._housekeeping)
+        except BaseException:
+            await stack.__aexit__(None, None, None)
+            raise
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self._stack is not None
+        stack, self._stack = self._stack, None
+        await stack.__aexit__(None, None, None)
+
+    async def _unregister(self) -> None:
+        assert self._wake is not None
+        process_id = self._wake.process_id
+        with anyio.CancelScope(shield=True), contextlib.suppress(LedgerError, OSError):
+            await self.store.run_index(lambda index: index.unregister_process(process_id))
+
+    # -- peers and wake-ups ---------------------------------------------------------------
+
+    async def _refresh_peers(self) -> set[str]:
+        """Re-read the registry; returns ids newly known to be dead."""
+        assert self._wake is not None
+        wake = self._wake
+        now = self.store.clock()
+        stale_ms = round(self.config.lease * 10 * 1000)
+
+        def read(index: IndexDB) -> list[ProcessInfo]:
+            index.heartbeat(wake.process_id, now)
+            processes = index.processes()
+            for info in processes:
+                # Forget processes dead long enough for every claim of theirs to have expired.
+                if info.id != wake.process_id and info.heartbeat_at < now - stale_ms:
+                    peers_dead = classify([info], wake.machine, wake.process_id)[1]
+                    if peers_dead:
+                        index.unregister_process(info.id)
+            return processes
+
+        processes = await self.store.run_index(read)
+        self._peers, dead = classify(processes, wake.machine, wake.process_id)
+        new = dead - self._dead
+        self._dead = dead
+        return new
+
+    async def _housekeeping(self) -> None:
+        """Heartbeat, peer refresh, dead-process recovery and the cancel poll fallback."""
+        interval = min(1.0, self.config.poll_interval)
+        while True:
+            await anyio.sleep(interval)
+            try:
+                newly_dead = await self._refresh_peers()
+            except LedgerError as exc:
+                _log.warning("registry_refresh_failed", error=str(exc))
+                continue
+            scheduler = self.scheduler
+            if scheduler is None:
+                continue
+            if newly_dead:
+                _log.info("dead_processes_found", processes=sorted(newly_dead))
+                await scheduler.rescan(self.config.lease)
+            await self._poll_cancels(scheduler)
+
+    async def _poll_cancels(self, scheduler: Scheduler) -> None:
+        """Fallback for lost wake-ups: abort running attempts whose cancel was recorded."""
+        by_actor: dict[str, list[int]] = {}
+        for actor_id, intent_event_id in scheduler.running_attempts():
+            by_actor.setdefault(actor_id, []).append(intent_event_id)
+        for actor_id, ids in by_actor.items():
+            await self._deliver_verified(actor_id, ids)
+
+    async def _deliver_verified(self, actor_id: str, ids: list[int]) -> None:
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        own = self.process_id
+
+        def read(tx: Any) -> list[tuple[int, str | None]]:
+            found = []
+            for intent_event_id in ids:
+                row = tx.intent_row(intent_event_id)
+                if (
+                    row is not None
+                    and row.status == "running"
+                    and row.claimed_by == own
+                    and row.cancel_requested_at is not None
+                ):
+                    found.append((row.id, row.cancel_reason))
+            return found
+
+        try:
+            found = await self.store.run(actor_id, read, write=False)
+        except LedgerError as exc:
+            _log.warning("cancel_check_failed", actor=actor_id, error=str(exc))
+            return
+        for intent_event_id, reason in found:
+            scheduler.deliver_cancel(actor_id, intent_event_id, reason)
+
+    def _on_commit(self, committed: list[Committed]) -> None:
+        """After each local commit batch: local scheduler hints, then peers' wake-ups."""
+        if self.scheduler is not None:
+            remote = self.scheduler.on_commit(committed)
+        else:
+            remote = [
+                (item.actor_id, intent_event_id, owner, reason)
+                for item in committed
+                for intent_event_id, owner, reason in item.effects.cancels or ()
+                if owner is not None
+            ]
+        wake = self._wake
+        if wake is None or (not self._peers and not remote):
+            return
+        due = [(c.actor_id, c.effects.new_due) for c in committed if c.effects.new_due is not None]
+        changed = [
+            c.actor_id
+            for c in committed
+            if c.effects.events or c.effects.chunks or c.effects.terminal
+        ]
+        known = set()
+        for peer in self._peers:
+            if peer.address is None:
+                continue
+            known.add(peer.id)
+            message = Message(
+                due=due if peer.scheduler else [],
+                changed=changed,
+                cancels=[(a, i, r) for a, i, owner, r in remote if owner == peer.id],
+            )
+            if message.due or message.changed or message.cancels:
+                wake.send(peer.address, message)
+        unknown = [entry for entry in remote if entry[2] not in known]
+        if unknown and self._tg is not None:
+            # The owner registered after our last refresh: look it up, then deliver.
+            self._tg.start_soon(self._send_late, unknown)
+
+    async def _send_late(self, cancels: list[tuple[str, int, str, str | None]]) -> None:
+        try:
+            await self._refresh_peers()
+        except LedgerError:
+            return
+        assert self._wake is not None
+        for peer in self._peers:
+            mine = [(a, i, r) for a, i, owner, r in cancels if owner == peer.id]
+            if mine and peer.address is not None:
+                self._wake.send(peer.address, Message(cancels=mine))
+
+    def _on_message(self, message: Message) -> None:
+        """A wake-up from another process: hints only; the ledger is re-read before acting."""
+        store = self.store
+        scheduler = self.scheduler
+        if message.everything:
+            if scheduler is not None and self._tg is not None:
+                self._tg.start_soon(scheduler.rescan, 0.0)
+            store.notify_all()
+            return
+        if scheduler is not None:
+            for actor_id, due in message.due:
+                scheduler.hint(actor_id, due)
+        for actor_id in message.changed:
+            store.notify_changed(actor_id)
+        if message.cancels and self._tg is not None:
+            by_actor: dict[str, list[int]] = {}
+            for actor_id, intent_event_id, _ in message.cancels:
+                by_actor.setdefault(actor_id, []).append(intent_event_id)
+            for actor_id, ids in by_actor.items():
+                self._tg.start_soon(self._deliver_verified, actor_id, ids)

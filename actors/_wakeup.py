@@ -1,0 +1,147 @@
+"""Direct wake-ups between processes sharing a data directory.
+
+Every process (host or client) registers itself in ``index.db`` with the address of a Unix
+datagram socket (Linux abstract namespace: no file, no path length limit, gone with the
+process). After each commit batch a process sends one small datagram to each process that
+should know: cancel requests go to the process holding the claim, new due work to the
+schedulers, "this actor changed" to everyone (for tails, streams and waits).
+
+A datagram is a hint, never the truth: the receiver re-reads the ledger before acting, and a
+lost datagram only costs latency, because every consumer also polls slowly as a fallback.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import sys
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from ledger import ProcessInfo
+from ledger._index import machine_id, process_alive, process_started
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+_log = structlog.get_logger("actors")
+_MAX_DATAGRAM = 60_000
+SUPPORTED = sys.platform.startswith("linux")
+
+
+@dataclass(slots=True)
+class Message:
+    """One wake-up: what changed, batched per destination."""
+
+    due: list[tuple[str, int]] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    cancels: list[tuple[str, int, str | None]] = field(default_factory=list)
+    everything: bool = False
+
+    def encode(self) -> bytes:
+        data = json.dumps(
+            {"d": self.due, "c": self.changed, "x": self.cancels}, separators=(",", ":")
+        ).encode()
+        if len(data) > _MAX_DATAGRAM:
+            return b'{"all":1}'
+        return data
+
+    @classmethod
+    def decode(cls, data: bytes) -> Message:
+        raw = json.loads(data)
+        if raw.get("all"):
+            return cls(everything=True)
+        return cls(
+            due=[(str(a), int(d)) for a, d in raw.get("d", [])],
+            changed=[str(a) for a in raw.get("c", [])],
+            cancels=[(str(a), int(i), r) for a, i, r in raw.get("x", [])],
+        )
+
+
+class WakeupSocket:
+    """This process's wake-up endpoint: receives datagrams, sends them to peers."""
+
+    def __init__(self, *, scheduler: bool) -> None:
+        self.process_id = uuid.uuid4().hex[:16]
+        self.scheduler = scheduler
+        self.machine = machine_id()
+        self.address: str | None = None
+        self._sock: socket.socket | None = None
+        if SUPPORTED:
+            self.address = f"durable-triggers/{self.process_id}"
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            sock.bind("\0" + self.address)
+            sock.setblocking(False)
+            self._sock = sock
+
+    def info(self, now_ms: int) -> ProcessInfo:
+        """This process's registry row."""
+        return ProcessInfo(
+            id=self.process_id,
+            pid=os.getpid(),
+            machine=self.machine,
+            started=process_started(os.getpid()),
+            address=self.address,
+            scheduler=self.scheduler,
+            heartbeat_at=now_ms,
+        )
+
+    def send(self, address: str, message: Message) -> bool:
+        """Send without blocking; False if the peer is gone or its queue is full."""
+        if self._sock is None:
+            return False
+        try:
+            self._sock.sendto(message.encode(), "\0" + address)
+        except OSError as exc:
+            if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN):
+                _log.warning("wakeup_send_failed", address=address, error=str(exc))
+            return False
+        return True
+
+    async def receive_forever(self, handle: Callable[[Message], Any]) -> None:
+        """Call ``handle`` for each datagram received, until cancelled."""
+        sock = self._sock
+        if sock is None:
+            await anyio.sleep_forever()
+            return
+        while True:
+            await anyio.wait_readable(sock)
+            while True:
+                try:
+                    data = sock.recv(65536)
+                except BlockingIOError:
+                    break
+                try:
+                    message = Message.decode(data)
+                except (ValueError, TypeError, KeyError):
+                    _log.warning("wakeup_garbled", size=len(data))
+                    continue
+                handle(message)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def classify(processes: list[ProcessInfo], here: str, own_id: str) -> tuple[
+    list[ProcessInfo], set[str]
+]:  # fmt: skip
+    """Split registered processes into live peers and ids known to be dead."""
+    peers: list[ProcessInfo] = []
+    dead: set[str] = set()
+    for info in processes:
+        if info.id == own_id:
+            continue
+        alive = process_alive(info, here)
+        if alive is False:
+            dead.add(info.id)
+        else:
+            peers.append(info)
+    return peers, dead

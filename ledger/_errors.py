@@ -1,0 +1,64 @@
+"""Errors raised by the ledger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LedgerError(Exception):
+    """Root of every error the ledger raises."""
+
+
+class LedgerCorruptError(LedgerError):
+    """A ledger file is damaged or is not a ledger of this actor.
+
+    Attributes:
+        path: the file that failed to open or to verify.
+    """
+
+    def __init__(self, path: Path | str, detail: str) -> None:
+        self.path = Path(path)
+        self.detail = detail
+        super().__init__(
+            f"ledger file {self.path} is corrupt or foreign: {detail}. Other actors keep "
+            "working; restore this file from a backup or move it aside to start it afresh."
+        )
+
+
+class LedgerBusyError(LedgerError):
+    """The ledger stayed locked by another connection for longer than the lock timeout."""
+
+    def __init__(self, path: Path | str, waited_s: float) -> None:
+        self.path = Path(path)
+        self.waited_s = waited_s
+        super().__init__(
+            f"ledger file {self.path} stayed locked by another process for {waited_s:.1f}s; "
+            "nothing was written. Retry later or find the process holding the lock."
+        )
+
+
+class LedgerWriteError(LedgerError):
+    """SQLite refused a write (disk full, read-only file, I/O error); nothing was written."""
+
+    def __init__(self, path: Path | str, detail: str) -> None:
+        self.path = Path(path)
+        self.detail = detail
+        super().__init__(f"could not write ledger file {self.path}: {detail}; nothing was written")
+
+
+class PayloadError(LedgerError, ValueError):
+    """A payload or chunk cannot be stored as JSON (not serializable, NaN, too large...)."""
+
+
+class IntentNotFoundError(LedgerError, LookupError):
+    """No intent with this id exists in the actor's ledger.
+
+    Attributes:
+        actor_id: the actor that was asked.
+        intent_event_id: the id that was not found.
+    """
+
+    def __init__(self, actor_id: str, intent_event_id: int) -> None:
+        self.actor_id = actor_id
+        self.intent_event_id = intent_event_id
+        super().__init__(f"actor {actor_id!r} has no intent with id {intent_event_id}")

@@ -1,0 +1,126 @@
+"""One actor's ledger file: opening, verifying and migrating it.
+
+Everything here is synchronous and runs on a ledger worker thread (see ``_store.py``).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import TYPE_CHECKING, Literal
+
+from ._errors import LedgerCorruptError
+from ._schema import FORMAT, MIGRATIONS, SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+Synchronous = Literal["NORMAL", "FULL"]
+
+# Connections are many and mostly idle: a small page cache per ledger keeps memory bounded.
+_CACHE_KIB = 256
+_BUSY_MS = 50
+
+
+class LedgerFile:
+    """An open SQLite connection to one actor's ledger, verified to belong to that actor."""
+
+    __slots__ = ("actor_id", "conn", "next_id", "path", "relpath")
+
+    def __init__(self, actor_id: str, path: Path, relpath: str, conn: sqlite3.Connection) -> None:
+        self.actor_id = actor_id
+        self.path = path
+        self.relpath = relpath
+        self.conn = conn
+        # The next event id while a write transaction is open (writers are serialized, so it
+        # is max(id) + 1); None when unknown. Reset at BEGIN and after a rollback.
+        self.next_id: int | None = None
+
+    @classmethod
+    def open(
+        cls, actor_id: str, path: Path, relpath: str, *, synchronous: Synchronous
+    ) -> LedgerFile:
+        """Open (creating if needed) the ledger of ``actor_id`` at ``path``.
+
+        Raises:
+            LedgerCorruptError: the file is not a SQLite database, is another program's
+                database, belongs to another actor, or was written by a newer version.
+        """
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, cached_statements=64
+            )
+        except sqlite3.Error as exc:
+            raise LedgerCorruptError(path, f"cannot open: {exc}") from exc
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if mode != "wal":
+                raise LedgerCorruptError(path, f"cannot switch to WAL mode (got {mode!r})")
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
+            conn.execute("PRAGMA foreign_keys = OFF")
+            _migrate(conn, path, actor_id)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise LedgerCorruptError(path, str(exc)) from exc
+        except BaseException:
+            conn.close()
+            raise
+        return cls(actor_id, path, relpath, conn)
+
+    def close(self) -> None:
+        """Close the connection; the last close of a WAL file checkpoints it."""
+        self.conn.close()
+
+    def integrity_check(self) -> list[str]:
+        """Run ``PRAGMA integrity_check``; returns ``["ok"]`` for a sound file."""
+        return [row[0] for row in self.conn.execute("PRAGMA integrity_check")]
+
+
+def _migrate(conn: sqlite3.Connection, path: Path, actor_id: str) -> None:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version == SCHEMA_VERSION:
+        _verify(conn, path, actor_id)
+        return
+    if version > SCHEMA_VERSION:
+        raise LedgerCorruptError(
+            path, f"schema version {version} is newer than this library's ({SCHEMA_VERSION})"
+        )
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        # Re-read inside the write lock: another process may have created it meanwhile.
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0:
+            tables = conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]
+            if tables:
+                raise LedgerCorruptError(path, "a SQLite database that is not a ledger")
+        for target in range(version, SCHEMA_VERSION):
+            for statement in MIGRATIONS[target].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        if version == 0:
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [("format", FORMAT), ("actor_id", actor_id)],
+            )
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    if version:
+        _verify(conn, path, actor_id)
+
+
+def _verify(conn: sqlite3.Connection, path: Path, actor_id: str) -> None:
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.DatabaseError as exc:
+        raise LedgerCorruptError(path, f"no ledger metadata ({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise LedgerCorruptError(path, "a SQLite database that is not a ledger")
+    if meta.get("actor_id") != actor_id:
+        raise LedgerCorruptError(
+            path, f"it belongs to actor {meta.get('actor_id')!r}, not {actor_id!r}"
+        )

@@ -1,0 +1,105 @@
+"""Frozen values that cross the ledger boundary."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+JSON = Any
+"""A JSON value: ``None``, ``bool``, ``int``, ``float``, ``str``, lists and str-keyed dicts."""
+
+
+class IntentStatus(StrEnum):
+    """Where an intent is in its lifecycle; the values are what the ledger stores."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+    @property
+    def terminal(self) -> bool:
+        """True for ``completed``, ``cancelled`` and ``failed``."""
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({IntentStatus.COMPLETED, IntentStatus.CANCELLED, IntentStatus.FAILED})
+
+
+class Event(BaseModel):
+    """One fact in an actor's ledger.
+
+    ``id`` increases in commit order within the actor; ``ts`` is epoch milliseconds;
+    ``intent_event_id`` links the fact to the intent it belongs to (an intent event carries its
+    own id there).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: int
+    ts: int
+    kind: str
+    payload: JSON
+    intent_event_id: int | None = None
+
+
+class IntentState(BaseModel):
+    """The schedule row of one intent: the cursor the scheduler works from, not the truth."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    intent_event_id: int
+    trigger_kind: str
+    status: IntentStatus
+    attempts: int
+    redrives: int
+    due_at: datetime
+    created_at: datetime
+    finished_at: datetime | None = None
+    cancel_requested_at: datetime | None = None
+    cancel_reason: str | None = None
+    cancel_requested_by: str | None = None
+    terminal_event_ids: tuple[int, ...] = ()
+    idempotency_key: str | None = None
+
+
+S = TypeVar("S")
+
+
+@dataclass(frozen=True, slots=True)
+class Projection(Generic[S]):
+    """A fold of an actor's events, kept current in the transaction that writes them.
+
+    Args:
+        name: unique name within the actor class.
+        initial: the state before any event; must be JSON-serializable.
+        apply: ``(state, event) -> state``, pure and synchronous. It sees every event of the
+            actor in id order and returns the next state (return ``state`` unchanged for events
+            it does not care about). The state is stored as JSON, so return JSON values.
+    """
+
+    name: str
+    initial: S
+    apply: Callable[[S, Event], S]
+
+
+def ms_to_datetime(ms: int) -> datetime:
+    """Convert epoch milliseconds to an aware UTC datetime."""
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+def datetime_to_ms(value: datetime) -> int:
+    """Convert an aware datetime to epoch milliseconds.
+
+    Raises:
+        ValueError: if ``value`` is naive (no timezone).
+    """
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError("datetime must be timezone-aware (for example datetime.now(UTC))")
+    return round(value.timestamp() * 1000)

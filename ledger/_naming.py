@@ -1,0 +1,34 @@
+"""Actor names to ledger file paths.
+
+Any string is a valid actor name. The file name keeps a readable slug of the name (letters,
+digits, ``-``, ``_`` and ``.`` only, never a leading dot, at most 40 characters) and adds the
+SHA-256 of the exact name, so the path can never leave ``data_dir`` and two names never share a
+file. Each ledger also stores its actor name and refuses to open under a different one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import PurePosixPath
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+_SLUG_MAX = 40
+
+
+def ledger_relpath(actor_id: str) -> PurePosixPath:
+    """Return the ledger file path for ``actor_id``, relative to the data directory.
+
+    Raises:
+        TypeError: if ``actor_id`` is not a string.
+        ValueError: if ``actor_id`` is empty or holds a NUL character.
+    """
+    if not isinstance(actor_id, str):
+        raise TypeError(f"actor name must be a str, not {type(actor_id).__name__}")
+    if not actor_id:
+        raise ValueError("actor name must not be empty")
+    if "\x00" in actor_id:
+        raise ValueError("actor name must not contain NUL characters")
+    digest = hashlib.sha256(actor_id.encode("utf-8", "surrogatepass")).hexdigest()
+    slug = _UNSAFE.sub("_", actor_id)[:_SLUG_MAX].lstrip(".") or "actor"
+    return PurePosixPath("actors", digest[:2], f"{slug}-{digest[:32]}.db")

@@ -1,0 +1,453 @@
+"""The ledger store: every actor's ledger under one data directory, with group commit.
+
+Callers submit operations: synchronous functions ``fn(tx: LedgerTx) -> T`` for one actor. A
+pump task per shard takes everything queued, hands it to a worker thread in one hop, and runs
+it there as one SQLite transaction per actor (each operation inside its own savepoint, so one
+failing operation rolls back alone). A thread hop costs more than a whole SQLite transaction
+on small machines, so batching hops and commits is what makes the async facade fast.
+
+The directory database (``_index.py``) is kept in step with the ledgers by the rule stated
+there; this module is the only writer of both.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from ._errors import LedgerBusyError, LedgerCorruptError, LedgerError, LedgerWriteError
+from ._file import LedgerFile, Synchronous
+from ._index import IndexDB
+from ._naming import ledger_relpath
+from ._tx import LedgerTx, TxEffects
+
+if TYPE_CHECKING:
+    from ._models import Projection
+
+T = TypeVar("T")
+
+Clock = Callable[[], int]
+"""Returns the current time in epoch milliseconds."""
+
+
+def system_clock() -> int:
+    """Wall-clock time in epoch milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+class LedgerClosedError(LedgerError):
+    """The store was closed before the operation ran."""
+
+    def __init__(self) -> None:
+        super().__init__("the ledger store is closed; nothing was written")
+
+
+@dataclass(slots=True)
+class Committed:
+    """What one actor's transaction changed, reported to commit listeners after commit."""
+
+    actor_id: str
+    effects: TxEffects
+    next_due: int | None
+
+
+class _Request(Generic[T]):
+    __slots__ = ("actor_id", "busy_since", "done", "error", "fn", "result", "write")
+
+    def __init__(
+        self, actor_id: str, fn: Callable[[LedgerTx], T], write: bool, done: anyio.Event
+    ) -> None:
+        self.actor_id = actor_id
+        self.fn = fn
+        self.write = write
+        self.done = done
+        self.result: T | None = None
+        self.error: BaseException | None = None
+        self.busy_since: float | None = None
+
+
+@dataclass(slots=True)
+class _Shard:
+    number: int
+    pending: list[_Request[Any]] = field(default_factory=list)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    wake: anyio.Event = field(default_factory=anyio.Event)
+    files: OrderedDict[str, LedgerFile] = field(default_factory=OrderedDict)
+    index: IndexDB | None = None
+    limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
+
+
+@dataclass(slots=True)
+class _Open:
+    file: LedgerFile
+    requests: list[_Request[Any]]
+    effects: TxEffects
+    next_due: int | None = None
+    needs_index: bool = False
+
+
+class LedgerStore:
+    """All actor ledgers under ``data_dir``; an async context manager.
+
+    Args:
+        data_dir: the directory holding ``index.db`` and ``actors/``; created if missing.
+        projections: folds kept current in every write transaction.
+        synchronous: ``"NORMAL"`` (default: durable against process crashes, as fast as
+            SQLite's WAL allows) or ``"FULL"`` (also durable against power loss).
+        max_open: most ledger connections kept open; idle ones beyond it are closed (each
+            open WAL connection holds three file descriptors).
+        shards: worker threads; actors are spread over them by name.
+        clock: the time source, epoch milliseconds.
+        lock_timeout: seconds an operation waits for a ledger locked by another process
+            before failing with ``LedgerBusyError``.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        projections: Sequence[Projection[Any]] = (),
+        synchronous: Synchronous = "NORMAL",
+        max_open: int = 512,
+        shards: int = 1,
+        clock: Clock = system_clock,
+        lock_timeout: float = 10.0,
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
+        if max_open < 1 or shards < 1:
+            raise ValueError("max_open and shards must be at least 1")
+        self.data_dir = Path(data_dir).resolve()
+        self.projections = tuple(projections)
+        self.synchronous: Synchronous = synchronous
+        self.max_open = max_open
+        self.clock = clock
+        self.lock_timeout = lock_timeout
+        self._shards = [_Shard(i) for i in range(shards)]
+        self._listeners: list[Callable[[list[Committed]], None]] = []
+        self._versions: dict[str, int] = {}
+        self._changed: dict[str, anyio.Event] = {}
+        self._closing = False
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> LedgerStore:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        for shard in self._shards:
+            self._tg.start_soon(self._pump, shard)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._closing = True
+        for shard in self._shards:
+            shard.wake.set()
+        assert self._tg is not None
+        await self._tg.__aexit__(None, None, None)
+        with anyio.CancelScope(shield=True):
+            for shard in self._shards:
+                await anyio.to_thread.run_sync(self._close_shard, shard, limiter=shard.limiter)
+
+    def add_commit_listener(self, listener: Callable[[list[Committed]], None]) -> None:
+        """Call ``listener`` on the event loop after each batch with what it committed."""
+        self._listeners.append(listener)
+
+    # -- operations -----------------------------------------------------------------------
+
+    def shard_of(self, actor_id: str) -> int:
+        """The shard (worker) that serves ``actor_id``."""
+        return hash(actor_id) % len(self._shards)
+
+    async def run(self, actor_id: str, fn: Callable[[LedgerTx], T], *, write: bool = True) -> T:
+        """Run ``fn`` in a transaction of ``actor_id``'s ledger and return its result.
+
+        ``fn`` runs on a worker thread, in a savepoint of a batch transaction: if it raises,
+        its writes are rolled back and the error is raised here; otherwise its writes are
+        committed before this returns. If the caller is cancelled while waiting, the operation
+        may still run.
+
+        Raises:
+            LedgerCorruptError: the actor's ledger file is damaged or foreign.
+            LedgerBusyError: another process held the ledger locked for too long.
+            LedgerWriteError: SQLite refused the write (disk full, I/O error).
+            LedgerClosedError: the store is closed.
+        """
+        ledger_relpath(actor_id)  # validates the name before anything is queued
+        if self._closing or self._tg is None:
+            raise LedgerClosedError
+        shard = self._shards[hash(actor_id) % len(self._shards)]
+        request: _Request[T] = _Request(actor_id, fn, write, shard.done)
+        shard.pending.append(request)
+        shard.wake.set()
+        await request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.result  # type: ignore[return-value]
+
+    async def run_index(self, fn: Callable[[IndexDB], T]) -> T:
+        """Run ``fn`` with the directory database on a worker thread."""
+        shard = self._shards[0]
+
+        def call() -> T:
+            return fn(self._index(shard))
+
+        return await anyio.to_thread.run_sync(call, limiter=shard.limiter)
+
+    # -- change notification --------------------------------------------------------------
+
+    def version(self, actor_id: str) -> int:
+        """A counter that grows whenever this process learns that the actor changed."""
+        return self._versions.get(actor_id, 0)
+
+    async def wait_changed(self, actor_id: str, version: int) -> None:
+        """Return once ``version(actor_id)`` is past ``version``."""
+        while self._versions.get(actor_id, 0) <= version:
+            event = self._changed.get(actor_id)
+            if event is None:
+                event = self._changed[actor_id] = anyio.Event()
+            await event.wait()
+
+    def notify_changed(self, actor_id: str) -> None:
+        """Tell local waiters that ``actor_id`` changed (used for other processes' writes)."""
+        self._versions[actor_id] = self._versions.get(actor_id, 0) + 1
+        event = self._changed.pop(actor_id, None)
+        if event is not None:
+            event.set()
+
+    def notify_all(self) -> None:
+        """Wake every local waiter (after a wake-up too large to say which actors changed)."""
+        for actor_id in list(self._changed):
+            self.notify_changed(actor_id)
+
+    # -- the pump -------------------------------------------------------------------------
+
+    async def _pump(self, shard: _Shard) -> None:
+        while True:
+            if not shard.pending:
+                if self._closing:
+                    return
+                await shard.wake.wait()
+                shard.wake = anyio.Event()
+                continue
+            batch, shard.pending = shard.pending, []
+            done, shard.done = shard.done, anyio.Event()
+            committed, deferred = await anyio.to_thread.run_sync(
+                self._execute, shard, batch, limiter=shard.limiter
+            )
+            if deferred:
+                # Locked by another process: retry these soon, on the next batch's event.
+                for request in deferred:
+                    request.done = shard.done
+                shard.pending[:0] = deferred
+            done.set()
+            for item in committed:
+                if item.effects.events or item.effects.chunks or item.effects.terminal:
+                    self.notify_changed(item.actor_id)
+            if committed:
+                for listener in self._listeners:
+                    listener(committed)
+            if deferred:
+                await anyio.sleep(0.01)
+
+    # -- worker thread side ---------------------------------------------------------------
+
+    def _index(self, shard: _Shard) -> IndexDB:
+        if shard.index is None:
+            shard.index = IndexDB(self.data_dir / "index.db")
+        return shard.index
+
+    def _open_file(self, shard: _Shard, actor_id: str, keep: set[str]) -> LedgerFile:
+        file = shard.files.get(actor_id)
+        if file is not None:
+            shard.files.move_to_end(actor_id)
+            return file
+        budget = max(1, self.max_open // len(self._shards))
+        while len(shard.files) >= budget:
+            victim = next((a for a in shard.files if a not in keep), None)
+            if victim is None:
+                break
+            shard.files.pop(victim).close()
+        relpath = str(ledger_relpath(actor_id))
+        path = self.data_dir / relpath
+        is_new = not path.exists()
+        file = LedgerFile.open(actor_id, path, relpath, synchronous=self.synchronous)
+        if is_new:
+            self._index(shard).register(actor_id, relpath)
+        shard.files[actor_id] = file
+        return file
+
+    def _close_shard(self, shard: _Shard) -> None:
+        while shard.files:
+            _, file = shard.files.popitem(last=False)
+            file.close()
+        if shard.index is not None:
+            shard.index.close()
+            shard.index = None
+
+    def _execute(
+        self, shard: _Shard, batch: list[_Request[Any]]
+    ) -> tuple[list[Committed], list[_Request[Any]]]:
+        """Run one batch: one transaction per actor, then the index bookkeeping."""
+        now_ms = self.clock()
+        groups: dict[str, list[_Request[Any]]] = {}
+        for request in batch:
+            groups.setdefault(request.actor_id, []).append(request)
+        deferred: list[_Request[Any]] = []
+        opened: list[_Open] = []
+        keep = set(groups)
+        try:
+            for actor_id, requests in groups.items():
+                try:
+                    file = self._open_file(shard, actor_id, keep)
+                except LedgerCorruptError as exc:
+                    for request in requests:
+                        request.error = exc
+                    continue
+                except OSError as exc:
+                    error = LedgerWriteError(self.data_dir / ledger_relpath(actor_id), str(exc))
+                    for request in requests:
+                        request.error = error
+                    continue
+                state = self._begin(file, requests, now_ms, deferred)
+                if state is not None:
+                    opened.append(state)
+            self._commit_all(shard, opened)
+        except BaseException:
+            for state in opened:
+                if state.file.conn.in_transaction:
+                    state.file.conn.execute("ROLLBACK")
+            raise
+        committed = [
+            Committed(state.file.actor_id, state.effects, state.next_due)
+            for state in opened
+            if state.requests
+        ]
+        return committed, deferred
+
+    def _begin(
+        self,
+        file: LedgerFile,
+        requests: list[_Request[Any]],
+        now_ms: int,
+        deferred: list[_Request[Any]],
+    ) -> _Open | None:
+        """Open the actor's transaction and run its operations in savepoints."""
+        conn = file.conn
+        write = any(r.write for r in requests)
+        try:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                error = _wrap(file.path, exc)
+                for request in requests:
+                    request.error = error
+                return None
+            waited_from = time.monotonic()
+            for request in requests:
+                if request.busy_since is None:
+                    request.busy_since = waited_from
+                waited = waited_from - request.busy_since
+                if waited > self.lock_timeout:
+                    request.error = LedgerBusyError(file.path, waited)
+                else:
+                    deferred.append(request)
+            return None
+        file.next_id = None
+        state = _Open(file, requests, TxEffects())
+        if len(requests) == 1:
+            # One operation: the transaction itself is its savepoint.
+            request = requests[0]
+            tx = LedgerTx(file, now_ms, self.projections)
+            try:
+                request.result = request.fn(tx)
+                tx.flush_projections()
+            except BaseException as exc:
+                conn.execute("ROLLBACK")
+                request.error = _wrap(file.path, exc) if isinstance(exc, sqlite3.Error) else exc
+                return None
+            state.effects = tx.effects
+        else:
+            for request in requests:
+                tx = LedgerTx(file, now_ms, self.projections)
+                conn.execute("SAVEPOINT op")
+                try:
+                    request.result = request.fn(tx)
+                    tx.flush_projections()
+                except BaseException as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    file.next_id = None
+                    request.error = (
+                        _wrap(file.path, exc) if isinstance(exc, sqlite3.Error) else exc
+                    )
+                    request.result = None
+                    continue
+                conn.execute("RELEASE op")
+                state.effects.merge(tx.effects)
+        if write and state.effects.due_may_rise:
+            # Raising ``due`` needs the exact next due time, read under the write lock.
+            state.needs_index = True
+            state.next_due = LedgerTx(file, now_ms, ()).next_due()
+        return state
+
+    def _commit_all(self, shard: _Shard, opened: list[_Open]) -> None:
+        """Index lowering under the ledger locks, ledger commits, then conditional raises."""
+        lowerings = [
+            (s.file.actor_id, s.file.relpath, s.effects.new_due)
+            for s in opened
+            if s.effects.new_due is not None
+        ]
+        readers = [s.file.actor_id for s in opened if s.needs_index]
+        gens: dict[str, int] = {}
+        if lowerings or readers:
+            index = self._index(shard)
+            try:
+                gens = index.lower_and_read_gens(lowerings, readers)
+            except sqlite3.Error as exc:
+                error = _wrap(index.path, exc)
+                for state in opened:
+                    state.file.conn.execute("ROLLBACK")
+                    for request in state.requests:
+                        request.error = error
+                    state.requests = []
+                return
+        raises: list[tuple[int | None, str, int]] = []
+        for state in opened:
+            conn = state.file.conn
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                error = _wrap(state.file.path, exc)
+                for request in state.requests:
+                    request.error = error
+                    request.result = None
+                state.requests = []
+                continue
+            if state.needs_index:
+                raises.append((state.next_due, state.file.actor_id, gens[state.file.actor_id]))
+        if raises:
+            # A failure here only leaves ``due`` too early: harmless, so not raised.
+            with contextlib.suppress(sqlite3.Error):
+                self._index(shard).set_due_if_gen(raises)
+
+
+def _wrap(path: Path, exc: BaseException) -> LedgerError:
+    message = str(exc)
+    if isinstance(exc, sqlite3.DatabaseError) and (
+        "malformed" in message or "not a database" in message
+    ):
+        return LedgerCorruptError(path, message)
+    return LedgerWriteError(path, message)

@@ -1,0 +1,583 @@
+"""The ledger transaction: every read and write of one actor's ledger goes through it.
+
+A ``LedgerTx`` lives for one operation inside a batch transaction (see ``_store.py``); it runs
+on a ledger worker thread and never awaits. The trigger engine builds its claim, commit and
+cancel logic from these primitives; user code sees them through ``triggers.Tx``.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._errors import PayloadError
+from ._models import JSON, Event, IntentState, IntentStatus, Projection, ms_to_datetime
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator, Sequence
+
+    from ._file import LedgerFile
+
+MAX_PAYLOAD_BYTES = 1 << 20
+"""Largest JSON text accepted for one event payload or stream chunk (1 MiB)."""
+
+SELF = -1
+"""Pass as ``intent_event_id`` to make an event point at itself (an intent event)."""
+
+_ROW_COLUMNS = (
+    "id, trigger_kind, status, due_at, created_at, attempts, redrives, redrive, claim_token, "
+    "claimed_by, lease_until, cancel_requested_at, cancel_reason, cancel_requested_by, "
+    "idempotency_key, finished_at, terminal_event_ids"
+)
+
+
+def dump_json(value: JSON, *, what: str = "payload") -> str:
+    """Serialize ``value`` to compact JSON, refusing NaN/Infinity and oversized values.
+
+    Raises:
+        PayloadError: the value is not JSON-serializable, holds NaN or Infinity, is nested
+            too deeply, or its JSON text exceeds ``MAX_PAYLOAD_BYTES``.
+    """
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise PayloadError(f"{what} is not storable as JSON: {exc}") from None
+    if len(text) > MAX_PAYLOAD_BYTES // 4 and len(text.encode()) > MAX_PAYLOAD_BYTES:
+        raise PayloadError(f"{what} is larger than {MAX_PAYLOAD_BYTES} bytes of JSON")
+    return text
+
+
+def _load(text: str) -> JSON:
+    return json.loads(text)
+
+
+@dataclass(slots=True)
+class IntentRow:
+    """A schedule row as the engine sees it (all columns)."""
+
+    id: int
+    trigger_kind: str
+    status: str
+    due_at: int
+    created_at: int
+    attempts: int
+    redrives: int
+    redrive: int
+    claim_token: str | None
+    claimed_by: str | None
+    lease_until: int | None
+    cancel_requested_at: int | None
+    cancel_reason: str | None
+    cancel_requested_by: str | None
+    idempotency_key: str | None
+    finished_at: int | None
+    terminal_event_ids: str | None
+
+    def state(self) -> IntentState:
+        """The public, frozen view of this row."""
+        ids = tuple(json.loads(self.terminal_event_ids)) if self.terminal_event_ids else ()
+        return IntentState(
+            intent_event_id=self.id,
+            trigger_kind=self.trigger_kind,
+            status=IntentStatus(self.status),
+            attempts=self.attempts,
+            redrives=self.redrives,
+            due_at=ms_to_datetime(self.due_at),
+            created_at=ms_to_datetime(self.created_at),
+            finished_at=None if self.finished_at is None else ms_to_datetime(self.finished_at),
+            cancel_requested_at=(
+                None
+                if self.cancel_requested_at is None
+                else ms_to_datetime(self.cancel_requested_at)
+            ),
+            cancel_reason=self.cancel_reason,
+            cancel_requested_by=self.cancel_requested_by,
+            terminal_event_ids=ids,
+            idempotency_key=self.idempotency_key,
+        )
+
+
+@dataclass(slots=True)
+class TxEffects:
+    """What a committed operation changed, for wake-ups and the due-time index."""
+
+    events: bool = False
+    new_due: int | None = None
+    due_may_rise: bool = False
+    cancels: list[tuple[int, str | None, str | None]] | None = None
+    """``(intent_event_id, owner process, reason)`` of cancel requests to deliver."""
+    chunks: bool = False
+    terminal: bool = False
+
+    def merge(self, other: TxEffects) -> None:
+        self.events |= other.events
+        self.chunks |= other.chunks
+        self.terminal |= other.terminal
+        self.due_may_rise |= other.due_may_rise
+        if other.new_due is not None and (self.new_due is None or other.new_due < self.new_due):
+            self.new_due = other.new_due
+        if other.cancels:
+            self.cancels = (self.cancels or []) + other.cancels
+
+
+class LedgerTx:
+    """Reads and writes of one actor's ledger within one operation of a batch transaction.
+
+    Attributes:
+        actor_id: the actor whose ledger this is.
+        now_ms: the transaction's clock reading, epoch milliseconds.
+        effects: what this operation changed (read by the store after commit).
+    """
+
+    __slots__ = ("_file", "_pending_events", "_projections", "actor_id", "effects", "now_ms")
+
+    def __init__(
+        self, file: LedgerFile, now_ms: int, projections: Sequence[Projection[Any]]
+    ) -> None:
+        self._file = file
+        self._projections = projections
+        self._pending_events: list[Event] = []
+        self.actor_id = file.actor_id
+        self.now_ms = now_ms
+        self.effects = TxEffects()
+
+    # -- events ---------------------------------------------------------------------------
+
+    def insert_event(
+        self,
+        kind: str,
+        payload: JSON,
+        intent_event_id: int | None = None,
+        *,
+        text: str | None = None,
+    ) -> Event:
+        """Append one event and return it with its id.
+
+        Args:
+            kind: the event kind.
+            payload: a JSON value.
+            intent_event_id: the intent the fact belongs to, if any.
+            text: ``payload`` already serialized with ``dump_json`` (skips re-serializing).
+
+        Raises:
+            PayloadError: the payload cannot be stored as JSON.
+        """
+        if not isinstance(kind, str) or not kind:
+            raise ValueError("event kind must be a non-empty str")
+        if text is None:
+            text = dump_json(payload)
+        file = self._file
+        event_id = file.next_id
+        if event_id is None:
+            event_id = self.last_event_id() + 1
+        if intent_event_id == SELF:
+            intent_event_id = event_id
+        file.conn.execute(
+            "INSERT INTO events (id, ts, kind, payload, intent_event_id) VALUES (?, ?, ?, ?, ?)",
+            (event_id, self.now_ms, kind, text, intent_event_id),
+        )
+        file.next_id = event_id + 1
+        event = Event.model_construct(
+            id=event_id, ts=self.now_ms, kind=kind, payload=payload, intent_event_id=intent_event_id
+        )
+        self.effects.events = True
+        if self._projections:
+            self._pending_events.append(event)
+        return event
+
+    def events(
+        self,
+        *,
+        after: int = 0,
+        kinds: Iterable[str] | None = None,
+        intent_event_id: int | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """Events with ``id > after`` in id order, optionally filtered by kinds and intent."""
+        sql = "SELECT id, ts, kind, payload, intent_event_id FROM events WHERE id > ?"
+        params: list[Any] = [after]
+        if intent_event_id is not None:
+            sql += " AND intent_event_id = ?"
+            params.append(intent_event_id)
+        if kinds is not None:
+            kind_list = list(kinds)
+            if not kind_list:
+                return []
+            sql += f" AND kind IN ({','.join('?' * len(kind_list))})"
+            params.extend(kind_list)
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [
+            Event.model_construct(
+                id=row[0], ts=row[1], kind=row[2], payload=_load(row[3]), intent_event_id=row[4]
+            )
+            for row in self._file.conn.execute(sql, params)
+        ]
+
+    def last_event_id(self) -> int:
+        """The highest event id, 0 for an empty ledger."""
+        row = self._file.conn.execute("SELECT max(id) FROM events").fetchone()
+        return int(row[0] or 0)
+
+    # -- intents --------------------------------------------------------------------------
+
+    def append_intent(
+        self,
+        *,
+        trigger_kind: str,
+        intent_event_kind: str,
+        payload: JSON,
+        due_at: int,
+        idempotency_key: str | None = None,
+        key_retention_ms: int = 0,
+        text: str | None = None,
+    ) -> tuple[Event, bool]:
+        """Record an intent event and its schedule row (``pending`` at ``due_at``).
+
+        With an ``idempotency_key``, an existing intent holding that key is returned instead
+        while it is live or ended less than ``key_retention_ms`` ago.
+
+        Returns:
+            ``(intent_event, created)``.
+        """
+        if idempotency_key is not None:
+            existing = self._file.conn.execute(
+                "SELECT id, status, finished_at FROM intents WHERE idempotency_key = ?",
+                (idempotency_key,),
+            ).fetchone()
+            if existing is not None:
+                intent_id, _status, finished_at = existing
+                if finished_at is None or finished_at + key_retention_ms > self.now_ms:
+                    events = self.events(after=intent_id - 1, limit=1)
+                    return events[0], False
+                self._file.conn.execute(
+                    "UPDATE intents SET idempotency_key = NULL WHERE id = ?", (intent_id,)
+                )
+        event = self.insert_event(intent_event_kind, payload, SELF, text=text)
+        self._file.conn.execute(
+            "INSERT INTO intents (id, trigger_kind, status, due_at, created_at, idempotency_key)"
+            " VALUES (?, ?, 'pending', ?, ?, ?)",
+            (event.id, trigger_kind, due_at, self.now_ms, idempotency_key),
+        )
+        self._note_due(due_at)
+        return event, True
+
+    def intent_row(self, intent_event_id: int) -> IntentRow | None:
+        """The schedule row of one intent, or None."""
+        row = self._file.conn.execute(
+            f"SELECT {_ROW_COLUMNS} FROM intents WHERE id = ?", (intent_event_id,)
+        ).fetchone()
+        return None if row is None else IntentRow(*row)
+
+    def intent_rows(
+        self, *, status: str | None = None, after: int = 0, limit: int | None = None
+    ) -> list[IntentRow]:
+        """Schedule rows in id order, optionally only those in ``status``."""
+        sql = f"SELECT {_ROW_COLUMNS} FROM intents WHERE id > ?"
+        params: list[Any] = [after]
+        if status is not None:
+            sql += " AND status = ?"
+            params.append(status)
+        sql += " ORDER BY id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [IntentRow(*row) for row in self._file.conn.execute(sql, params)]
+
+    def claim_due(
+        self,
+        *,
+        limit: int,
+        host_id: str,
+        lease_until: int,
+        tokens: Iterable[str],
+        kinds: Sequence[str],
+    ) -> list[IntentRow]:
+        """Move up to ``limit`` due pending intents of ``kinds`` to ``running``, each under a
+        fresh claim token."""
+        conn = self._file.conn
+        rows = conn.execute(
+            f"SELECT {_ROW_COLUMNS} FROM intents WHERE status = 'pending' AND due_at <= ?"
+            f" AND trigger_kind IN ({','.join('?' * len(kinds))}) ORDER BY due_at, id LIMIT ?",
+            (self.now_ms, *kinds, limit),
+        ).fetchall()
+        claimed: list[IntentRow] = []
+        token_iter = iter(tokens)
+        for raw in rows:
+            row = IntentRow(*raw)
+            row.status = "running"
+            row.claim_token = next(token_iter)
+            row.claimed_by = host_id
+            row.lease_until = lease_until
+            row.attempts += 1
+            conn.execute(
+                "UPDATE intents SET status = 'running', claim_token = ?, claimed_by = ?,"
+                " lease_until = ?, attempts = ? WHERE id = ? AND status = 'pending'",
+                (row.claim_token, host_id, lease_until, row.attempts, row.id),
+            )
+            claimed.append(row)
+        if claimed:
+            self.effects.due_may_rise = True
+        return claimed
+
+    def reclaim(self, row: IntentRow, *, token: str, host_id: str, lease_until: int) -> IntentRow:
+        """Take over a running intent whose claim was lost, as a redrive (new token)."""
+        self._file.conn.execute(
+            "UPDATE intents SET claim_token = ?, claimed_by = ?, lease_until = ?,"
+            " redrives = redrives + 1, redrive = 1 WHERE id = ? AND claim_token = ?",
+            (token, host_id, lease_until, row.id, row.claim_token),
+        )
+        row.claim_token, row.claimed_by, row.lease_until = token, host_id, lease_until
+        row.redrives += 1
+        row.redrive = 1
+        self.effects.due_may_rise = True
+        return row
+
+    def lost_claims(self, dead_owners: Iterable[str]) -> list[IntentRow]:
+        """Running intents whose lease has run out or whose owner process is gone."""
+        conn = self._file.conn
+        rows = conn.execute(
+            f"SELECT {_ROW_COLUMNS} FROM intents WHERE status = 'running' AND lease_until <= ?"
+            " ORDER BY lease_until",
+            (self.now_ms,),
+        ).fetchall()
+        dead = list(dead_owners)
+        if dead:
+            seen = {row[0] for row in rows}
+            rows += [
+                row
+                for row in conn.execute(
+                    f"SELECT {_ROW_COLUMNS} FROM intents WHERE status = 'running'"
+                    f" AND claimed_by IN ({','.join('?' * len(dead))})",
+                    dead,
+                )
+                if row[0] not in seen
+            ]
+        return [IntentRow(*row) for row in rows]
+
+    def intent_payloads(self, ids: Sequence[int]) -> dict[int, JSON]:
+        """The payloads of the given intent events."""
+        if not ids:
+            return {}
+        rows = self._file.conn.execute(
+            f"SELECT id, payload FROM events WHERE id IN ({','.join('?' * len(ids))})", ids
+        )
+        return {row[0]: _load(row[1]) for row in rows}
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """Run a block whose writes are rolled back if it raises (the error propagates)."""
+        conn = self._file.conn
+        conn.execute("SAVEPOINT nested")
+        pending = len(self._pending_events)
+        try:
+            yield
+        except BaseException:
+            conn.execute("ROLLBACK TO nested")
+            conn.execute("RELEASE nested")
+            self._file.next_id = None
+            del self._pending_events[pending:]
+            raise
+        conn.execute("RELEASE nested")
+
+    def holds_claim(self, intent_event_id: int, token: str) -> bool:
+        """True while the intent is running under ``token``."""
+        row = self._file.conn.execute(
+            "SELECT 1 FROM intents WHERE id = ? AND status = 'running' AND claim_token = ?",
+            (intent_event_id, token),
+        ).fetchone()
+        return row is not None
+
+    def release(
+        self,
+        intent_event_id: int,
+        token: str,
+        *,
+        due_at: int,
+        count_attempt: bool,
+        redrive: bool,
+    ) -> bool:
+        """Return a running intent to ``pending`` at ``due_at`` (a retry or a redrive).
+
+        ``count_attempt=False`` gives the attempt back (shutdown, lost claim).
+
+        Returns:
+            False if ``token`` no longer holds the claim (nothing written).
+        """
+        cur = self._file.conn.execute(
+            "UPDATE intents SET status = 'pending', due_at = ?, claim_token = NULL,"
+            " claimed_by = NULL, lease_until = NULL, attempts = attempts - ?, redrive = ?"
+            " WHERE id = ? AND status = 'running' AND claim_token = ?",
+            (due_at, 0 if count_attempt else 1, int(redrive), intent_event_id, token),
+        )
+        if cur.rowcount != 1:
+            return False
+        self._note_due(due_at)
+        return True
+
+    def reschedule(self, intent_event_id: int, due_at: int) -> None:
+        """Put an intent (running in this transaction) back to ``pending`` at ``due_at``.
+
+        Used by a commit that wants its intent to run again later; attempts start afresh.
+        """
+        self._file.conn.execute(
+            "UPDATE intents SET status = 'pending', due_at = ?, claim_token = NULL,"
+            " claimed_by = NULL, lease_until = NULL, attempts = 0, redrive = 0,"
+            " cancel_requested_at = NULL, cancel_reason = NULL, cancel_requested_by = NULL"
+            " WHERE id = ?",
+            (due_at, intent_event_id),
+        )
+        self._note_due(due_at)
+
+    def finish(self, intent_event_id: int, status: IntentStatus, event_ids: Sequence[int]) -> None:
+        """Move an intent to a terminal status, naming the facts that settled it."""
+        self._file.conn.execute(
+            "UPDATE intents SET status = ?, finished_at = ?, terminal_event_ids = ?,"
+            " claim_token = NULL, lease_until = NULL WHERE id = ?",
+            (status.value, self.now_ms, json.dumps(list(event_ids)), intent_event_id),
+        )
+        self.effects.due_may_rise = True
+        self.effects.terminal = True
+
+    def request_cancel(
+        self, intent_event_id: int, *, reason: str | None, requested_by: str | None
+    ) -> bool:
+        """Record a cancel request on an intent (first reason wins).
+
+        Returns:
+            True if this call recorded the request, False if one was already recorded.
+        """
+        cur = self._file.conn.execute(
+            "UPDATE intents SET cancel_requested_at = ?, cancel_reason = ?,"
+            " cancel_requested_by = ? WHERE id = ? AND cancel_requested_at IS NULL",
+            (self.now_ms, reason, requested_by, intent_event_id),
+        )
+        return cur.rowcount == 1
+
+    def note_cancel(self, intent_event_id: int, claimed_by: str | None, reason: str | None) -> None:
+        """Ask the store to deliver a cancel wake-up to the process holding the claim."""
+        entry = (intent_event_id, claimed_by, reason)
+        self.effects.cancels = [*(self.effects.cancels or []), entry]
+
+    def renew_leases(self, host_id: str, lease_until: int, tokens: Iterable[str]) -> int:
+        """Extend the leases of this host's claims with the given tokens."""
+        conn = self._file.conn
+        count = 0
+        for token in tokens:
+            count += conn.execute(
+                "UPDATE intents SET lease_until = ? WHERE claim_token = ? AND claimed_by = ?"
+                " AND status = 'running'",
+                (lease_until, token, host_id),
+            ).rowcount
+        return count
+
+    def next_due(self) -> int | None:
+        """The earliest time this actor needs the scheduler: a due intent or a lease end."""
+        row = self._file.conn.execute(
+            "SELECT min(t) FROM ("
+            " SELECT min(due_at) AS t FROM intents WHERE status = 'pending'"
+            " UNION ALL SELECT min(lease_until) FROM intents WHERE status = 'running')"
+        ).fetchone()
+        return None if row[0] is None else int(row[0])
+
+    def _note_due(self, due_at: int) -> None:
+        current = self.effects.new_due
+        if current is None or due_at < current:
+            self.effects.new_due = due_at
+
+    # -- streams --------------------------------------------------------------------------
+
+    def stream_append(self, intent_event_id: int, texts: Sequence[str]) -> int:
+        """Append serialized chunks to an intent's stream; returns the next free index."""
+        conn = self._file.conn
+        row = conn.execute(
+            "SELECT max(seq) FROM stream_chunks WHERE intent_event_id = ?", (intent_event_id,)
+        ).fetchone()
+        seq = -1 if row[0] is None else int(row[0])
+        conn.executemany(
+            "INSERT INTO stream_chunks (intent_event_id, seq, data) VALUES (?, ?, ?)",
+            [(intent_event_id, seq + 1 + i, text) for i, text in enumerate(texts)],
+        )
+        self.effects.chunks = True
+        return seq + 1 + len(texts)
+
+    def stream_read(self, intent_event_id: int, start: int, limit: int) -> list[JSON]:
+        """Chunks ``start``, ``start + 1``, ... of an intent's stream."""
+        return [
+            _load(row[0])
+            for row in self._file.conn.execute(
+                "SELECT data FROM stream_chunks WHERE intent_event_id = ? AND seq >= ?"
+                " ORDER BY seq LIMIT ?",
+                (intent_event_id, start, limit),
+            )
+        ]
+
+    # -- projections ----------------------------------------------------------------------
+
+    def projection(self, name: str) -> JSON:
+        """The current state of a registered projection (caught up to the last event)."""
+        state, _ = self._fold(self._find_projection(name), before=None)
+        return state
+
+    def rebuild_projection(self, name: str) -> JSON:
+        """Recompute a projection from all events and store it."""
+        projection = self._find_projection(name)
+        self._file.conn.execute("DELETE FROM projections WHERE name = ?", (name,))
+        state, last = self._fold(projection, before=None)
+        self._store_projection(name, state, last)
+        return state
+
+    def flush_projections(self) -> None:
+        """Fold this operation's new events into every projection (same transaction)."""
+        if not self._pending_events:
+            return
+        events, self._pending_events = self._pending_events, []
+        for projection in self._projections:
+            state, _ = self._fold(projection, before=events[0].id)
+            for event in events:
+                state = projection.apply(state, event)
+            self._store_projection(projection.name, state, events[-1].id)
+
+    def _find_projection(self, name: str) -> Projection[Any]:
+        for projection in self._projections:
+            if projection.name == name:
+                return projection
+        raise KeyError(name)
+
+    def _fold(self, projection: Projection[Any], *, before: int | None) -> tuple[Any, int]:
+        """The stored state, caught up with events it has not seen (ids below ``before``).
+
+        A writer that does not know this projection (an older process, a client with another
+        spec) may have appended events; they are folded in here, so the state never lags.
+        """
+        row = self._file.conn.execute(
+            "SELECT state, last_event_id FROM projections WHERE name = ?", (projection.name,)
+        ).fetchone()
+        state: Any = projection.initial if row is None else _load(row[0])
+        last = 0 if row is None else int(row[1])
+        while before is None or last < before - 1:
+            missing = self.events(after=last, limit=1000)
+            if before is not None:
+                missing = [e for e in missing if e.id < before]
+            if not missing:
+                break
+            for event in missing:
+                state = projection.apply(state, event)
+            last = missing[-1].id
+        return state, last
+
+    def _store_projection(self, name: str, state: Any, last: int) -> None:
+        self._file.conn.execute(
+            "INSERT INTO projections (name, state, last_event_id) VALUES (?, ?, ?)"
+            " ON CONFLICT (name) DO UPDATE SET state = excluded.state,"
+            " last_event_id = excluded.last_event_id",
+            (name, dump_json(state, what=f"projection {name!r} state"), last),
+        )
+
+    def integrity_check(self) -> list[str]:
+        """``PRAGMA integrity_check`` of this ledger file."""
+        return self._file.integrity_check()

@@ -1,0 +1,120 @@
+"""What ``acquire`` receives besides its intent: the ``TriggerContext``."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ledger import JSON, Event, dump_json, ms_to_datetime
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from ._abort import AbortSignal
+
+
+class ContextBackend(Protocol):
+    """How a context reaches its actor's ledger (the host supplies it; tests may fake it)."""
+
+    def now_ms(self) -> int: ...
+
+    async def read_events(
+        self,
+        actor_id: str,
+        *,
+        after: int,
+        kinds: Iterable[str] | None,
+        intent_event_id: int | None,
+        limit: int | None,
+    ) -> list[Event]: ...
+
+    async def stream_append(self, actor_id: str, intent_event_id: int, text: str) -> int: ...
+
+
+class StreamWriter:
+    """Appends output chunks (live progress, tokens) to the intent's attached stream.
+
+    Chunks are transport, not truth: readers replay them from index 0 and follow until the
+    intent ends. Each chunk is any JSON value.
+    """
+
+    __slots__ = ("_actor_id", "_backend", "_intent_event_id")
+
+    def __init__(self, backend: ContextBackend, actor_id: str, intent_event_id: int) -> None:
+        self._backend = backend
+        self._actor_id = actor_id
+        self._intent_event_id = intent_event_id
+
+    async def write(self, chunk: JSON) -> int:
+        """Append one chunk once it is stored; returns its index.
+
+        Raises:
+            ledger.PayloadError: the chunk is not storable as JSON.
+        """
+        text = dump_json(chunk, what="stream chunk")
+        return await self._backend.stream_append(self._actor_id, self._intent_event_id, text)
+
+
+class TriggerContext:
+    """The running attempt, as ``acquire(intent, ctx)`` sees it.
+
+    Attributes:
+        signal: aborts when the intent is cancelled (from anywhere), when the attempt times
+            out (reason ``"timeout"``) or when the host shuts down (reason ``"shutdown"``).
+        actor_id: the actor that owns the intent.
+        trigger_kind: the trigger's kind.
+        intent_event_id: the intent's id.
+        attempt: 1 for the first attempt, 2 for the first retry, ...
+        redrive: True when this attempt re-runs one whose claim was lost (a crash); its
+            signal starts aborted if a cancel was requested meanwhile.
+        bindings: the actor class's bindings.
+        log: a structlog logger bound to actor, kind, intent and attempt.
+        stream: the attached output stream writer.
+    """
+
+    __slots__ = ("_backend", "actor_id", "attempt", "bindings", "intent_event_id", "log",
+                 "redrive", "signal", "stream", "trigger_kind")  # fmt: skip
+
+    def __init__(
+        self,
+        *,
+        backend: ContextBackend,
+        signal: AbortSignal,
+        actor_id: str,
+        trigger_kind: str,
+        intent_event_id: int,
+        attempt: int,
+        redrive: bool,
+        bindings: Mapping[str, Any],
+        log: Any,
+    ) -> None:
+        self._backend = backend
+        self.signal = signal
+        self.actor_id = actor_id
+        self.trigger_kind = trigger_kind
+        self.intent_event_id = intent_event_id
+        self.attempt = attempt
+        self.redrive = redrive
+        self.bindings = bindings
+        self.log = log
+        self.stream = StreamWriter(backend, actor_id, intent_event_id)
+
+    def now(self) -> datetime:
+        """The host clock's current time (UTC)."""
+        return ms_to_datetime(self._backend.now_ms())
+
+    async def events(
+        self,
+        *,
+        after: int = 0,
+        kinds: Iterable[str] | None = None,
+        intent_event_id: int | None = None,
+        limit: int | None = None,
+    ) -> list[Event]:
+        """Read the actor's ledger (events with ``id > after``, in id order)."""
+        return await self._backend.read_events(
+            self.actor_id, after=after, kinds=kinds, intent_event_id=intent_event_id, limit=limit
+        )
+
+
+AcquireFn = Callable[[Any, TriggerContext], Awaitable[Any]]

@@ -1,0 +1,388 @@
+"""The intent state machine (DESIGN §4-5), as ledger operations.
+
+Each function here returns an operation ``op(tx: LedgerTx) -> result`` that the ledger store
+runs inside one transaction on a worker thread. All of the engine's invariants live here and
+only here:
+
+* a claim is a conditional update under a fresh token; every later write for the attempt
+  re-checks that token in the same transaction (``_holds``), so exactly one terminal
+  transition and one set of terminal facts can ever be written per intent;
+* ``cancel`` settles a pending intent itself but never a claimed one: only the attempt holding
+  the claim, or the redrive of a lost claim, settles a running intent;
+* user commit functions run in a savepoint: if one raises (or returns an awaitable) its writes
+  are rolled back and the intent fails with a failure fact instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Sequence, Set
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+from ledger import JSON, Event, IntentRow, IntentStatus, LedgerTx, ms_to_datetime
+
+from ._abort import AbortError
+from ._errors import FatalError, IntentRejectedError, TriggerDefinitionError
+from ._results import Cancellation, CancelResult, CancelStatus, Failure
+from ._tx import Tx
+
+if TYPE_CHECKING:
+    from ._spec import TriggerDef, TriggerRegistry
+
+Op = Callable[[LedgerTx], Any]
+
+CANCEL_REQUESTED = "trigger.cancel_requested"
+ATTEMPT_FAILED = "trigger.attempt_failed"
+FAILED = "trigger.failed"
+
+
+def new_token() -> str:
+    """A fresh claim token."""
+    return os.urandom(12).hex()
+
+
+# -- enqueue ---------------------------------------------------------------------------------
+
+
+def enqueue_op(
+    trigger: TriggerDef,
+    payload: JSON,
+    text: str,
+    due_at: int | None,
+    idempotency_key: str | None,
+    key_retention_ms: int,
+) -> Callable[[LedgerTx], tuple[Event, bool]]:
+    """Record an intent (already validated by ``parse_intent`` and serialized as ``text``)."""
+
+    def op(tx: LedgerTx) -> tuple[Event, bool]:
+        return tx.append_intent(
+            trigger_kind=trigger.kind,
+            intent_event_kind=trigger.intent_event_kind,
+            payload=payload,
+            due_at=tx.now_ms if due_at is None else due_at,
+            idempotency_key=idempotency_key,
+            key_retention_ms=key_retention_ms,
+            text=text,
+        )
+
+    return op
+
+
+# -- cancel ----------------------------------------------------------------------------------
+
+
+def cancel_op(
+    registry: TriggerRegistry,
+    trigger: TriggerDef,
+    intent_event_id: int,
+    reason: str | None,
+    requested_by: str | None,
+) -> Callable[[LedgerTx], CancelResult]:
+    """``cancel_trigger`` for a cooperative trigger (``ignored`` never reaches the ledger)."""
+
+    def op(tx: LedgerTx) -> CancelResult:
+        row = tx.intent_row(intent_event_id)
+        if row is None or row.trigger_kind != trigger.kind:
+            return CancelResult(status=CancelStatus.NOT_FOUND, intent_event_id=intent_event_id)
+        status = IntentStatus(row.status)
+        if status.terminal:
+            return CancelResult(
+                status=CancelStatus.ALREADY_COMPLETED,
+                intent_event_id=intent_event_id,
+                terminal_status=status,
+            )
+        first = tx.request_cancel(row.id, reason=reason, requested_by=requested_by)
+        if status is IntentStatus.PENDING:
+            row = tx.intent_row(row.id)
+            assert row is not None
+            _settle_cancelled(tx, registry, trigger, row, _payload(tx, row.id))
+            return CancelResult(status=CancelStatus.CANCELLED, intent_event_id=intent_event_id)
+        if first:
+            tx.insert_event(
+                CANCEL_REQUESTED,
+                {"reason": reason, "requested_at": tx.now_ms, "requested_by": requested_by},
+                row.id,
+            )
+        tx.note_cancel(row.id, row.claimed_by, row.cancel_reason if not first else reason)
+        return CancelResult(status=CancelStatus.REQUESTED, intent_event_id=intent_event_id)
+
+    return op
+
+
+# -- claim -----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Claimed:
+    """An attempt this host now owns."""
+
+    row: IntentRow
+    payload: JSON
+
+
+@dataclass(slots=True)
+class ClaimResult:
+    claimed: list[Claimed]
+    more: bool
+
+
+def claim_op(
+    registry: TriggerRegistry,
+    *,
+    limit: int,
+    host_id: str,
+    lease_ms: int,
+    dead_owners: Sequence[str],
+    own_tokens: Set[str],
+    max_redrives: int,
+) -> Callable[[LedgerTx], ClaimResult]:
+    """Claim up to ``limit`` attempts: redrives of lost claims first, then due intents."""
+    kinds = registry.kinds
+
+    def op(tx: LedgerTx) -> ClaimResult:
+        lease_until = tx.now_ms + lease_ms
+        rows: list[IntentRow] = []
+        more = False
+        for row in tx.lost_claims(dead_owners):
+            if row.trigger_kind not in kinds or row.claim_token in own_tokens:
+                # An attempt still running here whose renewal is late is not lost.
+                continue
+            if row.redrives >= max_redrives:
+                trigger = registry.get(row.trigger_kind)
+                failure = Failure(
+                    error_type="RedriveLimitExceeded",
+                    message=f"the attempt was lost {row.redrives + 1} times (process crashed or "
+                    f"lease expired); giving up after {max_redrives} redrives",
+                    attempts=row.attempts,
+                )
+                _settle_failed(tx, registry, trigger, row, _payload(tx, row.id), failure)
+                continue
+            if len(rows) >= limit:
+                more = True
+                break
+            rows.append(
+                tx.reclaim(row, token=new_token(), host_id=host_id, lease_until=lease_until)
+            )
+        room = limit - len(rows)
+        if room > 0:
+            fresh = tx.claim_due(
+                limit=room,
+                host_id=host_id,
+                lease_until=lease_until,
+                tokens=iter(new_token, None),
+                kinds=kinds,
+            )
+            more = more or len(fresh) == room
+            rows += fresh
+        payloads = tx.intent_payloads([row.id for row in rows])
+        return ClaimResult([Claimed(row, payloads.get(row.id)) for row in rows], more)
+
+    return op
+
+
+def renew_op(host_id: str, tokens: Sequence[str], lease_ms: int) -> Callable[[LedgerTx], int]:
+    """Extend this host's leases for the given claim tokens."""
+
+    def op(tx: LedgerTx) -> int:
+        count = tx.renew_leases(host_id, tx.now_ms + lease_ms, tokens)
+        tx.effects.due_may_rise = True
+        return count
+
+    return op
+
+
+# -- settle ----------------------------------------------------------------------------------
+
+
+class Outcome(StrEnum):
+    """How an attempt ended, as the scheduler saw it."""
+
+    RETURNED = "returned"
+    RAISED = "raised"
+    TIMED_OUT = "timed_out"
+    SHUTDOWN = "shutdown"
+
+
+class Settled(StrEnum):
+    """What the settle operation did."""
+
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+    RETRY = "retry"
+    RESCHEDULED = "rescheduled"
+    RELEASED = "released"
+    LOST = "lost"
+    """The claim token no longer held: another attempt owns the intent; nothing written."""
+
+
+def settle_op(
+    registry: TriggerRegistry,
+    trigger: TriggerDef,
+    intent_event_id: int,
+    token: str,
+    payload: JSON,
+    outcome: Outcome,
+    value: Any,
+    backoff_s: float,
+) -> Callable[[LedgerTx], Settled]:
+    """End an attempt: commit, commit_cancelled, retry, fail, or release (shutdown)."""
+
+    def op(tx: LedgerTx) -> Settled:
+        row = tx.intent_row(intent_event_id)
+        if row is None or row.status != IntentStatus.RUNNING or row.claim_token != token:
+            return Settled.LOST
+        if outcome is Outcome.SHUTDOWN:
+            tx.release(row.id, token, due_at=tx.now_ms, count_attempt=False, redrive=True)
+            return Settled.RELEASED
+        if outcome is Outcome.RETURNED:
+            return _settle_completed(tx, registry, trigger, row, payload, value)
+        error: BaseException = value
+        cancel_requested = row.cancel_requested_at is not None
+        if cancel_requested or (outcome is Outcome.RAISED and isinstance(error, AbortError)):
+            if not cancel_requested:
+                assert isinstance(error, AbortError)
+                tx.request_cancel(row.id, reason=_reason_text(error.reason), requested_by=None)
+                refreshed = tx.intent_row(row.id)
+                assert refreshed is not None
+                row = refreshed
+            _settle_cancelled(tx, registry, trigger, row, payload)
+            return Settled.CANCELLED
+        failure = Failure(
+            error_type="TimeoutError" if outcome is Outcome.TIMED_OUT else type(error).__name__,
+            message=(
+                f"attempt exceeded the trigger's timeout of {trigger.timeout}s"
+                if outcome is Outcome.TIMED_OUT
+                else str(error)
+            ),
+            attempts=row.attempts,
+        )
+        fatal = isinstance(error, FatalError | IntentRejectedError)
+        if fatal or row.attempts >= trigger.retry.max_attempts:
+            _settle_failed(tx, registry, trigger, row, payload, failure)
+            return Settled.FAILED
+        retry_at = tx.now_ms + round(backoff_s * 1000)
+        tx.insert_event(
+            ATTEMPT_FAILED,
+            {**failure.model_dump(), "attempt": row.attempts, "retry_at": retry_at},
+            row.id,
+        )
+        tx.release(row.id, token, due_at=retry_at, count_attempt=True, redrive=False)
+        return Settled.RETRY
+
+    return op
+
+
+def _settle_completed(
+    tx: LedgerTx,
+    registry: TriggerRegistry,
+    trigger: TriggerDef,
+    row: IntentRow,
+    payload: JSON,
+    outcome: Any,
+) -> Settled:
+    utx = Tx(tx, row.id, registry)
+    try:
+        with tx.savepoint():
+            _call_sync(trigger, "commit", trigger.commit, outcome, utx)
+    except Exception as exc:
+        failure = Failure(error_type=type(exc).__name__, message=str(exc), attempts=row.attempts)
+        _settle_failed(tx, registry, trigger, row, payload, failure)
+        return Settled.FAILED
+    finally:
+        utx._close()
+    if utx.rescheduled_at is not None:
+        tx.reschedule(row.id, utx.rescheduled_at)
+        return Settled.RESCHEDULED
+    tx.finish(row.id, IntentStatus.COMPLETED, utx.event_ids)
+    return Settled.COMPLETED
+
+
+def _settle_cancelled(
+    tx: LedgerTx, registry: TriggerRegistry, trigger: TriggerDef, row: IntentRow, payload: JSON
+) -> None:
+    cancellation = Cancellation(
+        reason=row.cancel_reason,
+        requested_at=(
+            None if row.cancel_requested_at is None else ms_to_datetime(row.cancel_requested_at)
+        ),
+        requested_by=row.cancel_requested_by,
+    )
+    utx = Tx(tx, row.id, registry)
+    try:
+        with tx.savepoint():
+            _call_sync(
+                trigger, "commit_cancelled", trigger.commit_cancelled, _intent(trigger, payload),
+                cancellation, utx,
+            )  # fmt: skip
+    except Exception as exc:
+        failure = Failure(error_type=type(exc).__name__, message=str(exc), attempts=row.attempts)
+        _settle_failed(tx, registry, trigger, row, payload, failure)
+        return
+    finally:
+        utx._close()
+    tx.finish(row.id, IntentStatus.CANCELLED, utx.event_ids)
+
+
+def _settle_failed(
+    tx: LedgerTx,
+    registry: TriggerRegistry,
+    trigger: TriggerDef,
+    row: IntentRow,
+    payload: JSON,
+    failure: Failure,
+) -> None:
+    if trigger.commit_failed is not None:
+        utx = Tx(tx, row.id, registry)
+        try:
+            with tx.savepoint():
+                _call_sync(
+                    trigger, "commit_failed", trigger.commit_failed, _intent(trigger, payload),
+                    failure, utx,
+                )  # fmt: skip
+        except Exception as exc:
+            failure = Failure(
+                error_type=failure.error_type,
+                message=f"{failure.message} (and commit_failed raised {type(exc).__name__}: {exc})",
+                attempts=failure.attempts,
+            )
+        else:
+            tx.finish(row.id, IntentStatus.FAILED, utx.event_ids)
+            return
+        finally:
+            utx._close()
+    event = tx.insert_event(FAILED, failure.model_dump(), row.id)
+    tx.finish(row.id, IntentStatus.FAILED, [event.id])
+
+
+def _call_sync(trigger: TriggerDef, key: str, fn: Callable[..., Any], *args: Any) -> None:
+    result = fn(*args)
+    if inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+        raise TriggerDefinitionError(
+            trigger.kind, key, "returned an awaitable; it must be synchronous (its writes were "
+            "rolled back)",
+        )  # fmt: skip
+
+
+def _intent(trigger: TriggerDef, payload: JSON) -> Any:
+    """The typed intent, or the raw payload if it no longer parses."""
+    try:
+        return trigger.parse(payload)
+    except IntentRejectedError:
+        return payload
+
+
+def _payload(tx: LedgerTx, intent_event_id: int) -> JSON:
+    return tx.intent_payloads([intent_event_id]).get(intent_event_id)
+
+
+def _reason_text(reason: object) -> str | None:
+    if reason is None or (isinstance(reason, AbortError) and reason.reason is None):
+        return None
+    return reason if isinstance(reason, str) else str(reason)

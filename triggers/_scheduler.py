@@ -1,0 +1,463 @@
+"""The scheduler: claims due intents, runs ``acquire`` with a signal, settles the outcome.
+
+It keeps only what the ledger cannot tell cheaply: which actors may have due work now (the
+ready set, fed by commit hints, wake-ups from other processes and a slow poll of the due-time
+index) and the attempts running here. Every decision that matters is taken inside a ledger
+transaction by ``_engine.py``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from ledger import Committed, Event, IndexDB, LedgerError, LedgerStore, LedgerTx
+
+from ._abort import AbortController
+from ._context import TriggerContext
+from ._engine import (
+    Claimed,
+    ClaimResult,
+    Outcome,
+    Settled,
+    claim_op,
+    renew_op,
+    settle_op,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Mapping, Sequence
+
+    from anyio.abc import TaskGroup, TaskStatus
+
+    from ._spec import TriggerDef, TriggerRegistry
+
+_log = structlog.get_logger("triggers")
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Tuning of one host's scheduler.
+
+    Args:
+        max_concurrency: attempts running at once on this host.
+        lease: seconds a claim stays valid without renewal; renewed every third of it.
+        poll_interval: seconds between fallback polls of the due-time index.
+        max_redrives: lost claims (crashes) tolerated per intent before it fails.
+        shutdown_grace: seconds running attempts get to finish when the host stops, before
+            their signals abort with reason ``"shutdown"``.
+        claim_batch: most intents claimed from one actor in one transaction.
+    """
+
+    max_concurrency: int = 256
+    lease: float = 30.0
+    poll_interval: float = 1.0
+    max_redrives: int = 5
+    shutdown_grace: float = 10.0
+    claim_batch: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("max_concurrency", "max_redrives", "claim_batch"):
+            if getattr(self, name) < (0 if name == "max_redrives" else 1):
+                raise ValueError(f"SchedulerConfig.{name} is out of range")
+        for name in ("lease", "poll_interval", "shutdown_grace"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"SchedulerConfig.{name} must be a positive number of seconds")
+
+
+class _Attempt:
+    __slots__ = ("actor_id", "controller", "intent_event_id", "scope", "shutdown", "timed_out",
+                 "token", "watchdog")  # fmt: skip
+
+    def __init__(
+        self, actor_id: str, intent_event_id: int, token: str, controller: AbortController
+    ) -> None:
+        self.actor_id = actor_id
+        self.intent_event_id = intent_event_id
+        self.token = token
+        self.controller = controller
+        self.scope: anyio.CancelScope | None = None
+        self.watchdog: anyio.CancelScope | None = None
+        self.timed_out = False
+        self.shutdown = False
+
+
+class Scheduler:
+    """Runs the triggers of one actor class on one host (one process)."""
+
+    def __init__(
+        self,
+        store: LedgerStore,
+        registry: TriggerRegistry,
+        *,
+        host_id: str,
+        bindings: Mapping[str, Any],
+        config: SchedulerConfig,
+        dead_owners: Callable[[], Sequence[str]] = tuple,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.host_id = host_id
+        self.bindings = bindings
+        self.config = config
+        self._dead_owners = dead_owners
+        self._lease_ms = round(config.lease * 1000)
+        self._ready: dict[str, None] = {}
+        self._claiming: set[str] = set()
+        self._recheck: set[str] = set()
+        self._busy = 0  # running attempts + slots reserved by claims in flight
+        self._running: dict[tuple[str, int], _Attempt] = {}
+        self._tokens: set[str] = set()
+        self._timers: list[tuple[int, str]] = []
+        self._armed: dict[str, int] = {}
+        self._dispatch_wake = anyio.Event()
+        self._timer_wake = anyio.Event()
+        self._idle = anyio.Event()
+        self._stopping = False
+        self._tg: TaskGroup | None = None
+        self._attempt_tg: TaskGroup | None = None
+        self._backend = _Backend(store)
+
+    # -- public surface -------------------------------------------------------------------
+
+    @property
+    def running(self) -> int:
+        """Attempts running on this host now."""
+        return len(self._running)
+
+    def running_attempts(self) -> list[tuple[str, int]]:
+        """``(actor_id, intent_event_id)`` of the attempts running here."""
+        return list(self._running)
+
+    def hint(self, actor_id: str, due_ms: int | None = None) -> None:
+        """Tell the scheduler that ``actor_id`` may have work due at ``due_ms`` (now if None)."""
+        if self._stopping:
+            return
+        if due_ms is None or due_ms <= self.store.clock():
+            if actor_id in self._claiming:
+                self._recheck.add(actor_id)
+            else:
+                self._ready[actor_id] = None
+            self._dispatch_wake.set()
+            return
+        armed = self._armed.get(actor_id)
+        if armed is not None and armed <= due_ms:
+            return
+        self._armed[actor_id] = due_ms
+        heapq.heappush(self._timers, (due_ms, actor_id))
+        if self._timers[0][1] == actor_id:
+            self._timer_wake.set()
+
+    def deliver_cancel(self, actor_id: str, intent_event_id: int, reason: str | None) -> bool:
+        """Abort the signal of a running attempt here; False if it does not run here."""
+        attempt = self._running.get((actor_id, intent_event_id))
+        if attempt is None:
+            return False
+        attempt.controller.abort(reason)
+        return True
+
+    def on_commit(self, committed: list[Committed]) -> list[tuple[str, int, str, str | None]]:
+        """Feed the store's commit report in; returns cancels owned by other processes.
+
+        Returns:
+            ``(actor_id, intent_event_id, owner, reason)`` for each cancel request whose
+            attempt belongs to another process (the host forwards those).
+        """
+        remote: list[tuple[str, int, str, str | None]] = []
+        for item in committed:
+            effects = item.effects
+            if effects.new_due is not None:
+                self.hint(item.actor_id, effects.new_due)
+            if effects.cancels:
+                for intent_event_id, owner, reason in effects.cancels:
+                    if owner == self.host_id:
+                        self.deliver_cancel(item.actor_id, intent_event_id, reason)
+                    elif owner is not None:
+                        remote.append((item.actor_id, intent_event_id, owner, reason))
+        return remote
+
+    async def rescan(self, horizon_s: float = 0.0) -> None:
+        """Mark every actor due within ``horizon_s`` from now ready (used after crashes)."""
+        before = self.store.clock() + round(horizon_s * 1000)
+        rows = await self.store.run_index(lambda index: index.due_before(before, 1_000_000))
+        for actor_id, _ in rows:
+            self.hint(actor_id)
+
+    async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled; call ``shutdown()`` first for a graceful stop."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            async with anyio.create_task_group() as attempts:
+                self._attempt_tg = attempts
+                tg.start_soon(self._timer_loop)
+                tg.start_soon(self._dispatch_loop)
+                tg.start_soon(self._renew_loop)
+                task_status.started()
+                await anyio.sleep_forever()
+
+    async def shutdown(self) -> None:
+        """Stop claiming; let running attempts finish within the grace, then abort them with
+        reason ``"shutdown"`` and release their intents for a redrive elsewhere."""
+        self._stopping = True
+        self._dispatch_wake.set()
+        if not self._running:
+            return
+        with anyio.move_on_after(self.config.shutdown_grace):
+            while self._running:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+        for attempt in list(self._running.values()):
+            attempt.shutdown = True
+            attempt.controller.abort("shutdown")
+            if attempt.scope is not None:
+                attempt.scope.cancel()
+        while self._running:
+            self._idle = anyio.Event()
+            await self._idle.wait()
+
+    # -- loops ----------------------------------------------------------------------------
+
+    async def _timer_loop(self) -> None:
+        next_poll = 0
+        while not self._stopping:
+            now = self.store.clock()
+            while self._timers and self._timers[0][0] <= now:
+                due, actor_id = heapq.heappop(self._timers)
+                if self._armed.get(actor_id) == due:
+                    del self._armed[actor_id]
+                    self.hint(actor_id)
+            if now >= next_poll:
+                await self._poll(now)
+                next_poll = self.store.clock() + round(self.config.poll_interval * 1000)
+            wake_at = min(next_poll, self._timers[0][0] if self._timers else next_poll)
+            delay = max(0.0, (wake_at - self.store.clock()) / 1000)
+            self._timer_wake = anyio.Event()
+            with anyio.move_on_after(delay):
+                await self._timer_wake.wait()
+
+    async def _poll(self, now: int) -> None:
+        horizon = now + round(self.config.poll_interval * 1000)
+
+        def read(index: IndexDB) -> list[tuple[str, int]]:
+            return index.due_before(horizon, 100_000)
+
+        try:
+            rows = await self.store.run_index(read)
+        except Exception as exc:  # the next poll retries; the ledgers stay the truth
+            _log.warning("index_poll_failed", error=str(exc))
+            return
+        for actor_id, due in rows:
+            self.hint(actor_id, due)
+
+    async def _dispatch_loop(self) -> None:
+        assert self._tg is not None
+        while not self._stopping:
+            free = self.config.max_concurrency - self._busy
+            if not self._ready or free <= 0:
+                self._dispatch_wake = anyio.Event()
+                await self._dispatch_wake.wait()
+                continue
+            actor_id = next(iter(self._ready))
+            del self._ready[actor_id]
+            if actor_id in self._claiming:
+                self._recheck.add(actor_id)
+                continue
+            limit = min(free, self.config.claim_batch)
+            self._busy += limit
+            self._claiming.add(actor_id)
+            self._tg.start_soon(self._claim, actor_id, limit)
+
+    async def _claim(self, actor_id: str, limit: int) -> None:
+        op = claim_op(
+            self.registry,
+            limit=limit,
+            host_id=self.host_id,
+            lease_ms=self._lease_ms,
+            dead_owners=self._dead_owners(),
+            own_tokens=frozenset(self._tokens),
+            max_redrives=self.config.max_redrives,
+        )
+        result = ClaimResult([], False)
+        try:
+            result = await self.store.run(actor_id, op)
+        except LedgerError as exc:
+            _log.warning("claim_failed", actor=actor_id, error=str(exc))
+        finally:
+            self._claiming.discard(actor_id)
+            self._busy -= limit - len(result.claimed)
+        assert self._attempt_tg is not None
+        for claimed in result.claimed:
+            self._attempt_tg.start_soon(self._attempt, actor_id, claimed)
+        if result.more or actor_id in self._recheck:
+            self._recheck.discard(actor_id)
+            self._ready[actor_id] = None
+        self._dispatch_wake.set()
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await anyio.sleep(self.config.lease / 3)
+            by_actor: dict[str, list[str]] = {}
+            for attempt in self._running.values():
+                by_actor.setdefault(attempt.actor_id, []).append(attempt.token)
+            async with anyio.create_task_group() as tg:
+                for actor_id, tokens in by_actor.items():
+                    tg.start_soon(self._renew, actor_id, tokens)
+
+    async def _renew(self, actor_id: str, tokens: list[str]) -> None:
+        try:
+            await self.store.run(actor_id, renew_op(self.host_id, tokens, self._lease_ms))
+        except LedgerError as exc:
+            _log.warning("lease_renewal_failed", actor=actor_id, error=str(exc))
+
+    # -- one attempt ----------------------------------------------------------------------
+
+    async def _attempt(self, actor_id: str, claimed: Claimed) -> None:
+        row = claimed.row
+        assert row.claim_token is not None
+        trigger = self.registry.get(row.trigger_kind)
+        controller = AbortController()
+        attempt = _Attempt(actor_id, row.id, row.claim_token, controller)
+        self._running[(actor_id, row.id)] = attempt
+        self._tokens.add(row.claim_token)
+        if row.cancel_requested_at is not None:
+            # A redrive of an intent whose cancel was requested: start already aborted.
+            controller.abort(row.cancel_reason)
+        log = _log.bind(actor=actor_id, kind=trigger.kind, intent=row.id, attempt=row.attempts)
+        started = time.perf_counter()
+        outcome, value = await self._run_acquire(trigger, attempt, claimed, log)
+        if outcome is not Outcome.RETURNED:
+            if attempt.shutdown:
+                outcome = Outcome.SHUTDOWN
+            elif attempt.timed_out:
+                outcome = Outcome.TIMED_OUT
+        settled = await self._settle(actor_id, trigger, claimed, outcome, value)
+        del self._running[(actor_id, row.id)]
+        self._tokens.discard(row.claim_token)
+        self._busy -= 1
+        self._dispatch_wake.set()
+        if not self._running:
+            self._idle.set()
+        log.info(
+            "attempt_finished",
+            outcome=settled.value,
+            redrive=bool(row.redrive),
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            error=None if outcome is Outcome.RETURNED else repr(value),
+        )
+
+    async def _run_acquire(
+        self, trigger: TriggerDef, attempt: _Attempt, claimed: Claimed, log: Any
+    ) -> tuple[Outcome, Any]:
+        row = claimed.row
+        try:
+            intent = trigger.parse(claimed.payload)
+        except Exception as exc:
+            return Outcome.RAISED, exc
+        ctx = TriggerContext(
+            backend=self._backend,
+            signal=attempt.controller.signal,
+            actor_id=attempt.actor_id,
+            trigger_kind=trigger.kind,
+            intent_event_id=row.id,
+            attempt=row.attempts,
+            redrive=bool(row.redrive),
+            bindings=self.bindings,
+            log=log,
+        )
+        outcome: tuple[Outcome, Any] = (Outcome.RAISED, None)
+        with anyio.CancelScope() as scope:
+            attempt.scope = scope
+            if trigger.timeout is not None:
+                assert self._attempt_tg is not None
+                self._attempt_tg.start_soon(self._watchdog, attempt, trigger.timeout)
+            try:
+                outcome = (Outcome.RETURNED, await trigger.acquire(intent, ctx))
+            except Exception as exc:
+                outcome = (Outcome.RAISED, exc)
+        attempt.scope = None
+        if attempt.watchdog is not None:
+            attempt.watchdog.cancel()
+        return outcome
+
+    async def _watchdog(self, attempt: _Attempt, seconds: float) -> None:
+        with anyio.CancelScope() as scope:
+            attempt.watchdog = scope
+            await anyio.sleep(seconds)
+            if attempt.scope is not None:
+                attempt.timed_out = True
+                attempt.controller.abort("timeout")
+                attempt.scope.cancel()
+
+    async def _settle(
+        self,
+        actor_id: str,
+        trigger: TriggerDef,
+        claimed: Claimed,
+        outcome: Outcome,
+        value: Any,
+    ) -> Settled:
+        row = claimed.row
+        assert row.claim_token is not None
+        op = settle_op(
+            self.registry,
+            trigger,
+            row.id,
+            row.claim_token,
+            claimed.payload,
+            outcome,
+            value,
+            trigger.retry.backoff(row.attempts),
+        )
+        # The outcome must land even if this host is being cancelled; the op is idempotent
+        # (it re-checks the claim token), so retrying after a storage error is safe.
+        with anyio.CancelScope(shield=True):
+            for delay in (0.05, 0.2, 1.0, 5.0, None):
+                try:
+                    return await self.store.run(actor_id, op)
+                except LedgerError as exc:
+                    _log.warning("settle_failed", actor=actor_id, intent=row.id, error=str(exc))
+                    if delay is None:
+                        break
+                    await anyio.sleep(delay)
+        # Give up: the lease runs out and the intent is redriven (the claim token guards it).
+        return Settled.LOST
+
+
+class _Backend:
+    """The ``ContextBackend`` of attempts run by a scheduler."""
+
+    __slots__ = ("_store",)
+
+    def __init__(self, store: LedgerStore) -> None:
+        self._store = store
+
+    def now_ms(self) -> int:
+        return self._store.clock()
+
+    async def read_events(
+        self,
+        actor_id: str,
+        *,
+        after: int,
+        kinds: Iterable[str] | None,
+        intent_event_id: int | None,
+        limit: int | None,
+    ) -> list[Event]:
+        kind_list = None if kinds is None else list(kinds)
+
+        def op(tx: LedgerTx) -> list[Event]:
+            return tx.events(
+                after=after, kinds=kind_list, intent_event_id=intent_event_id, limit=limit
+            )
+
+        return await self._store.run(actor_id, op, write=False)
+
+    async def stream_append(self, actor_id: str, intent_event_id: int, text: str) -> int:
+        return await self._store.run(actor_id, lambda tx: tx.stream_append(intent_event_id, [text]))

@@ -1,0 +1,249 @@
+"""The trigger contract (DESIGN §3): the spec dict, its retry policy, and its validation."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import random
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Generic, Literal, NotRequired, TypedDict, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from ledger import JSON
+
+from ._errors import IntentRejectedError, TriggerDefinitionError, UnknownTriggerError
+
+if TYPE_CHECKING:
+    from ._context import TriggerContext
+    from ._results import Cancellation, Failure
+    from ._tx import Tx
+
+IntentT = TypeVar("IntentT")
+OutcomeT = TypeVar("OutcomeT")
+
+CancellationMode = Literal["cooperative", "ignored"]
+RESERVED_PREFIX = "trigger."
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How failed attempts are retried: exponential backoff with optional full jitter.
+
+    Args:
+        max_attempts: attempts in all, the first included (1 means never retry).
+        initial_backoff: seconds before the first retry.
+        backoff_factor: multiplier per further retry.
+        max_backoff: cap on one backoff, seconds.
+        jitter: draw each backoff uniformly from [backoff / 2, backoff].
+    """
+
+    max_attempts: int = 3
+    initial_backoff: float = 1.0
+    backoff_factor: float = 2.0
+    max_backoff: float = 60.0
+    jitter: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ValueError("RetryPolicy.max_attempts must be an int >= 1")
+        for name in ("initial_backoff", "backoff_factor", "max_backoff"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"RetryPolicy.{name} must be a finite number >= 0")
+        if self.backoff_factor < 1:
+            raise ValueError("RetryPolicy.backoff_factor must be >= 1")
+
+    def backoff(self, failed_attempts: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait after the ``failed_attempts``-th failed attempt."""
+        base = self.initial_backoff * self.backoff_factor ** max(0, failed_attempts - 1)
+        base = min(base, self.max_backoff)
+        if self.jitter and base > 0:
+            return (rng or random).uniform(base / 2, base)
+        return base
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+class DurableTrigger(TypedDict, Generic[IntentT, OutcomeT]):
+    """A trigger: how to do one kind of durable work (DESIGN §3).
+
+    ``acquire`` does the side-effecting work with ``ctx.signal``; ``commit``,
+    ``commit_cancelled`` and ``commit_failed`` are synchronous and write the terminal facts in
+    the transaction that ends the intent.
+    """
+
+    kind: str
+    intent_event_kind: str
+    cancellation: CancellationMode
+    parse_intent: type[BaseModel] | Callable[[JSON], IntentT]
+    acquire: Callable[[IntentT, TriggerContext], Awaitable[OutcomeT]]
+    commit: Callable[[OutcomeT, Tx], None]
+    commit_cancelled: Callable[[IntentT, Cancellation, Tx], None]
+    retry: NotRequired[RetryPolicy]
+    timeout: NotRequired[float | timedelta]
+    commit_failed: NotRequired[Callable[[IntentT, Failure, Tx], None]]
+
+
+_REQUIRED = (
+    "kind",
+    "intent_event_kind",
+    "cancellation",
+    "parse_intent",
+    "acquire",
+    "commit",
+    "commit_cancelled",
+)
+_OPTIONAL = ("retry", "timeout", "commit_failed")
+_SYNC_KEYS = ("commit", "commit_cancelled", "commit_failed")
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerDef:
+    """A validated trigger spec, as the engine uses it."""
+
+    kind: str
+    intent_event_kind: str
+    cancellation: CancellationMode
+    parse_intent: Callable[[JSON], Any]
+    acquire: Callable[[Any, Any], Awaitable[Any]]
+    commit: Callable[[Any, Any], None]
+    commit_cancelled: Callable[[Any, Any, Any], None]
+    commit_failed: Callable[[Any, Any, Any], None] | None
+    retry: RetryPolicy
+    timeout: float | None
+    spec: Mapping[str, Any]
+
+    def parse(self, payload: JSON) -> Any:
+        """Validate a raw payload into the typed intent.
+
+        Raises:
+            IntentRejectedError: ``parse_intent`` refused it.
+        """
+        try:
+            return self.parse_intent(payload)
+        except ValidationError as exc:
+            errors = [
+                f"{'.'.join(str(p) for p in err['loc']) or '(payload)'}: {err['msg']}"
+                for err in exc.errors()
+            ]
+            raise IntentRejectedError(self.kind, errors) from None
+        except (ValueError, TypeError, KeyError) as exc:
+            raise IntentRejectedError(self.kind, [str(exc) or type(exc).__name__]) from None
+
+
+def validate_trigger(spec: object, position: int = 0) -> TriggerDef:
+    """Check one spec dict and return its validated form.
+
+    Raises:
+        TriggerDefinitionError: naming the trigger and the offending key.
+    """
+    if not isinstance(spec, Mapping):
+        raise TriggerDefinitionError(f"#{position}", None, "a trigger must be a dict")
+    kind = spec.get("kind")
+    name = kind if isinstance(kind, str) and kind else f"#{position}"
+    for key in _REQUIRED:
+        if key not in spec:
+            raise TriggerDefinitionError(name, key, "missing required key")
+    unknown = sorted(set(spec) - set(_REQUIRED) - set(_OPTIONAL))
+    if unknown:
+        raise TriggerDefinitionError(name, unknown[0], "unknown key (check the spelling)")
+    if not isinstance(kind, str) or not kind:
+        raise TriggerDefinitionError(name, "kind", "must be a non-empty str")
+    event_kind = spec["intent_event_kind"]
+    if not isinstance(event_kind, str) or not event_kind:
+        raise TriggerDefinitionError(name, "intent_event_kind", "must be a non-empty str")
+    if event_kind.startswith(RESERVED_PREFIX):
+        raise TriggerDefinitionError(
+            name, "intent_event_kind", f"the {RESERVED_PREFIX!r} prefix is reserved"
+        )
+    cancellation = spec["cancellation"]
+    if cancellation not in ("cooperative", "ignored"):
+        raise TriggerDefinitionError(
+            name, "cancellation", f"must be 'cooperative' or 'ignored', not {cancellation!r}"
+        )
+    parse_intent = spec["parse_intent"]
+    if isinstance(parse_intent, type) and issubclass(parse_intent, BaseModel):
+        parse_intent = parse_intent.model_validate
+    elif not callable(parse_intent):
+        raise TriggerDefinitionError(
+            name, "parse_intent", "must be a pydantic model class or a callable"
+        )
+    if not callable(spec["acquire"]):
+        raise TriggerDefinitionError(name, "acquire", "must be an async callable")
+    for key in _SYNC_KEYS:
+        if key not in spec:
+            continue
+        fn = spec[key]
+        if not callable(fn):
+            raise TriggerDefinitionError(name, key, "must be a callable")
+        if _is_async(fn):
+            raise TriggerDefinitionError(
+                name, key, "must be synchronous (def, not async def): it runs inside the commit"
+            )
+    retry = spec.get("retry", DEFAULT_RETRY)
+    if not isinstance(retry, RetryPolicy):
+        raise TriggerDefinitionError(name, "retry", "must be a RetryPolicy")
+    timeout = spec.get("timeout")
+    if isinstance(timeout, timedelta):
+        timeout = timeout.total_seconds()
+    if timeout is not None and (
+        not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0
+    ):
+        raise TriggerDefinitionError(name, "timeout", "must be a positive number of seconds")
+    return TriggerDef(
+        kind=kind,
+        intent_event_kind=event_kind,
+        cancellation=cancellation,
+        parse_intent=parse_intent,
+        acquire=spec["acquire"],
+        commit=spec["commit"],
+        commit_cancelled=spec["commit_cancelled"],
+        commit_failed=spec.get("commit_failed"),
+        retry=retry,
+        timeout=None if timeout is None else float(timeout),
+        spec=spec,
+    )
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    call = getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
+    return (
+        inspect.iscoroutinefunction(fn)
+        or inspect.isasyncgenfunction(fn)
+        or (call is not None and inspect.iscoroutinefunction(call))
+    )
+
+
+class TriggerRegistry:
+    """The validated triggers of one actor class, by kind."""
+
+    def __init__(self, specs: Iterable[object]) -> None:
+        self._by_kind: dict[str, TriggerDef] = {}
+        for position, spec in enumerate(specs):
+            trigger = validate_trigger(spec, position)
+            if trigger.kind in self._by_kind:
+                raise TriggerDefinitionError(trigger.kind, "kind", "duplicate trigger kind")
+            self._by_kind[trigger.kind] = trigger
+
+    def get(self, kind: object) -> TriggerDef:
+        """The trigger of ``kind``.
+
+        Raises:
+            UnknownTriggerError: nothing of that kind is registered.
+        """
+        trigger = self._by_kind.get(kind) if isinstance(kind, str) else None
+        if trigger is None:
+            raise UnknownTriggerError(kind, list(self._by_kind))
+        return trigger
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Registered kinds, in registration order."""
+        return tuple(self._by_kind)
+
+    def __iter__(self) -> Any:
+        return iter(self._by_kind.values())
