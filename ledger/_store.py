@@ -388,9 +388,7 @@ class LedgerStore:
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     file.next_id = None
-                    request.error = (
-                        _wrap(file.path, exc) if isinstance(exc, sqlite3.Error) else exc
-                    )
+                    request.error = _wrap(file.path, exc) if isinstance(exc, sqlite3.Error) else exc
                     request.result = None
                     continue
                 conn.execute("RELEASE op")

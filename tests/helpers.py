@@ -1,0 +1,129 @@
+"""Building blocks shared by the tests: controllable triggers and hosts on temp dirs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from actors import ActorHost, AgentSpec, define_agent_do
+from ledger import JSON
+from triggers import (
+    Cancellation,
+    DurableTrigger,
+    Failure,
+    RetryPolicy,
+    SchedulerConfig,
+    TriggerContext,
+    Tx,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+DONE = "test.done"
+CANCELLED = "test.cancelled"
+FAILED = "test.failed"
+TERMINAL_KINDS = (DONE, CANCELLED, FAILED)
+
+Acquire = Callable[[JSON, TriggerContext], Awaitable[JSON]]
+
+
+class Gate:
+    """Lets a test hold ``acquire`` until it says so, and know when it started.
+
+    ``started[i]`` is set when the attempt of intent ``i`` enters acquire; the acquire then
+    waits for ``release[i]`` (or for its signal to abort, raising AbortError).
+    """
+
+    def __init__(self) -> None:
+        self.started: dict[int, anyio.Event] = {}
+        self.release: dict[int, anyio.Event] = {}
+        self.attempts: list[tuple[int, int, bool, bool]] = []
+        """(intent, attempt, redrive, signal already aborted at start) per attempt."""
+
+    def _get(self, table: dict[int, anyio.Event], intent_event_id: int) -> anyio.Event:
+        event = table.get(intent_event_id)
+        if event is None:
+            event = table[intent_event_id] = anyio.Event()
+        return event
+
+    async def wait_started(self, intent_event_id: int) -> None:
+        with anyio.fail_after(10):
+            await self._get(self.started, intent_event_id).wait()
+
+    def open(self, intent_event_id: int) -> None:
+        self._get(self.release, intent_event_id).set()
+
+    async def acquire(self, intent: JSON, ctx: TriggerContext) -> JSON:
+        self.attempts.append((ctx.intent_event_id, ctx.attempt, ctx.redrive, ctx.signal.aborted))
+        self._get(self.started, ctx.intent_event_id).set()
+        with ctx.signal.scope():
+            await self._get(self.release, ctx.intent_event_id).wait()
+        return {"intent": intent, "attempt": ctx.attempt}
+
+
+def commit(outcome: JSON, tx: Tx) -> None:
+    tx.insert_event(kind=DONE, payload=outcome)
+
+
+def commit_cancelled(intent: JSON, cancellation: Cancellation, tx: Tx) -> None:
+    tx.insert_event(kind=CANCELLED, payload={"reason": cancellation.reason})
+
+
+def commit_failed(intent: JSON, failure: Failure, tx: Tx) -> None:
+    tx.insert_event(kind=FAILED, payload=failure.model_dump())
+
+
+def identity(payload: JSON) -> JSON:
+    return payload
+
+
+async def noop(intent: JSON, ctx: TriggerContext) -> JSON:
+    return intent
+
+
+def make_trigger(
+    kind: str = "test.work",
+    acquire: Acquire = noop,
+    *,
+    cancellation: str = "cooperative",
+    **extra: Any,
+) -> DurableTrigger[Any, Any]:
+    """A trigger that writes exactly one ``test.*`` fact per terminal transition."""
+    spec: dict[str, Any] = {
+        "kind": kind,
+        "intent_event_kind": f"{kind}.requested",
+        "cancellation": cancellation,
+        "parse_intent": identity,
+        "acquire": acquire,
+        "commit": commit,
+        "commit_cancelled": commit_cancelled,
+        "commit_failed": commit_failed,
+        "retry": RetryPolicy(max_attempts=3, initial_backoff=0, jitter=False),
+    }
+    spec.update(extra)
+    return spec  # type: ignore[return-value]
+
+
+def fast_config(**overrides: Any) -> SchedulerConfig:
+    """Scheduler settings for tests: short lease and poll so fallbacks run quickly."""
+    values: dict[str, Any] = {"lease": 3.0, "poll_interval": 0.2, "shutdown_grace": 0.5}
+    values.update(overrides)
+    return SchedulerConfig(**values)
+
+
+@asynccontextmanager
+async def open_host(
+    data_dir: Path,
+    *triggers: DurableTrigger[Any, Any],
+    spec: AgentSpec | None = None,
+    **options: Any,
+) -> AsyncIterator[ActorHost]:
+    """An ``ActorHost`` over ``data_dir`` running the given triggers (fast test config)."""
+    options.setdefault("config", fast_config())
+    spec = spec or define_agent_do(triggers=list(triggers))
+    async with ActorHost(spec, data_dir=data_dir, **options) as host:
+        yield host
