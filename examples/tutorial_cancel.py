@@ -64,8 +64,24 @@ trigger: DurableTrigger[TutorialIntent, TutorialOutcome] = {
     "commit_cancelled": commit_cancelled,
 }
 
+
+async def write_audit_line(intent: dict[str, str], ctx: TriggerContext) -> dict[str, str]:
+    return intent
+
+
+# A trigger that must always run to the end declares that cancellation is ignored.
+audit_trigger: DurableTrigger[dict[str, str], dict[str, str]] = {
+    "kind": "tutorial.audit",
+    "intent_event_kind": "tutorial.audit.requested",
+    "cancellation": "ignored",
+    "parse_intent": dict,
+    "acquire": write_audit_line,
+    "commit": lambda outcome, tx: None,
+    "commit_cancelled": lambda intent, cancellation, tx: None,
+}
+
 # 2. Register it.
-AgentDO = define_agent_do(bindings={}, triggers=[trigger])
+AgentDO = define_agent_do(bindings={}, triggers=[trigger, audit_trigger])
 
 
 def say(step: str, **values: object) -> None:
@@ -114,6 +130,11 @@ async def main(data_dir: str) -> None:
             trigger_kind="tutorial.cancelable", intent_event_id=10_000
         )
         say("cancel_trigger on an unknown id", status=missing.status)
+        audit = await agent.enqueue_trigger(trigger_kind="tutorial.audit", payload={"who": "me"})
+        ignored = await agent.cancel_trigger(
+            trigger_kind="tutorial.audit", intent_event_id=audit.id
+        )
+        say("cancel_trigger, cancellation ignored", status=ignored.status)
 
         # 5. Read the ledger for the terminal cancellation facts.
         for event in await agent.events(kinds=["tutorial.cancelable.cancelled"]):

@@ -204,23 +204,31 @@ class Scheduler:
 
     async def shutdown(self) -> None:
         """Stop claiming; let running attempts finish within the grace, then abort them with
-        reason ``"shutdown"`` and release their intents for a redrive elsewhere."""
+        reason ``"shutdown"`` and release their intents for a redrive elsewhere.
+
+        Runs shielded from cancellation: releasing claims is what lets the next host take
+        over at once instead of after the lease.
+        """
         self._stopping = True
         self._dispatch_wake.set()
-        if not self._running:
-            return
-        with anyio.move_on_after(self.config.shutdown_grace):
-            while self._running:
-                self._idle = anyio.Event()
-                await self._idle.wait()
-        for attempt in list(self._running.values()):
-            attempt.shutdown = True
-            attempt.controller.abort("shutdown")
-            if attempt.scope is not None:
-                attempt.scope.cancel()
-        while self._running:
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.config.shutdown_grace):
+                await self._wait_idle()
+            for attempt in list(self._running.values()):
+                attempt.shutdown = True
+                attempt.controller.abort("shutdown")
+                if attempt.scope is not None:
+                    attempt.scope.cancel()
+            await self._wait_idle()
+
+    async def _wait_idle(self) -> None:
+        while self._running or self._claiming:
             self._idle = anyio.Event()
             await self._idle.wait()
+
+    def _check_idle(self) -> None:
+        if not self._running and not self._claiming:
+            self._idle.set()
 
     # -- loops ----------------------------------------------------------------------------
 
@@ -294,11 +302,14 @@ class Scheduler:
             self._busy -= limit - len(result.claimed)
         assert self._attempt_tg is not None
         for claimed in result.claimed:
-            self._attempt_tg.start_soon(self._attempt, actor_id, claimed)
+            # Registered before the task starts, so shutdown waits for (and releases) it.
+            attempt = self._register(actor_id, claimed)
+            self._attempt_tg.start_soon(self._attempt, attempt, claimed)
         if result.more or actor_id in self._recheck:
             self._recheck.discard(actor_id)
             self._ready[actor_id] = None
         self._dispatch_wake.set()
+        self._check_idle()
 
     async def _renew_loop(self) -> None:
         while True:
@@ -318,20 +329,28 @@ class Scheduler:
 
     # -- one attempt ----------------------------------------------------------------------
 
-    async def _attempt(self, actor_id: str, claimed: Claimed) -> None:
+    def _register(self, actor_id: str, claimed: Claimed) -> _Attempt:
         row = claimed.row
         assert row.claim_token is not None
-        trigger = self.registry.get(row.trigger_kind)
-        controller = AbortController()
-        attempt = _Attempt(actor_id, row.id, row.claim_token, controller)
+        attempt = _Attempt(actor_id, row.id, row.claim_token, AbortController())
         self._running[(actor_id, row.id)] = attempt
         self._tokens.add(row.claim_token)
         if row.cancel_requested_at is not None:
             # A redrive of an intent whose cancel was requested: start already aborted.
-            controller.abort(row.cancel_reason)
+            attempt.controller.abort(row.cancel_reason)
+        return attempt
+
+    async def _attempt(self, attempt: _Attempt, claimed: Claimed) -> None:
+        row = claimed.row
+        actor_id = attempt.actor_id
+        trigger = self.registry.get(row.trigger_kind)
         log = _log.bind(actor=actor_id, kind=trigger.kind, intent=row.id, attempt=row.attempts)
         started = time.perf_counter()
-        outcome, value = await self._run_acquire(trigger, attempt, claimed, log)
+        if self._stopping:
+            attempt.shutdown = True
+            outcome, value = Outcome.SHUTDOWN, None
+        else:
+            outcome, value = await self._run_acquire(trigger, attempt, claimed, log)
         if outcome is not Outcome.RETURNED:
             if attempt.shutdown:
                 outcome = Outcome.SHUTDOWN
@@ -339,11 +358,10 @@ class Scheduler:
                 outcome = Outcome.TIMED_OUT
         settled = await self._settle(actor_id, trigger, claimed, outcome, value)
         del self._running[(actor_id, row.id)]
-        self._tokens.discard(row.claim_token)
+        self._tokens.discard(attempt.token)
         self._busy -= 1
         self._dispatch_wake.set()
-        if not self._running:
-            self._idle.set()
+        self._check_idle()
         log.info(
             "attempt_finished",
             outcome=settled.value,
