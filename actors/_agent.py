@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
@@ -10,8 +10,11 @@ from ledger import (
     JSON,
     Event,
     IntentNotFoundError,
+    IntentRow,
     IntentState,
+    LedgerNotFoundError,
     LedgerTx,
+    Projection,
     datetime_to_ms,
     dump_json,
 )
@@ -19,12 +22,13 @@ from triggers import CancelResult, CancelStatus
 from triggers._engine import cancel_op, enqueue_op
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Iterable
+    from collections.abc import AsyncGenerator, Callable, Iterable
     from datetime import datetime
 
     from ._host import ActorHost
 
 _PAGE = 500
+T = TypeVar("T")
 
 
 def _check_id(intent_event_id: object) -> int:
@@ -78,9 +82,18 @@ class Agent:
         due = None if at is None else datetime_to_ms(at)
         if idempotency_key is not None and not isinstance(idempotency_key, str):
             raise TypeError("idempotency_key must be a str")
-        op = enqueue_op(trigger, payload, text, due, idempotency_key, self._host.key_retention_ms)
-        event, _ = await self._host.store.run(self.actor_id, op)
-        return event
+        scheduler = self._host.scheduler
+        eager = None
+        if scheduler is not None and (due is None or due <= self._host.store.clock()):
+            eager = scheduler.eager_claim()
+        op = enqueue_op(
+            trigger, payload, text, due, idempotency_key, self._host.key_retention_ms, eager
+        )
+        after = None
+        if eager is not None and scheduler is not None:
+            after = scheduler.after_enqueue(self.actor_id)
+        result = await self._host.store.run(self.actor_id, op, after=after)
+        return result.event
 
     async def cancel_trigger(
         self,
@@ -108,9 +121,17 @@ class Agent:
         if trigger.cancellation == "ignored":
             return CancelResult(status=CancelStatus.IGNORED, intent_event_id=intent_event_id)
         op = cancel_op(self._host.spec.registry, trigger, intent_event_id, reason, requested_by)
-        return await self._host.store.run(self.actor_id, op)
+        not_found = CancelResult(status=CancelStatus.NOT_FOUND, intent_event_id=intent_event_id)
+        return await self._read(op, not_found, write=True)
 
     # -- reads ----------------------------------------------------------------------------
+
+    async def _read(self, op: Callable[[LedgerTx], T], missing: T, *, write: bool = False) -> T:
+        """Run ``op`` without creating a ledger: an actor that has none answers ``missing``."""
+        try:
+            return await self._host.store.run(self.actor_id, op, write=write, create=False)
+        except LedgerNotFoundError:
+            return missing
 
     async def events(
         self,
@@ -130,7 +151,7 @@ class Agent:
                 after=after, kinds=kind_list, intent_event_id=intent_event_id, limit=limit
             )
 
-        return await self._host.store.run(self.actor_id, op, write=False)
+        return await self._read(op, [])
 
     async def intent(self, intent_event_id: int) -> IntentState:
         """The current state of an intent.
@@ -139,9 +160,7 @@ class Agent:
             IntentNotFoundError: no intent with that id in this actor.
         """
         _check_id(intent_event_id)
-        row = await self._host.store.run(
-            self.actor_id, lambda tx: tx.intent_row(intent_event_id), write=False
-        )
+        row = await self._read(lambda tx: tx.intent_row(intent_event_id), None)
         if row is None:
             raise IntentNotFoundError(self.actor_id, intent_event_id)
         return row.state()
@@ -150,10 +169,9 @@ class Agent:
         self, *, status: str | None = None, after: int = 0, limit: int | None = None
     ) -> list[IntentState]:
         """Intents in id order, optionally only those in ``status``."""
-        rows = await self._host.store.run(
-            self.actor_id,
-            lambda tx: tx.intent_rows(status=status, after=after, limit=limit),
-            write=False,
+        none: list[IntentRow] = []
+        rows = await self._read(
+            lambda tx: tx.intent_rows(status=status, after=after, limit=limit), none
         )
         return [row.state() for row in rows]
 
@@ -178,21 +196,21 @@ class Agent:
         Raises:
             KeyError: no projection of that name is registered.
         """
-        self._check_projection(name)
-        return await self._host.store.run(
-            self.actor_id, lambda tx: tx.projection(name), write=False
-        )
+        projection = self._check_projection(name)
+        return await self._read(lambda tx: tx.projection(name), projection.initial)
 
     async def rebuild_projection(self, name: str) -> Any:
         """Recompute a projection from all events (after changing its ``apply``)."""
         self._check_projection(name)
         return await self._host.store.run(self.actor_id, lambda tx: tx.rebuild_projection(name))
 
-    def _check_projection(self, name: str) -> None:
-        if name not in {p.name for p in self._host.spec.projections}:
-            raise KeyError(f"no projection named {name!r} on this actor class")
+    def _check_projection(self, name: str) -> Projection[Any]:
+        for projection in self._host.spec.projections:
+            if projection.name == name:
+                return projection
+        raise KeyError(f"no projection named {name!r} on this actor class")
 
-    async def tail(self, *, after: int = 0) -> AsyncIterator[Event]:
+    async def tail(self, *, after: int = 0) -> AsyncGenerator[Event, None]:
         """Yield events with ``id > after`` and keep following new ones, from any process."""
         store = self._host.store
         while True:
@@ -205,7 +223,7 @@ class Agent:
                 with anyio.move_on_after(self._host.poll_interval):
                     await store.wait_changed(self.actor_id, version)
 
-    async def stream(self, intent_event_id: int, *, start: int = 0) -> AsyncIterator[JSON]:
+    async def stream(self, intent_event_id: int, *, start: int = 0) -> AsyncGenerator[JSON, None]:
         """Yield an intent's attached output chunks from index ``start``, following them
         until the intent ends.
 
@@ -222,7 +240,8 @@ class Agent:
 
         while True:
             version = store.version(self.actor_id)
-            chunks, status = await store.run(self.actor_id, read, write=False)
+            nothing: tuple[list[JSON], str | None] = ([], None)
+            chunks, status = await self._read(read, nothing)
             if status is None:
                 raise IntentNotFoundError(self.actor_id, intent_event_id)
             for chunk in chunks:

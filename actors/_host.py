@@ -241,7 +241,7 @@ class ActorHost:
             return found
 
         try:
-            found = await self.store.run(actor_id, read, write=False)
+            found = await self.store.run(actor_id, read, write=False, create=False)
         except LedgerError as exc:
             _log.warning("cancel_check_failed", actor=actor_id, error=str(exc))
             return

@@ -8,6 +8,7 @@ from ._errors import IntentNotFoundError as IntentNotFoundError
 from ._errors import LedgerBusyError as LedgerBusyError
 from ._errors import LedgerCorruptError as LedgerCorruptError
 from ._errors import LedgerError as LedgerError
+from ._errors import LedgerNotFoundError as LedgerNotFoundError
 from ._errors import LedgerWriteError as LedgerWriteError
 from ._errors import PayloadError as PayloadError
 from ._index import IndexDB as IndexDB
@@ -46,6 +47,7 @@ __all__ = [
     "LedgerClosedError",
     "LedgerCorruptError",
     "LedgerError",
+    "LedgerNotFoundError",
     "LedgerStore",
     "LedgerTx",
     "LedgerWriteError",

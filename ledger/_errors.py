@@ -62,3 +62,11 @@ class IntentNotFoundError(LedgerError, LookupError):
         self.actor_id = actor_id
         self.intent_event_id = intent_event_id
         super().__init__(f"actor {actor_id!r} has no intent with id {intent_event_id}")
+
+
+class LedgerNotFoundError(LedgerError, LookupError):
+    """The actor has no ledger yet (raised only for operations that must not create one)."""
+
+    def __init__(self, actor_id: str) -> None:
+        self.actor_id = actor_id
+        super().__init__(f"actor {actor_id!r} has no ledger yet")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sqlite3
 from typing import TYPE_CHECKING, Literal
 
-from ._errors import LedgerCorruptError
+from ._errors import LedgerBusyError, LedgerCorruptError, LedgerWriteError
 from ._schema import FORMAT, MIGRATIONS, SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -44,14 +44,17 @@ class LedgerFile:
         Raises:
             LedgerCorruptError: the file is not a SQLite database, is another program's
                 database, belongs to another actor, or was written by a newer version.
+            LedgerBusyError: another process holds the file locked (it may be creating it).
+            LedgerWriteError: the file cannot be opened at all (permissions, no file
+                descriptors left, no space).
         """
-        path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, cached_statements=64
             )
-        except sqlite3.Error as exc:
-            raise LedgerCorruptError(path, f"cannot open: {exc}") from exc
+        except (sqlite3.Error, OSError) as exc:
+            raise LedgerWriteError(path, f"cannot open: {exc}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -61,6 +64,14 @@ class LedgerFile:
             conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
             conn.execute("PRAGMA foreign_keys = OFF")
             _migrate(conn, path, actor_id)
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            message = str(exc)
+            if "locked" in message or "busy" in message:
+                raise LedgerBusyError(path, 0.0) from exc
+            if "unable to open" in message or "disk" in message or "readonly" in message:
+                raise LedgerWriteError(path, message) from exc
+            raise LedgerCorruptError(path, message) from exc
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise LedgerCorruptError(path, str(exc)) from exc

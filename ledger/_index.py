@@ -83,6 +83,7 @@ class IndexDB:
             raise LedgerCorruptError(path, str(exc)) from exc
 
     def close(self) -> None:
+        """Close the connection."""
         self.conn.close()
 
     # -- due times ------------------------------------------------------------------------
@@ -152,6 +153,7 @@ class IndexDB:
     # -- processes ------------------------------------------------------------------------
 
     def register_process(self, info: ProcessInfo) -> None:
+        """Record (or replace) a process in the registry."""
         self.conn.execute(
             "INSERT OR REPLACE INTO processes"
             " (id, pid, machine, started, address, scheduler, heartbeat_at)"
@@ -168,14 +170,17 @@ class IndexDB:
         )
 
     def heartbeat(self, process_id: str, now_ms: int) -> None:
+        """Record that a process is alive at ``now_ms``."""
         self.conn.execute(
             "UPDATE processes SET heartbeat_at = ? WHERE id = ?", (now_ms, process_id)
         )
 
     def unregister_process(self, process_id: str) -> None:
+        """Remove a process from the registry."""
         self.conn.execute("DELETE FROM processes WHERE id = ?", (process_id,))
 
     def processes(self) -> list[ProcessInfo]:
+        """Every registered process."""
         return [
             ProcessInfo(row[0], row[1], row[2], row[3], row[4], bool(row[5]), row[6])
             for row in self.conn.execute(
@@ -202,7 +207,10 @@ def process_started(pid: int) -> str:
     except OSError:
         return ""
     # Field 22; the command name (field 2) may hold spaces, so split after its ')'.
-    return stat.rsplit(")", 1)[1].split()[19]
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return ""  # a killed process its parent has not reaped yet is dead all the same
+    return fields[19]
 
 
 def process_alive(info: ProcessInfo, here: str) -> bool | None:

@@ -72,7 +72,7 @@ class IntentState(BaseModel):
 S = TypeVar("S")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Projection(Generic[S]):
     """A fold of an actor's events, kept current in the transaction that writes them.
 

@@ -21,7 +21,7 @@ def ledger_relpath(actor_id: str) -> PurePosixPath:
 
     Raises:
         TypeError: if ``actor_id`` is not a string.
-        ValueError: if ``actor_id`` is empty or holds a NUL character.
+        ValueError: if ``actor_id`` is empty, holds a NUL character or a lone surrogate.
     """
     if not isinstance(actor_id, str):
         raise TypeError(f"actor name must be a str, not {type(actor_id).__name__}")
@@ -29,6 +29,10 @@ def ledger_relpath(actor_id: str) -> PurePosixPath:
         raise ValueError("actor name must not be empty")
     if "\x00" in actor_id:
         raise ValueError("actor name must not contain NUL characters")
-    digest = hashlib.sha256(actor_id.encode("utf-8", "surrogatepass")).hexdigest()
+    try:
+        encoded = actor_id.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("actor name must be valid Unicode (no lone surrogates)") from None
+    digest = hashlib.sha256(encoded).hexdigest()
     slug = _UNSAFE.sub("_", actor_id)[:_SLUG_MAX].lstrip(".") or "actor"
     return PurePosixPath("actors", digest[:2], f"{slug}-{digest[:32]}.db")

@@ -24,7 +24,13 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 import anyio
 import anyio.to_thread
 
-from ._errors import LedgerBusyError, LedgerCorruptError, LedgerError, LedgerWriteError
+from ._errors import (
+    LedgerBusyError,
+    LedgerCorruptError,
+    LedgerError,
+    LedgerNotFoundError,
+    LedgerWriteError,
+)
 from ._file import LedgerFile, Synchronous
 from ._index import IndexDB
 from ._naming import ledger_relpath
@@ -61,15 +67,25 @@ class Committed:
 
 
 class _Request(Generic[T]):
-    __slots__ = ("actor_id", "busy_since", "done", "error", "fn", "result", "write")
+    __slots__ = (
+        "actor_id", "after", "busy_since", "create", "done", "error", "fn", "result", "write"
+    )  # fmt: skip
 
     def __init__(
-        self, actor_id: str, fn: Callable[[LedgerTx], T], write: bool, done: anyio.Event
+        self,
+        actor_id: str,
+        fn: Callable[[LedgerTx], T],
+        write: bool,
+        done: anyio.Event,
+        after: Callable[[T | None, BaseException | None], None] | None = None,
+        create: bool = True,
     ) -> None:
+        self.create = create
         self.actor_id = actor_id
         self.fn = fn
         self.write = write
         self.done = done
+        self.after = after
         self.result: T | None = None
         self.error: BaseException | None = None
         self.busy_since: float | None = None
@@ -169,28 +185,52 @@ class LedgerStore:
         """The shard (worker) that serves ``actor_id``."""
         return hash(actor_id) % len(self._shards)
 
-    async def run(self, actor_id: str, fn: Callable[[LedgerTx], T], *, write: bool = True) -> T:
+    async def run(
+        self,
+        actor_id: str,
+        fn: Callable[[LedgerTx], T],
+        *,
+        write: bool = True,
+        after: Callable[[T | None, BaseException | None], None] | None = None,
+        create: bool = True,
+    ) -> T:
         """Run ``fn`` in a transaction of ``actor_id``'s ledger and return its result.
 
         ``fn`` runs on a worker thread, in a savepoint of a batch transaction: if it raises,
         its writes are rolled back and the error is raised here; otherwise its writes are
         committed before this returns. If the caller is cancelled while waiting, the operation
-        may still run.
+        may still run; ``after(result, error)``, when given, is called exactly once on the
+        event loop when the operation has run or failed, whether or not the caller still waits.
+
+        With ``create=False`` an actor without a ledger is not created: ``LedgerNotFoundError``
+        is raised instead (for reads and for answers such as ``not_found``).
 
         Raises:
+            LedgerNotFoundError: ``create=False`` and the actor has no ledger.
             LedgerCorruptError: the actor's ledger file is damaged or foreign.
             LedgerBusyError: another process held the ledger locked for too long.
             LedgerWriteError: SQLite refused the write (disk full, I/O error).
             LedgerClosedError: the store is closed.
         """
-        ledger_relpath(actor_id)  # validates the name before anything is queued
-        if self._closing or self._tg is None:
-            raise LedgerClosedError
+        try:
+            ledger_relpath(actor_id)  # validates the name before anything is queued
+            if self._closing or self._tg is None:
+                raise LedgerClosedError
+        except (TypeError, ValueError, LedgerClosedError) as exc:
+            if after is not None:
+                after(None, exc)
+            raise
         shard = self._shards[hash(actor_id) % len(self._shards)]
-        request: _Request[T] = _Request(actor_id, fn, write, shard.done)
+        request: _Request[T] = _Request(actor_id, fn, write, shard.done, after, create)
         shard.pending.append(request)
         shard.wake.set()
-        await request.done.wait()
+        while True:
+            # A request put off (its ledger locked by another process) moves to a later
+            # batch's event; wait until the batch that really ran it has finished.
+            done = request.done
+            await done.wait()
+            if request.done is done:
+                break
         if request.error is not None:
             raise request.error
         return request.result  # type: ignore[return-value]
@@ -242,22 +282,31 @@ class LedgerStore:
                 continue
             batch, shard.pending = shard.pending, []
             done, shard.done = shard.done, anyio.Event()
-            committed, deferred = await anyio.to_thread.run_sync(
-                self._execute, shard, batch, limiter=shard.limiter
-            )
+            try:
+                committed, deferred, busy = await anyio.to_thread.run_sync(
+                    self._execute, shard, batch, limiter=shard.limiter
+                )
+            except Exception as exc:  # a bug or an unexpected SQLite state: fail the batch
+                for request in batch:
+                    request.error, request.result = exc, None
+                committed, deferred, busy = [], [], False
             if deferred:
-                # Locked by another process: retry these soon, on the next batch's event.
+                # Put off (ledger locked elsewhere, or over the open-file budget): they run
+                # in a later batch, whose event they now wait for.
                 for request in deferred:
                     request.done = shard.done
                 shard.pending[:0] = deferred
             done.set()
+            for request in batch:
+                if request.after is not None and request.done is done:
+                    request.after(request.result, request.error)
             for item in committed:
                 if item.effects.events or item.effects.chunks or item.effects.terminal:
                     self.notify_changed(item.actor_id)
             if committed:
                 for listener in self._listeners:
                     listener(committed)
-            if deferred:
+            if busy:
                 await anyio.sleep(0.01)
 
     # -- worker thread side ---------------------------------------------------------------
@@ -267,7 +316,7 @@ class LedgerStore:
             shard.index = IndexDB(self.data_dir / "index.db")
         return shard.index
 
-    def _open_file(self, shard: _Shard, actor_id: str, keep: set[str]) -> LedgerFile:
+    def _open_file(self, shard: _Shard, actor_id: str, keep: set[str], create: bool) -> LedgerFile:
         file = shard.files.get(actor_id)
         if file is not None:
             shard.files.move_to_end(actor_id)
@@ -281,6 +330,8 @@ class LedgerStore:
         relpath = str(ledger_relpath(actor_id))
         path = self.data_dir / relpath
         is_new = not path.exists()
+        if is_new and not create:
+            raise LedgerNotFoundError(actor_id)
         file = LedgerFile.open(actor_id, path, relpath, synchronous=self.synchronous)
         if is_new:
             self._index(shard).register(actor_id, relpath)
@@ -297,29 +348,43 @@ class LedgerStore:
 
     def _execute(
         self, shard: _Shard, batch: list[_Request[Any]]
-    ) -> tuple[list[Committed], list[_Request[Any]]]:
-        """Run one batch: one transaction per actor, then the index bookkeeping."""
+    ) -> tuple[list[Committed], list[_Request[Any]], bool]:
+        """Run one batch: one transaction per actor, then the index bookkeeping.
+
+        Returns what committed, the requests put off to a later batch, and whether any were
+        put off because another process held a lock (the pump then backs off briefly).
+        """
         now_ms = self.clock()
         groups: dict[str, list[_Request[Any]]] = {}
         for request in batch:
             groups.setdefault(request.actor_id, []).append(request)
         deferred: list[_Request[Any]] = []
+        busy: list[_Request[Any]] = []
         opened: list[_Open] = []
-        keep = set(groups)
+        budget = max(1, self.max_open // len(self._shards))
+        keep: set[str] = set()
         try:
             for actor_id, requests in groups.items():
+                if len(keep) >= budget:
+                    deferred += requests  # never hold more ledgers open than the budget
+                    continue
+                keep.add(actor_id)
                 try:
-                    file = self._open_file(shard, actor_id, keep)
-                except LedgerCorruptError as exc:
+                    create = any(r.create for r in requests)
+                    file = self._open_file(shard, actor_id, keep, create)
+                except LedgerBusyError as exc:
+                    self._defer_busy(exc.path, requests, busy)
+                    continue
+                except LedgerError as exc:
                     for request in requests:
                         request.error = exc
                     continue
-                except OSError as exc:
-                    error = LedgerWriteError(self.data_dir / ledger_relpath(actor_id), str(exc))
+                except Exception as exc:
+                    error = LedgerWriteError(self.data_dir / ledger_relpath(actor_id), repr(exc))
                     for request in requests:
                         request.error = error
                     continue
-                state = self._begin(file, requests, now_ms, deferred)
+                state = self._begin(file, requests, now_ms, busy)
                 if state is not None:
                     opened.append(state)
             self._commit_all(shard, opened)
@@ -333,7 +398,21 @@ class LedgerStore:
             for state in opened
             if state.requests
         ]
-        return committed, deferred
+        return committed, deferred + busy, bool(busy)
+
+    def _defer_busy(
+        self, path: Path, requests: list[_Request[Any]], busy: list[_Request[Any]]
+    ) -> None:
+        """Put requests off while another process holds the ledger, up to the lock timeout."""
+        now = time.monotonic()
+        for request in requests:
+            if request.busy_since is None:
+                request.busy_since = now
+            waited = now - request.busy_since
+            if waited > self.lock_timeout:
+                request.error = LedgerBusyError(path, waited)
+            else:
+                busy.append(request)
 
     def _begin(
         self,
@@ -353,15 +432,7 @@ class LedgerStore:
                 for request in requests:
                     request.error = error
                 return None
-            waited_from = time.monotonic()
-            for request in requests:
-                if request.busy_since is None:
-                    request.busy_since = waited_from
-                waited = waited_from - request.busy_since
-                if waited > self.lock_timeout:
-                    request.error = LedgerBusyError(file.path, waited)
-                else:
-                    deferred.append(request)
+            self._defer_busy(file.path, requests, deferred)
             return None
         file.next_id = None
         state = _Open(file, requests, TxEffects())

@@ -112,6 +112,7 @@ class TxEffects:
     terminal: bool = False
 
     def merge(self, other: TxEffects) -> None:
+        """Fold another operation's effects into these."""
         self.events |= other.events
         self.chunks |= other.chunks
         self.terminal |= other.terminal
@@ -336,6 +337,15 @@ class LedgerTx:
         row.redrive = 1
         self.effects.due_may_rise = True
         return row
+
+    def has_due_pending(self, kinds: Sequence[str]) -> bool:
+        """True if an intent of ``kinds`` is pending and due now."""
+        row = self._file.conn.execute(
+            "SELECT 1 FROM intents WHERE status = 'pending' AND due_at <= ?"
+            f" AND trigger_kind IN ({','.join('?' * len(kinds))}) LIMIT 1",
+            (self.now_ms, *kinds),
+        ).fetchone()
+        return row is not None
 
     def lost_claims(self, dead_owners: Iterable[str]) -> list[IntentRow]:
         """Running intents whose lease has run out or whose owner process is gone."""

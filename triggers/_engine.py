@@ -30,6 +30,7 @@ from ._results import Cancellation, CancelResult, CancelStatus, Failure
 from ._tx import Tx
 
 if TYPE_CHECKING:
+    from ._slots import Slots, Taken
     from ._spec import TriggerDef, TriggerRegistry
 
 Op = Callable[[LedgerTx], Any]
@@ -47,6 +48,24 @@ def new_token() -> str:
 # -- enqueue ---------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class EagerClaim:
+    """Claim a due-now intent in the transaction that records it (saves a transaction)."""
+
+    host_id: str
+    lease_ms: int
+    kinds: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class Enqueued:
+    """What ``enqueue_op`` did."""
+
+    event: Event
+    created: bool
+    claimed: Claimed | None = None
+
+
 def enqueue_op(
     trigger: TriggerDef,
     payload: JSON,
@@ -54,19 +73,42 @@ def enqueue_op(
     due_at: int | None,
     idempotency_key: str | None,
     key_retention_ms: int,
-) -> Callable[[LedgerTx], tuple[Event, bool]]:
-    """Record an intent (already validated by ``parse_intent`` and serialized as ``text``)."""
+    eager: EagerClaim | None = None,
+) -> Callable[[LedgerTx], Enqueued]:
+    """Record an intent (already validated by ``parse_intent`` and serialized as ``text``).
 
-    def op(tx: LedgerTx) -> tuple[Event, bool]:
-        return tx.append_intent(
+    With ``eager``, a due-now intent is claimed at once for that host, unless older due
+    intents wait in this actor (they go first, through the scheduler).
+    """
+
+    def op(tx: LedgerTx) -> Enqueued:
+        due = tx.now_ms if due_at is None else due_at
+        eager_ok = eager is not None and due <= tx.now_ms and not tx.has_due_pending(eager.kinds)
+        event, created = tx.append_intent(
             trigger_kind=trigger.kind,
             intent_event_kind=trigger.intent_event_kind,
             payload=payload,
-            due_at=tx.now_ms if due_at is None else due_at,
+            due_at=due,
             idempotency_key=idempotency_key,
             key_retention_ms=key_retention_ms,
             text=text,
         )
+        if not (eager_ok and created and eager is not None):
+            return Enqueued(event, created)
+        lease_until = tx.now_ms + eager.lease_ms
+        rows = tx.claim_due(
+            limit=1,
+            host_id=eager.host_id,
+            lease_until=lease_until,
+            tokens=[new_token()],
+            kinds=(trigger.kind,),
+        )
+        # No older due intent waits, so the one claimed is the one just recorded.
+        assert rows
+        assert rows[0].id == event.id
+        # Nothing is pending now; the index only needs to know when the lease runs out.
+        tx.effects.new_due = lease_until
+        return Enqueued(event, created, Claimed(rows[0], payload))
 
     return op
 
@@ -98,8 +140,13 @@ def cancel_op(
         if status is IntentStatus.PENDING:
             row = tx.intent_row(row.id)
             assert row is not None
-            _settle_cancelled(tx, registry, trigger, row, _payload(tx, row.id))
-            return CancelResult(status=CancelStatus.CANCELLED, intent_event_id=intent_event_id)
+            # If commit_cancelled raises, the intent ends failed instead; say so.
+            reached = _settle_cancelled(tx, registry, trigger, row, _payload(tx, row.id))
+            return CancelResult(
+                status=CancelStatus.CANCELLED,
+                intent_event_id=intent_event_id,
+                terminal_status=reached,
+            )
         if first:
             tx.insert_event(
                 CANCEL_REQUESTED,
@@ -138,11 +185,31 @@ def claim_op(
     dead_owners: Sequence[str],
     own_tokens: Set[str],
     max_redrives: int,
+    slots: Slots,
+    taken: Taken,
 ) -> Callable[[LedgerTx], ClaimResult]:
-    """Claim up to ``limit`` attempts: redrives of lost claims first, then due intents."""
+    """Claim up to ``limit`` attempts: redrives of lost claims first, then due intents.
+
+    Takes one slot per claimed intent from ``slots`` and records the count in ``taken``
+    (the caller gives them back if the transaction does not commit).
+    """
     kinds = registry.kinds
 
     def op(tx: LedgerTx) -> ClaimResult:
+        budget = slots.take(limit)
+        if budget == 0:
+            # No capacity now: the actor stays ready and is claimed when a slot frees.
+            return ClaimResult([], more=True)
+        try:
+            result = claim(tx, budget)
+        except BaseException:
+            slots.give(budget)
+            raise
+        slots.give(budget - len(result.claimed))
+        taken.count = len(result.claimed)
+        return result
+
+    def claim(tx: LedgerTx, limit: int) -> ClaimResult:
         lease_until = tx.now_ms + lease_ms
         rows: list[IntentRow] = []
         more = False
@@ -152,6 +219,10 @@ def claim_op(
                 continue
             if row.redrives >= max_redrives:
                 trigger = registry.get(row.trigger_kind)
+                if row.cancel_requested_at is not None:
+                    # The work was asked to stop: settle the request, not a failure.
+                    _settle_cancelled(tx, registry, trigger, row, _payload(tx, row.id))
+                    continue
                 failure = Failure(
                     error_type="RedriveLimitExceeded",
                     message=f"the attempt was lost {row.redrives + 1} times (process crashed or "
@@ -175,8 +246,10 @@ def claim_op(
                 tokens=iter(new_token, None),
                 kinds=kinds,
             )
-            more = more or len(fresh) == room
             rows += fresh
+        if len(rows) >= limit:
+            # The batch is full: tell the scheduler whether due work is still waiting.
+            more = more or tx.has_due_pending(kinds)
         payloads = tx.intent_payloads([row.id for row in rows])
         return ClaimResult([Claimed(row, payloads.get(row.id)) for row in rows], more)
 
@@ -249,8 +322,8 @@ def settle_op(
                 refreshed = tx.intent_row(row.id)
                 assert refreshed is not None
                 row = refreshed
-            _settle_cancelled(tx, registry, trigger, row, payload)
-            return Settled.CANCELLED
+            reached = _settle_cancelled(tx, registry, trigger, row, payload)
+            return Settled.CANCELLED if reached is IntentStatus.CANCELLED else Settled.FAILED
         failure = Failure(
             error_type="TimeoutError" if outcome is Outcome.TIMED_OUT else type(error).__name__,
             message=(
@@ -303,7 +376,7 @@ def _settle_completed(
 
 def _settle_cancelled(
     tx: LedgerTx, registry: TriggerRegistry, trigger: TriggerDef, row: IntentRow, payload: JSON
-) -> None:
+) -> IntentStatus:
     cancellation = Cancellation(
         reason=row.cancel_reason,
         requested_at=(
@@ -321,10 +394,11 @@ def _settle_cancelled(
     except Exception as exc:
         failure = Failure(error_type=type(exc).__name__, message=str(exc), attempts=row.attempts)
         _settle_failed(tx, registry, trigger, row, payload, failure)
-        return
+        return IntentStatus.FAILED
     finally:
         utx._close()
     tx.finish(row.id, IntentStatus.CANCELLED, utx.event_ids)
+    return IntentStatus.CANCELLED
 
 
 def _settle_failed(

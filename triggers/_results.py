@@ -26,7 +26,15 @@ class CancelStatus(StrEnum):
 
 
 class CancelResult(BaseModel):
-    """The answer of ``cancel_trigger``."""
+    """The answer of ``cancel_trigger``.
+
+    Attributes:
+        status: what the call did.
+        intent_event_id: the intent asked about.
+        terminal_status: how the intent ended, when the call found it ended
+            (``already_completed``) or ended it (``cancelled``: normally ``cancelled``, or
+            ``failed`` if ``commit_cancelled`` raised and the failure was recorded instead).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -24,12 +24,15 @@ from ._context import TriggerContext
 from ._engine import (
     Claimed,
     ClaimResult,
+    EagerClaim,
+    Enqueued,
     Outcome,
     Settled,
     claim_op,
     renew_op,
     settle_op,
 )
+from ._slots import Slots, Taken
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -112,7 +115,8 @@ class Scheduler:
         self._ready: dict[str, None] = {}
         self._claiming: set[str] = set()
         self._recheck: set[str] = set()
-        self._busy = 0  # running attempts + slots reserved by claims in flight
+        self._slots = Slots(config.max_concurrency)
+        self._eager = 0  # enqueues in flight that may claim their intent
         self._running: dict[tuple[str, int], _Attempt] = {}
         self._tokens: set[str] = set()
         self._timers: list[tuple[int, str]] = []
@@ -154,6 +158,35 @@ class Scheduler:
         heapq.heappush(self._timers, (due_ms, actor_id))
         if self._timers[0][1] == actor_id:
             self._timer_wake.set()
+
+    def eager_claim(self) -> EagerClaim | None:
+        """Reserve a slot to claim a due-now intent in its enqueue transaction, if one is free.
+
+        The reservation is settled by the callback from ``after_enqueue``, which the caller
+        must pass as the enqueue operation's ``after``.
+        """
+        if self._stopping or not self._slots.take(1):
+            return None
+        self._eager += 1
+        return EagerClaim(self.host_id, self._lease_ms, self.registry.kinds)
+
+    def after_enqueue(
+        self, actor_id: str
+    ) -> Callable[[Enqueued | None, BaseException | None], None]:
+        """The ``after`` callback of an enqueue operation that carried an ``eager_claim``."""
+
+        def after(result: Enqueued | None, error: BaseException | None) -> None:
+            self._eager -= 1
+            if result is not None and result.claimed is not None:
+                attempt = self._register(actor_id, result.claimed)
+                assert self._attempt_tg is not None
+                self._attempt_tg.start_soon(self._attempt, attempt, result.claimed)
+            else:
+                self._slots.give(1)
+                self._dispatch_wake.set()
+                self._check_idle()
+
+        return after
 
     def deliver_cancel(self, actor_id: str, intent_event_id: int, reason: str | None) -> bool:
         """Abort the signal of a running attempt here; False if it does not run here."""
@@ -222,12 +255,12 @@ class Scheduler:
             await self._wait_idle()
 
     async def _wait_idle(self) -> None:
-        while self._running or self._claiming:
+        while self._running or self._claiming or self._eager:
             self._idle = anyio.Event()
             await self._idle.wait()
 
     def _check_idle(self) -> None:
-        if not self._running and not self._claiming:
+        if not self._running and not self._claiming and not self._eager:
             self._idle.set()
 
     # -- loops ----------------------------------------------------------------------------
@@ -267,8 +300,7 @@ class Scheduler:
     async def _dispatch_loop(self) -> None:
         assert self._tg is not None
         while not self._stopping:
-            free = self.config.max_concurrency - self._busy
-            if not self._ready or free <= 0:
+            if not self._ready or self._slots.free <= 0:
                 self._dispatch_wake = anyio.Event()
                 await self._dispatch_wake.wait()
                 continue
@@ -277,29 +309,30 @@ class Scheduler:
             if actor_id in self._claiming:
                 self._recheck.add(actor_id)
                 continue
-            limit = min(free, self.config.claim_batch)
-            self._busy += limit
             self._claiming.add(actor_id)
-            self._tg.start_soon(self._claim, actor_id, limit)
+            self._tg.start_soon(self._claim, actor_id)
 
-    async def _claim(self, actor_id: str, limit: int) -> None:
+    async def _claim(self, actor_id: str) -> None:
+        taken = Taken()
         op = claim_op(
             self.registry,
-            limit=limit,
+            limit=self.config.claim_batch,
             host_id=self.host_id,
             lease_ms=self._lease_ms,
             dead_owners=self._dead_owners(),
             own_tokens=frozenset(self._tokens),
             max_redrives=self.config.max_redrives,
+            slots=self._slots,
+            taken=taken,
         )
         result = ClaimResult([], False)
         try:
             result = await self.store.run(actor_id, op)
         except LedgerError as exc:
             _log.warning("claim_failed", actor=actor_id, error=str(exc))
+            self._slots.give(taken.count)  # the claims did not commit
         finally:
             self._claiming.discard(actor_id)
-            self._busy -= limit - len(result.claimed)
         assert self._attempt_tg is not None
         for claimed in result.claimed:
             # Registered before the task starts, so shutdown waits for (and releases) it.
@@ -359,7 +392,7 @@ class Scheduler:
         settled = await self._settle(actor_id, trigger, claimed, outcome, value)
         del self._running[(actor_id, row.id)]
         self._tokens.discard(attempt.token)
-        self._busy -= 1
+        self._slots.give(1)
         self._dispatch_wake.set()
         self._check_idle()
         log.info(
@@ -478,4 +511,7 @@ class _Backend:
         return await self._store.run(actor_id, op, write=False)
 
     async def stream_append(self, actor_id: str, intent_event_id: int, text: str) -> int:
-        return await self._store.run(actor_id, lambda tx: tx.stream_append(intent_event_id, [text]))
+        next_index = await self._store.run(
+            actor_id, lambda tx: tx.stream_append(intent_event_id, [text])
+        )
+        return next_index - 1

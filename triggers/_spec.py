@@ -47,18 +47,31 @@ class RetryPolicy:
     jitter: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+        if (
+            isinstance(self.max_attempts, bool)
+            or not isinstance(self.max_attempts, int)
+            or self.max_attempts < 1
+        ):
             raise ValueError("RetryPolicy.max_attempts must be an int >= 1")
         for name in ("initial_backoff", "backoff_factor", "max_backoff"):
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
                 raise ValueError(f"RetryPolicy.{name} must be a finite number >= 0")
         if self.backoff_factor < 1:
             raise ValueError("RetryPolicy.backoff_factor must be >= 1")
 
     def backoff(self, failed_attempts: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after the ``failed_attempts``-th failed attempt."""
-        base = self.initial_backoff * self.backoff_factor ** max(0, failed_attempts - 1)
+        base = self.initial_backoff
+        for _ in range(max(0, failed_attempts - 1)):
+            if base >= self.max_backoff or base <= 0:
+                break
+            base *= self.backoff_factor
         base = min(base, self.max_backoff)
         if self.jitter and base > 0:
             return (rng or random).uniform(base / 2, base)
@@ -191,7 +204,10 @@ def validate_trigger(spec: object, position: int = 0) -> TriggerDef:
     if isinstance(timeout, timedelta):
         timeout = timeout.total_seconds()
     if timeout is not None and (
-        not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or timeout <= 0
     ):
         raise TriggerDefinitionError(name, "timeout", "must be a positive number of seconds")
     return TriggerDef(

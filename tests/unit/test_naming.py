@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import sys
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
@@ -213,26 +214,61 @@ async def test_names_survive_a_restart(tmp_path: Path) -> None:
             assert events[0].payload == {"i": i}
 
 
-@pytest.mark.parametrize("name", LONE_SURROGATES, ids=range(len(LONE_SURROGATES)))
-async def test_host_handles_lone_surrogates(tmp_path: Path, name: str) -> None:
-    """A lone-surrogate name is refused by host.get (ValueError) or fully works; the host
-    survives either way and keeps serving other actors."""
-    async with open_host(tmp_path, make_trigger()) as host:
+SURROGATE_SCRIPT = """
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from ledger import ledger_relpath
+from tests.helpers import DONE, make_trigger, open_host
+from tests.unit.test_naming import roundtrip
+
+async def main(data_dir: Path, name: str) -> None:
+    async with open_host(data_dir / repr(name), make_trigger()) as host:
         try:
             ledger_relpath(name)
         except ValueError:
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError, match="actor name"):
                 host.get(name)
         else:
             await roundtrip(host, [name])
             events = await host.get(name).events()
             assert [e.kind for e in events] == ["test.work.requested", DONE]
         await roundtrip(host, ["plain"])
+    print("OK")
+
+for escaped in sys.argv[2:]:
+    anyio.run(main, Path(sys.argv[1]), escaped.encode("ascii").decode("unicode_escape"))
+"""
+
+
+async def test_host_handles_lone_surrogates(tmp_path: Path) -> None:
+    """A lone-surrogate name is refused by host.get (ValueError) or fully works; the host
+    survives either way, keeps serving other actors and shuts down.
+
+    Runs in a child process: when the host mishandles such a name its shutdown can hang
+    (shielded), which no cancel scope here could bound.
+    """
+    escaped = [name.encode("unicode_escape").decode("ascii") for name in LONE_SURROGATES]
+    with anyio.move_on_after(20) as scope:
+        result = await anyio.run_process(
+            [sys.executable, "-c", SURROGATE_SCRIPT, str(tmp_path / "data"), *escaped],
+            check=False,
+            cwd=Path(__file__).parents[2],
+        )
+    assert not scope.cancelled_caught, "the host hung (shutdown never finished)"
+    output = result.stdout.decode() + result.stderr.decode()
+    assert result.returncode == 0, output[-3000:]
+    assert result.stdout.decode().count("OK") == len(LONE_SURROGATES)
     for path in files_under(tmp_path):
         assert path.resolve().is_relative_to(tmp_path.resolve())
 
 
-@pytest.mark.parametrize(("name", "error"), [("", ValueError), ("a\x00", ValueError), (7, TypeError)])
+@pytest.mark.parametrize(
+    ("name", "error"), [("", ValueError), ("a\x00", ValueError), (7, TypeError)]
+)
 def test_host_get_refuses_bad_names(tmp_path: Path, name: Any, error: type[Exception]) -> None:
     """host.get refuses empty, NUL-holding and non-str names before touching disk."""
     from actors import ActorHost, define_agent_do

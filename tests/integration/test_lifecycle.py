@@ -1,0 +1,582 @@
+"""Intent lifecycle (DESIGN §4): retries, failures, timeouts, shutdown, redrives, enqueue."""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import math
+from contextlib import aclosing
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, cast
+
+import anyio
+import pytest
+
+from ledger import IntentStatus, PayloadError, system_clock
+from tests.helpers import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    TERMINAL_KINDS,
+    Gate,
+    fast_config,
+    make_trigger,
+    open_host,
+)
+from triggers import AbortError, FatalError, RetryPolicy, TriggerContext, Tx
+from triggers._engine import ATTEMPT_FAILED, claim_op
+from triggers._slots import Slots, Taken
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator, Coroutine
+    from pathlib import Path
+
+    from actors import ActorHost, Agent
+    from ledger import JSON, Event, IntentState
+
+pytestmark = pytest.mark.anyio
+
+KIND = "test.work"
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+class ManualClock:
+    """An injectable epoch-ms clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = system_clock()
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, ms: int) -> None:
+        self.now += ms
+
+
+class Flaky:
+    """An acquire that fails its first ``failures`` attempts, then returns."""
+
+    def __init__(self, failures: int, error: type[Exception] = RuntimeError) -> None:
+        self.failures = failures
+        self.error = error
+        self.attempts: list[int] = []
+        self.times: list[int] = []
+
+    async def acquire(self, intent: JSON, ctx: TriggerContext) -> JSON:
+        self.attempts.append(ctx.attempt)
+        self.times.append(round(ctx.now().timestamp() * 1000))
+        if len(self.attempts) <= self.failures:
+            raise self.error(f"boom {ctx.attempt}")
+        return {"attempt": ctx.attempt}
+
+
+async def terminal(agent: Agent, intent_event_id: int) -> IntentState:
+    with anyio.fail_after(10):
+        return await agent.wait_for_intent(intent_event_id)
+
+
+async def facts(agent: Agent, kind: str, intent_event_id: int | None = None) -> list[Event]:
+    return await agent.events(kinds=[kind], intent_event_id=intent_event_id)
+
+
+async def next_event(agent: Agent, kind: str) -> Event:
+    """The first event of ``kind``, waiting for it to be written."""
+    with anyio.fail_after(10):
+        tail = cast("AsyncGenerator[Event, None]", agent.tail())
+        async with aclosing(tail) as events:
+            async for event in events:
+                if event.kind == kind:
+                    return event
+    raise AssertionError("tail ended")  # pragma: no cover
+
+
+def lost_claim(host: ActorHost, *, max_redrives: int = 5) -> Any:
+    """A claim by a host that is gone at once (its lease has already run out)."""
+    return claim_op(
+        host.spec.registry,
+        limit=10,
+        host_id="ghost",
+        lease_ms=1,
+        dead_owners=(),
+        own_tokens=frozenset(),
+        max_redrives=max_redrives,
+        slots=Slots(10),
+        taken=Taken(),
+    )
+
+
+def past_clock() -> int:
+    """A clock ten seconds behind: claims made with it have long-expired leases."""
+    return system_clock() - 10_000
+
+
+# -- retries and failures ------------------------------------------------------------------
+
+
+async def test_retries_until_success(tmp_path: Path) -> None:
+    """An acquire that fails twice then succeeds completes on attempt 3, with one
+    attempt_failed fact per failure."""
+    flaky = Flaky(2)
+    async with open_host(tmp_path, make_trigger(KIND, flaky.acquire)) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND, payload="x")
+        state = await terminal(agent, intent.id)
+        assert state.status is IntentStatus.COMPLETED
+        assert state.attempts == 3
+        assert flaky.attempts == [1, 2, 3]
+
+        failed = await facts(agent, ATTEMPT_FAILED)
+        assert len(failed) == 2
+        for number, event in enumerate(failed, start=1):
+            assert event.intent_event_id == intent.id
+            assert event.payload["error_type"] == "RuntimeError"
+            assert event.payload["message"] == f"boom {number}"
+            assert event.payload["attempt"] == number
+            assert event.payload["attempts"] == number
+            # initial_backoff=0: the retry is due when the failure was recorded
+            assert event.payload["retry_at"] == event.ts
+        done = await facts(agent, DONE)
+        assert [e.payload for e in done] == [{"attempt": 3}]
+        assert list(state.terminal_event_ids) == [done[0].id]
+        assert await facts(agent, FAILED) == []
+
+
+async def test_fatal_error_fails_at_once(tmp_path: Path) -> None:
+    """FatalError fails the intent after one attempt, through commit_failed."""
+    flaky = Flaky(5, FatalError)
+    async with open_host(tmp_path, make_trigger(KIND, flaky.acquire)) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND)
+        state = await terminal(agent, intent.id)
+        assert state.status is IntentStatus.FAILED
+        assert state.attempts == 1
+        assert flaky.attempts == [1]
+        failed = await facts(agent, FAILED)
+        assert [e.payload for e in failed] == [
+            {"error_type": "FatalError", "message": "boom 1", "attempts": 1}
+        ]
+        assert list(state.terminal_event_ids) == [failed[0].id]
+        assert await facts(agent, ATTEMPT_FAILED) == []
+
+
+async def test_exhausted_attempts_fail_through_commit_failed(tmp_path: Path) -> None:
+    """After max_attempts failures the intent fails; commit_failed records error type,
+    message and attempts."""
+    flaky = Flaky(10)
+    async with open_host(tmp_path, make_trigger(KIND, flaky.acquire)) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND)
+        state = await terminal(agent, intent.id)
+        assert state.status is IntentStatus.FAILED
+        assert state.attempts == 3
+        assert flaky.attempts == [1, 2, 3]
+        assert len(await facts(agent, ATTEMPT_FAILED)) == 2
+        failed = await facts(agent, FAILED)
+        assert [e.payload for e in failed] == [
+            {"error_type": "RuntimeError", "message": "boom 3", "attempts": 3}
+        ]
+        assert await facts(agent, "trigger.failed") == []
+
+
+async def test_default_failure_fact_without_commit_failed(tmp_path: Path) -> None:
+    """A trigger without commit_failed gets a trigger.failed fact on failure."""
+    flaky = Flaky(10, FatalError)
+    trigger = make_trigger(KIND, flaky.acquire)
+    del trigger["commit_failed"]
+    async with open_host(tmp_path, trigger) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND)
+        state = await terminal(agent, intent.id)
+        assert state.status is IntentStatus.FAILED
+        failed = await facts(agent, "trigger.failed")
+        assert [(e.payload, e.intent_event_id) for e in failed] == [
+            ({"error_type": "FatalError", "message": "boom 1", "attempts": 1}, intent.id)
+        ]
+        assert list(state.terminal_event_ids) == [failed[0].id]
+        assert await facts(agent, FAILED) == []
+
+
+async def test_commit_raising_rolls_back_and_fails(tmp_path: Path) -> None:
+    """A commit that raises has its writes rolled back and the intent fails with its error."""
+
+    def commit(outcome: JSON, tx: Tx) -> None:
+        tx.insert_event(kind=DONE, payload=outcome)
+        tx.insert_event(kind="test.extra", payload=None)
+        raise ValueError("bad outcome")
+
+    async with open_host(tmp_path, make_trigger(KIND, commit=commit)) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND, payload="x")
+        state = await terminal(agent, intent.id)
+        assert state.status is IntentStatus.FAILED
+        assert await facts(agent, DONE) == []
+        assert await facts(agent, "test.extra") == []
+        failed = await facts(agent, FAILED)
+        assert [e.payload for e in failed] == [
+            {"error_type": "ValueError", "message": "bad outcome", "attempts": 1}
+        ]
+        assert list(state.terminal_event_ids) == [failed[0].id]
+        # The ids are dense: the rolled-back facts left no holes.
+        assert [e.id for e in await agent.events()] == [1, 2]
+
+
+async def test_commit_returning_a_coroutine_is_rolled_back(tmp_path: Path) -> None:
+    """A plain-def commit returning a coroutine is rolled back and fails with
+    TriggerDefinitionError; the coroutine is closed (no never-awaited warning)."""
+    made: list[Coroutine[Any, Any, None]] = []
+
+    async def write_later(outcome: JSON, tx: Tx) -> None:
+        tx.insert_event(kind="test.async", payload=outcome)  # pragma: no cover
+
+    def commit(outcome: JSON, tx: Tx) -> Any:
+        tx.insert_event(kind=DONE, payload=outcome)
+        coro = write_later(outcome, tx)
+        made.append(coro)
+        return coro
+
+    async with open_host(tmp_path, make_trigger(KIND, commit=commit)) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND, payload="x")
+        state = await terminal(agent, intent.id)
+        assert state.status is IntentStatus.FAILED
+        assert await facts(agent, DONE) == []
+        assert await facts(agent, "test.async") == []
+        (failed,) = await facts(agent, FAILED)
+        assert failed.payload["error_type"] == "TriggerDefinitionError"
+        assert "awaitable" in failed.payload["message"]
+        assert "commit" in failed.payload["message"]
+    assert len(made) == 1
+    assert inspect.getcoroutinestate(made[0]) == inspect.CORO_CLOSED
+    made.clear()
+    gc.collect()  # an unclosed coroutine would warn here (filterwarnings=error)
+
+
+async def test_commit_via_lambda_returning_a_coroutine_fails(tmp_path: Path) -> None:
+    """A lambda commit that calls an async function fails with TriggerDefinitionError."""
+
+    async def record(outcome: JSON, tx: Tx) -> None:
+        tx.insert_event(kind=DONE, payload=outcome)  # pragma: no cover
+
+    trigger = make_trigger(KIND, commit=lambda outcome, tx: record(outcome, tx))
+    async with open_host(tmp_path, trigger) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND, payload="x")
+        state = await terminal(agent, intent.id)
+        assert state.status is IntentStatus.FAILED
+        assert await facts(agent, DONE) == []
+        (failed,) = await facts(agent, FAILED)
+        assert failed.payload["error_type"] == "TriggerDefinitionError"
+    gc.collect()
+
+
+# -- timeouts ------------------------------------------------------------------------------
+
+
+async def test_timeout_aborts_signal_and_retries_then_fails(tmp_path: Path) -> None:
+    """A per-attempt timeout aborts the signal with reason "timeout"; the attempt fails and
+    is retried per policy; the intent fails with TimeoutError, and it is not a cancel."""
+    reasons: list[object] = []
+    attempts: list[int] = []
+
+    async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
+        attempts.append(ctx.attempt)
+        try:
+            await ctx.signal.wait()
+        finally:
+            reasons.append(ctx.signal.reason)
+        ctx.signal.throw_if_aborted()
+        return "unreachable"  # pragma: no cover
+
+    trigger = make_trigger(KIND, acquire, timeout=0.05)
+    async with open_host(tmp_path, trigger) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND)
+        state = await terminal(agent, intent.id)
+        assert state.status is IntentStatus.FAILED
+        assert state.attempts == 3
+        assert state.cancel_requested_at is None
+        assert state.cancel_reason is None
+        assert attempts == [1, 2, 3]
+        assert reasons == ["timeout"] * 3
+
+        retried = await facts(agent, ATTEMPT_FAILED)
+        assert [e.payload["error_type"] for e in retried] == ["TimeoutError"] * 2
+        assert [e.payload["attempt"] for e in retried] == [1, 2]
+        (failed,) = await facts(agent, FAILED)
+        assert failed.payload["error_type"] == "TimeoutError"
+        assert failed.payload["attempts"] == 3
+        assert "0.05" in failed.payload["message"]
+        assert await facts(agent, CANCELLED) == []
+        assert await facts(agent, "trigger.cancel_requested") == []
+
+
+async def test_timeout_does_not_cut_fast_attempts(tmp_path: Path) -> None:
+    """An attempt that finishes within its timeout completes normally."""
+    gate = Gate()
+    async with open_host(tmp_path, make_trigger(KIND, gate.acquire, timeout=30)) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND)
+        gate.open(intent.id)
+        state = await terminal(agent, intent.id)
+        assert state.status is IntentStatus.COMPLETED
+        assert gate.attempts == [(intent.id, 1, False, False)]
+
+
+# -- retry backoff -------------------------------------------------------------------------
+
+
+async def test_retry_waits_for_backoff_on_the_clock(tmp_path: Path) -> None:
+    """A failed attempt is retried at failure time + backoff, by the host's clock."""
+    clock = ManualClock()
+    flaky = Flaky(1)
+    policy = RetryPolicy(max_attempts=3, initial_backoff=10, jitter=False)
+    trigger = make_trigger(KIND, flaky.acquire, retry=policy)
+    async with open_host(tmp_path, trigger, clock=clock) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND)
+        failure = await next_event(agent, ATTEMPT_FAILED)
+        assert failure.payload["retry_at"] == failure.ts + 10_000
+        assert failure.ts == clock.now
+
+        state = await agent.intent(intent.id)
+        assert state.status is IntentStatus.PENDING
+        assert state.attempts == 1
+        assert round(state.due_at.timestamp() * 1000) == failure.payload["retry_at"]
+
+        clock.advance(10_000)
+        state = await terminal(agent, intent.id)
+        assert state.status is IntentStatus.COMPLETED
+        assert flaky.attempts == [1, 2]
+        assert flaky.times[1] >= failure.payload["retry_at"]
+
+
+# -- shutdown ------------------------------------------------------------------------------
+
+
+async def test_shutdown_releases_running_attempt_for_a_redrive(tmp_path: Path) -> None:
+    """Leaving the host aborts a still-running attempt with reason "shutdown" after the
+    grace; the intent goes back to pending uncounted, and the next host redrives it."""
+    gate = Gate()
+    reasons: list[object] = []
+    errors: list[BaseException] = []
+
+    async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
+        try:
+            return await gate.acquire(intent, ctx)
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+        finally:
+            reasons.append(ctx.signal.reason)
+
+    async with open_host(tmp_path, make_trigger(KIND, acquire)) as host:
+        assert host.config.shutdown_grace == 0.5
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND, payload="p")
+        await gate.wait_started(intent.id)
+    assert reasons == ["shutdown"]
+    assert len(errors) == 1
+    assert isinstance(errors[0], AbortError | anyio.get_cancelled_exc_class())
+
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as client:
+        agent = client.get("a")
+        state = await agent.intent(intent.id)
+        assert state.status is IntentStatus.PENDING
+        assert state.attempts == 0
+        assert state.cancel_requested_at is None
+        kinds = [e.kind for e in await agent.events()]
+        assert kinds == [f"{KIND}.requested"]
+
+    again = Gate()
+    again.open(intent.id)
+    async with open_host(tmp_path, make_trigger(KIND, again.acquire)) as host:
+        agent = host.get("a")
+        state = await terminal(agent, intent.id)
+        assert state.status is IntentStatus.COMPLETED
+        assert state.attempts == 1
+        assert again.attempts == [(intent.id, 1, True, False)]
+        assert [e.payload for e in await facts(agent, DONE)] == [{"intent": "p", "attempt": 1}]
+
+
+async def test_shutdown_waits_for_attempts_within_grace(tmp_path: Path) -> None:
+    """An attempt that finishes within the shutdown grace completes; it is not aborted."""
+    gate = Gate()
+    grace = fast_config(shutdown_grace=30)
+
+    async def release_during_shutdown(host: ActorHost, intent_event_id: int) -> None:
+        await anyio.wait_all_tasks_blocked()
+        # Leaving the host stops the scheduler before its first await.
+        assert host.scheduler is not None
+        assert host.scheduler._stopping
+        assert host.scheduler.running == 1
+        gate.open(intent_event_id)
+
+    trigger = make_trigger(KIND, gate.acquire)
+    with anyio.fail_after(10):
+        async with (
+            anyio.create_task_group() as tg,
+            open_host(tmp_path, trigger, config=grace) as host,
+        ):
+            agent = host.get("a")
+            intent = await agent.enqueue_trigger(trigger_kind=KIND)
+            await gate.wait_started(intent.id)
+            tg.start_soon(release_during_shutdown, host, intent.id)
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as client:
+        state = await client.get("a").intent(intent.id)
+        assert state.status is IntentStatus.COMPLETED
+        assert gate.attempts == [(intent.id, 1, False, False)]
+
+
+# -- redrives ------------------------------------------------------------------------------
+
+
+async def test_redrive_of_cancelled_lost_claim_starts_aborted(tmp_path: Path) -> None:
+    """A cancel of an intent whose owner is gone answers requested; the redrive starts with
+    the signal already aborted, and the intent ends cancelled with the reason."""
+    async with open_host(
+        tmp_path, make_trigger(KIND), run_scheduler=False, clock=past_clock
+    ) as client:
+        agent = client.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND)
+        (claimed,) = (await client.store.run("a", lost_claim(client))).claimed
+        assert claimed.row.claimed_by == "ghost"
+        result = await agent.cancel_trigger(
+            trigger_kind=KIND, intent_event_id=intent.id, reason="user"
+        )
+        assert result.status == "requested"
+        assert await facts(agent, CANCELLED) == []
+
+    gate = Gate()
+    async with open_host(tmp_path, make_trigger(KIND, gate.acquire)) as host:
+        agent = host.get("a")
+        state = await terminal(agent, intent.id)
+        assert state.status is IntentStatus.CANCELLED
+        assert state.redrives == 1
+        assert gate.attempts == [(intent.id, 1, True, True)]
+        assert [e.payload for e in await facts(agent, CANCELLED)] == [{"reason": "user"}]
+        assert await facts(agent, DONE) == []
+
+
+async def test_redrive_of_lost_claim_runs_again(tmp_path: Path) -> None:
+    """A lost claim without a cancel is redriven: acquire runs with ctx.redrive True."""
+    async with open_host(
+        tmp_path, make_trigger(KIND), run_scheduler=False, clock=past_clock
+    ) as client:
+        intent = await client.get("a").enqueue_trigger(trigger_kind=KIND, payload=1)
+        await client.store.run("a", lost_claim(client))
+
+    gate = Gate()
+    gate.open(intent.id)
+    async with open_host(tmp_path, make_trigger(KIND, gate.acquire)) as host:
+        state = await terminal(host.get("a"), intent.id)
+        assert state.status is IntentStatus.COMPLETED
+        assert state.redrives == 1
+        assert gate.attempts == [(intent.id, 1, True, False)]
+
+
+async def test_redrive_limit_fails_the_intent(tmp_path: Path) -> None:
+    """With max_redrives=0 a lost claim fails the intent with RedriveLimitExceeded."""
+    async with open_host(
+        tmp_path, make_trigger(KIND), run_scheduler=False, clock=past_clock
+    ) as client:
+        intent = await client.get("a").enqueue_trigger(trigger_kind=KIND)
+        await client.store.run("a", lost_claim(client))
+
+    gate = Gate()
+    config = fast_config(max_redrives=0)
+    async with open_host(tmp_path, make_trigger(KIND, gate.acquire), config=config) as host:
+        agent = host.get("a")
+        state = await terminal(agent, intent.id)
+        assert state.status is IntentStatus.FAILED
+        assert gate.attempts == []
+        (failed,) = await facts(agent, FAILED)
+        assert failed.payload["error_type"] == "RedriveLimitExceeded"
+        assert failed.payload["attempts"] == 1
+        assert list(state.terminal_event_ids) == [failed.id]
+
+
+# -- enqueue validation --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [{1, 2}, math.nan, {"x": math.inf}, object(), {"nested": [b"bytes"]}],
+    ids=["set", "nan", "inf", "object", "bytes"],
+)
+async def test_unstorable_payload_writes_nothing(tmp_path: Path, payload: object) -> None:
+    """A payload that is not storable JSON raises PayloadError and nothing is written."""
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as host:
+        agent = host.get("a")
+        with pytest.raises(PayloadError):
+            await agent.enqueue_trigger(trigger_kind=KIND, payload=payload)
+        assert await agent.events() == []
+        assert await agent.intents() == []
+
+
+async def test_naive_at_raises_and_writes_nothing(tmp_path: Path) -> None:
+    """A naive ``at`` datetime raises ValueError and nothing is written."""
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as host:
+        agent = host.get("a")
+        with pytest.raises(ValueError, match="timezone"):
+            await agent.enqueue_trigger(trigger_kind=KIND, at=datetime(2030, 1, 1))
+        assert await agent.events() == []
+
+
+async def test_aware_at_sets_due_time(tmp_path: Path) -> None:
+    """An aware ``at`` is the intent's due time, whatever its timezone."""
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as host:
+        agent = host.get("a")
+        at = datetime(2030, 1, 1, 12, tzinfo=UTC) + timedelta(milliseconds=5)
+        intent = await agent.enqueue_trigger(trigger_kind=KIND, at=at)
+        state = await agent.intent(intent.id)
+        assert state.due_at == at
+        assert state.status is IntentStatus.PENDING
+
+
+async def test_idempotency_key_returns_the_same_intent(tmp_path: Path) -> None:
+    """A second enqueue with the same key returns the first intent and writes nothing."""
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as host:
+        agent = host.get("a")
+        first = await agent.enqueue_trigger(
+            trigger_kind=KIND, payload=1, idempotency_key="job", at=datetime.now(UTC)
+        )
+        second = await agent.enqueue_trigger(trigger_kind=KIND, payload=2, idempotency_key="job")
+        other = await agent.enqueue_trigger(trigger_kind=KIND, payload=3, idempotency_key="x")
+        assert second.id == first.id
+        assert second == first
+        assert other.id != first.id
+        assert len(await agent.events()) == 2
+        assert (await agent.intent(first.id)).idempotency_key == "job"
+
+
+async def test_idempotency_key_is_atomic_under_concurrency(tmp_path: Path) -> None:
+    """Many tasks enqueuing with one key at once all get the same single intent."""
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as host:
+        agent = host.get("a")
+        ids: list[int] = []
+
+        async def enqueue(n: int) -> None:
+            event = await agent.enqueue_trigger(trigger_kind=KIND, payload=n, idempotency_key="k")
+            ids.append(event.id)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                for n in range(25):
+                    tg.start_soon(enqueue, n)
+        assert len(ids) == 25
+        assert len(set(ids)) == 1
+        assert len(await agent.intents()) == 1
+        assert len(await agent.events()) == 1
+
+
+async def test_idempotency_key_survives_completion_within_retention(tmp_path: Path) -> None:
+    """After the intent ends, the key still returns it (within the retention)."""
+    async with open_host(tmp_path, make_trigger(KIND)) as host:
+        agent = host.get("a")
+        first = await agent.enqueue_trigger(trigger_kind=KIND, idempotency_key="k")
+        assert (await terminal(agent, first.id)).status is IntentStatus.COMPLETED
+        again = await agent.enqueue_trigger(trigger_kind=KIND, idempotency_key="k")
+        assert again.id == first.id
+        assert len(await agent.events(kinds=TERMINAL_KINDS)) == 1
