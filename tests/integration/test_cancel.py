@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -34,7 +34,6 @@ from triggers._engine import (
 from triggers._slots import Slots, Taken
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator
     from pathlib import Path
 
     from actors import ActorHost, Agent
@@ -127,7 +126,7 @@ async def terminal(agent: Agent, intent_event_id: int) -> Any:
 
 async def next_event(agent: Agent, kind: str) -> Event:
     """The first event of ``kind``, waiting for it to be written."""
-    tail = cast("AsyncGenerator[Event, None]", agent.tail())
+    tail = agent.tail()
     with anyio.fail_after(10):
         async with aclosing(tail) as events:
             async for event in events:

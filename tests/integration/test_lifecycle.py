@@ -7,7 +7,7 @@ import inspect
 import math
 from contextlib import aclosing
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -28,7 +28,7 @@ from triggers._engine import ATTEMPT_FAILED, claim_op
 from triggers._slots import Slots, Taken
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Coroutine
+    from collections.abc import Coroutine
     from pathlib import Path
 
     from actors import ActorHost, Agent
@@ -84,7 +84,7 @@ async def facts(agent: Agent, kind: str, intent_event_id: int | None = None) -> 
 async def next_event(agent: Agent, kind: str) -> Event:
     """The first event of ``kind``, waiting for it to be written."""
     with anyio.fail_after(10):
-        tail = cast("AsyncGenerator[Event, None]", agent.tail())
+        tail = agent.tail()
         async with aclosing(tail) as events:
             async for event in events:
                 if event.kind == kind:

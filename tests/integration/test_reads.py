@@ -7,7 +7,7 @@ import collections
 import sqlite3
 from contextlib import aclosing
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
@@ -27,7 +27,6 @@ from tests.helpers import CANCELLED, DONE, FAILED, Gate, fast_config, make_trigg
 from triggers import AbortError, CancelStatus, FatalError, TriggerContext
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator
     from pathlib import Path
 
     from actors import Agent
@@ -150,7 +149,7 @@ async def collect_tail(
     if existing == 0:
         caught_up.set()
     # Agent.tail is annotated AsyncIterator, but it is an async generator: close it promptly.
-    tail = cast("AsyncGenerator[Event, None]", agent.tail(after=after))
+    tail = agent.tail(after=after)
     async with aclosing(tail) as events:
         async for event in events:
             into.append(event)
@@ -465,7 +464,7 @@ async def read_stream(
     got_first: anyio.Event | None = None,
 ) -> None:
     """Append every chunk of the stream to ``into``; set ``got_first`` after the first."""
-    stream = cast("AsyncGenerator[Any, None]", agent.stream(intent_id, start=start))
+    stream = agent.stream(intent_id, start=start)
     async with aclosing(stream) as chunks:
         async for chunk in chunks:
             into.append(chunk)
