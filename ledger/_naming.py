@@ -8,12 +8,24 @@ file. Each ledger also stores its actor name and refuses to open under a differe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from pathlib import PurePosixPath
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _SLUG_MAX = 40
+
+
+@functools.lru_cache(maxsize=16384)
+def check_actor_id(actor_id: str) -> None:
+    """Validate an actor name (cached: it is checked on every ledger operation).
+
+    Raises:
+        TypeError: if ``actor_id`` is not a string.
+        ValueError: if ``actor_id`` is empty, holds a NUL character or a lone surrogate.
+    """
+    ledger_relpath(actor_id)
 
 
 def ledger_relpath(actor_id: str) -> PurePosixPath:

@@ -33,7 +33,7 @@ from ._errors import (
 )
 from ._file import LedgerFile, Synchronous
 from ._index import IndexDB
-from ._naming import ledger_relpath
+from ._naming import check_actor_id, ledger_relpath
 from ._tx import LedgerTx, TxEffects
 
 if TYPE_CHECKING:
@@ -213,17 +213,11 @@ class LedgerStore:
             LedgerClosedError: the store is closed.
         """
         try:
-            ledger_relpath(actor_id)  # validates the name before anything is queued
-            if self._closing or self._tg is None:
-                raise LedgerClosedError
+            request = self._queue(actor_id, fn, write, create, after)
         except (TypeError, ValueError, LedgerClosedError) as exc:
             if after is not None:
                 after(None, exc)
             raise
-        shard = self._shards[hash(actor_id) % len(self._shards)]
-        request: _Request[T] = _Request(actor_id, fn, write, shard.done, after, create)
-        shard.pending.append(request)
-        shard.wake.set()
         while True:
             # A request put off (its ledger locked by another process) moves to a later
             # batch's event; wait until the batch that really ran it has finished.
@@ -234,6 +228,41 @@ class LedgerStore:
         if request.error is not None:
             raise request.error
         return request.result  # type: ignore[return-value]
+
+    def submit(
+        self,
+        actor_id: str,
+        fn: Callable[[LedgerTx], T],
+        after: Callable[[T | None, BaseException | None], None],
+        *,
+        write: bool = True,
+    ) -> None:
+        """Queue ``fn`` like ``run`` without waiting: ``after(result, error)`` is called on
+        the event loop once it has run (the store drains queued operations before closing).
+
+        Raises:
+            LedgerClosedError: the store is closed (``after`` is not called).
+            ValueError, TypeError: the actor name is invalid (``after`` is not called).
+        """
+        self._queue(actor_id, fn, write, True, after)
+
+    def _queue(
+        self,
+        actor_id: str,
+        fn: Callable[[LedgerTx], T],
+        write: bool,
+        create: bool,
+        after: Callable[[T | None, BaseException | None], None] | None,
+    ) -> _Request[T]:
+        check_actor_id(actor_id)  # before anything is queued
+        if self._closing or self._tg is None:
+            raise LedgerClosedError
+        shard = self._shards[hash(actor_id) % len(self._shards)]
+        request: _Request[T] = _Request(actor_id, fn, write, shard.done, after, create)
+        shard.pending.append(request)
+        if not shard.wake.is_set():
+            shard.wake.set()
+        return request
 
     async def run_index(self, fn: Callable[[IndexDB], T]) -> T:
         """Run ``fn`` with the directory database on a worker thread."""

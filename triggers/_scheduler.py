@@ -309,10 +309,10 @@ class Scheduler:
             if actor_id in self._claiming:
                 self._recheck.add(actor_id)
                 continue
-            self._claiming.add(actor_id)
-            self._tg.start_soon(self._claim, actor_id)
+            self._start_claim(actor_id)
 
-    async def _claim(self, actor_id: str) -> None:
+    def _start_claim(self, actor_id: str) -> None:
+        """Queue a claim transaction for ``actor_id``; ``_claimed`` handles its result."""
         taken = Taken()
         op = claim_op(
             self.registry,
@@ -320,19 +320,33 @@ class Scheduler:
             host_id=self.host_id,
             lease_ms=self._lease_ms,
             dead_owners=self._dead_owners(),
-            own_tokens=frozenset(self._tokens),
+            own_tokens=self._tokens,  # read on the worker thread; membership tests only
             max_redrives=self.config.max_redrives,
             slots=self._slots,
             taken=taken,
         )
-        result = ClaimResult([], False)
+
+        def after(result: ClaimResult | None, error: BaseException | None) -> None:
+            self._claimed(actor_id, taken, result, error)
+
+        self._claiming.add(actor_id)
         try:
-            result = await self.store.run(actor_id, op)
-        except LedgerError as exc:
-            _log.warning("claim_failed", actor=actor_id, error=str(exc))
+            self.store.submit(actor_id, op, after)
+        except LedgerError:
+            self._claiming.discard(actor_id)  # the store is closing
+
+    def _claimed(
+        self,
+        actor_id: str,
+        taken: Taken,
+        result: ClaimResult | None,
+        error: BaseException | None,
+    ) -> None:
+        self._claiming.discard(actor_id)
+        if error is not None or result is None:
+            _log.warning("claim_failed", actor=actor_id, error=repr(error))
             self._slots.give(taken.count)  # the claims did not commit
-        finally:
-            self._claiming.discard(actor_id)
+            result = ClaimResult([], False)
         assert self._attempt_tg is not None
         for claimed in result.claimed:
             # Registered before the task starts, so shutdown waits for (and releases) it.
@@ -389,8 +403,19 @@ class Scheduler:
                 outcome = Outcome.SHUTDOWN
             elif attempt.timed_out:
                 outcome = Outcome.TIMED_OUT
-        settled = await self._settle(actor_id, trigger, claimed, outcome, value)
-        del self._running[(actor_id, row.id)]
+        self._settle(attempt, trigger, claimed, outcome, value, log, started)
+
+    def _finished(
+        self,
+        attempt: _Attempt,
+        claimed: Claimed,
+        settled: Settled,
+        outcome: Outcome,
+        value: Any,
+        log: Any,
+        started: float,
+    ) -> None:
+        del self._running[(attempt.actor_id, attempt.intent_event_id)]
         self._tokens.discard(attempt.token)
         self._slots.give(1)
         self._dispatch_wake.set()
@@ -398,7 +423,7 @@ class Scheduler:
         log.info(
             "attempt_finished",
             outcome=settled.value,
-            redrive=bool(row.redrive),
+            redrive=bool(claimed.row.redrive),
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
             error=None if outcome is Outcome.RETURNED else repr(value),
         )
@@ -446,39 +471,70 @@ class Scheduler:
                 attempt.controller.abort("timeout")
                 attempt.scope.cancel()
 
-    async def _settle(
+    def _settle(
         self,
-        actor_id: str,
+        attempt: _Attempt,
         trigger: TriggerDef,
         claimed: Claimed,
         outcome: Outcome,
         value: Any,
-    ) -> Settled:
+        log: Any,
+        started: float,
+    ) -> None:
+        """Queue the settle transaction; the attempt is finished when it has committed.
+
+        The store runs every queued operation before it closes, so the outcome lands even if
+        this host is stopping. The operation re-checks the claim token, so retrying it after
+        a storage error is safe.
+        """
         row = claimed.row
-        assert row.claim_token is not None
         op = settle_op(
             self.registry,
             trigger,
             row.id,
-            row.claim_token,
+            attempt.token,
             claimed.payload,
             outcome,
             value,
             trigger.retry.backoff(row.attempts),
         )
-        # The outcome must land even if this host is being cancelled; the op is idempotent
-        # (it re-checks the claim token), so retrying after a storage error is safe.
+
+        def after(settled: Settled | None, error: BaseException | None) -> None:
+            if settled is not None:
+                self._finished(attempt, claimed, settled, outcome, value, log, started)
+                return
+            log.warning("settle_failed", error=repr(error))
+            assert self._attempt_tg is not None
+            self._attempt_tg.start_soon(
+                self._settle_again, attempt, claimed, op, outcome, value, log, started
+            )
+
+        try:
+            self.store.submit(attempt.actor_id, op, after)
+        except LedgerError as exc:
+            after(None, exc)
+
+    async def _settle_again(
+        self,
+        attempt: _Attempt,
+        claimed: Claimed,
+        op: Callable[[LedgerTx], Settled],
+        outcome: Outcome,
+        value: Any,
+        log: Any,
+        started: float,
+    ) -> None:
+        settled = Settled.LOST
         with anyio.CancelScope(shield=True):
-            for delay in (0.05, 0.2, 1.0, 5.0, None):
+            for delay in (0.05, 0.2, 1.0, 5.0):
+                await anyio.sleep(delay)
                 try:
-                    return await self.store.run(actor_id, op)
+                    settled = await self.store.run(attempt.actor_id, op)
+                    break
                 except LedgerError as exc:
-                    _log.warning("settle_failed", actor=actor_id, intent=row.id, error=str(exc))
-                    if delay is None:
-                        break
-                    await anyio.sleep(delay)
-        # Give up: the lease runs out and the intent is redriven (the claim token guards it).
-        return Settled.LOST
+                    log.warning("settle_failed", error=str(exc))
+        # Gave up (LOST): the lease runs out and the intent is redriven; the token guards it.
+        self._finished(attempt, claimed, settled, outcome, value, log, started)
 
 
 class _Backend:
