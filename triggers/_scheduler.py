@@ -32,6 +32,7 @@ from ._engine import (
     renew_op,
     settle_op,
 )
+from ._pool import TaskPool
 from ._slots import Slots, Taken
 
 if TYPE_CHECKING:
@@ -127,6 +128,7 @@ class Scheduler:
         self._stopping = False
         self._tg: TaskGroup | None = None
         self._attempt_tg: TaskGroup | None = None
+        self._pool: TaskPool
         self._backend = _Backend(store)
 
     # -- public surface -------------------------------------------------------------------
@@ -179,8 +181,7 @@ class Scheduler:
             self._eager -= 1
             if result is not None and result.claimed is not None:
                 attempt = self._register(actor_id, result.claimed)
-                assert self._attempt_tg is not None
-                self._attempt_tg.start_soon(self._attempt, attempt, result.claimed)
+                self._pool.start_soon(self._attempt, attempt, result.claimed)
             else:
                 self._slots.give(1)
                 self._dispatch_wake.set()
@@ -229,6 +230,7 @@ class Scheduler:
             self._tg = tg
             async with anyio.create_task_group() as attempts:
                 self._attempt_tg = attempts
+                self._pool = TaskPool(attempts)
                 tg.start_soon(self._timer_loop)
                 tg.start_soon(self._dispatch_loop)
                 tg.start_soon(self._renew_loop)
@@ -351,7 +353,7 @@ class Scheduler:
         for claimed in result.claimed:
             # Registered before the task starts, so shutdown waits for (and releases) it.
             attempt = self._register(actor_id, claimed)
-            self._attempt_tg.start_soon(self._attempt, attempt, claimed)
+            self._pool.start_soon(self._attempt, attempt, claimed)
         if result.more or actor_id in self._recheck:
             self._recheck.discard(actor_id)
             self._ready[actor_id] = None
