@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import cProfile
+import hashlib
+import io
+import json
+import logging
 import os
+import platform
+import pstats
 import resource
+import sqlite3
 import statistics
-from typing import TYPE_CHECKING
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import structlog
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Awaitable, Callable, Iterator, Sequence
+
+T = TypeVar("T")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -42,3 +61,212 @@ def open_fds() -> int:
 def metric(name: str, value: object) -> None:
     """Print one ``name: value`` line (the format every benchmark uses)."""
     print(f"{name}: {value}", flush=True)
+
+
+# -- additions for the benchmark scripts ---------------------------------------------------------
+
+
+def quiet_logs() -> None:
+    """Drop structlog output below WARNING, so per-attempt log lines cost (almost) nothing."""
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def rate(count: float, seconds: float) -> str:
+    """``count / seconds`` as a rate per second."""
+    return f"{count / seconds:,.0f} /s" if seconds > 0 else "inf"
+
+
+# The 200-byte JSON payload of one fact, as the storage baseline writes it.
+RAW_PAYLOAD = json.dumps({"kind": "bench", "pad": "x" * 172}, separators=(",", ":"))
+
+
+def raw_sqlite_rate(
+    path: Path, synchronous: str, *, seconds: float = 3.0, intents: int = 1000
+) -> float:
+    """Writes/s of the physical baseline: stdlib ``sqlite3``, one connection, one thread.
+
+    One write = one transaction holding one event INSERT (about 200 bytes of pre-serialized
+    JSON) and one UPDATE of an intent row (``intents`` rows, round-robin); WAL mode with the
+    given ``synchronous`` setting; run for ``seconds``. This is the method of
+    ``perf-baselines.md`` §1 (a), with the ledger's index on ``events.intent_event_id``.
+    """
+    if path.exists():
+        path.unlink()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {synchronous}")
+        conn.execute(
+            "CREATE TABLE events (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL, kind TEXT NOT NULL,"
+            " payload TEXT NOT NULL, intent_event_id INTEGER)"
+        )
+        # The ledger's events table carries this index too (it serves reads by intent).
+        conn.execute(
+            "CREATE INDEX events_by_intent ON events (intent_event_id)"
+            " WHERE intent_event_id IS NOT NULL"
+        )
+        conn.execute(
+            "CREATE TABLE intents (id INTEGER PRIMARY KEY, status TEXT NOT NULL,"
+            " attempts INTEGER NOT NULL DEFAULT 0, updated_at INTEGER)"
+        )
+        conn.executemany(
+            "INSERT INTO intents (id, status) VALUES (?, 'pending')",
+            [(i,) for i in range(intents)],
+        )
+        count = 0
+        started = time.perf_counter()
+        deadline = started + seconds
+        now = started
+        while now < deadline:
+            for _ in range(100):
+                target = count % intents
+                conn.execute("BEGIN")
+                conn.execute(
+                    "INSERT INTO events (ts, kind, payload, intent_event_id) VALUES (?, ?, ?, ?)",
+                    (count, "bench.done", RAW_PAYLOAD, target),
+                )
+                conn.execute(
+                    "UPDATE intents SET status = 'running', attempts = attempts + 1,"
+                    " updated_at = ? WHERE id = ?",
+                    (count, target),
+                )
+                conn.execute("COMMIT")
+                count += 1
+            now = time.perf_counter()
+        return count / (now - started)
+    finally:
+        conn.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far, seconds (from /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    # Fields 14 and 15 (utime, stime); index 0 here is field 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class ThreadProfile:
+    """cProfile of the event-loop thread and, separately, of the worker threads.
+
+    ``cProfile`` only sees the thread that enables it, and the ledger runs its transactions on
+    worker threads via ``anyio.to_thread.run_sync``. While ``active()``, that function is
+    wrapped so each call it makes is profiled by a per-thread profiler.
+    """
+
+    def __init__(self) -> None:
+        self.loop = cProfile.Profile()
+        self.workers: list[cProfile.Profile] = []
+        self.worker_busy = 0.0
+        self._local = threading.local()
+        self._lock = threading.Lock()
+
+    def _profiler(self) -> cProfile.Profile:
+        profiler: cProfile.Profile | None = getattr(self._local, "profiler", None)
+        if profiler is None:
+            profiler = self._local.profiler = cProfile.Profile()
+            with self._lock:
+                self.workers.append(profiler)
+        return profiler
+
+    def _wrap(self, func: Callable[..., T]) -> Callable[..., T]:
+        def call(*args: Any) -> T:
+            profiler = self._profiler()
+            started = time.perf_counter()
+            profiler.enable()
+            try:
+                return func(*args)
+            finally:
+                profiler.disable()
+                with self._lock:
+                    self.worker_busy += time.perf_counter() - started
+
+        return call
+
+    @staticmethod
+    def maybe(profile: ThreadProfile | None) -> contextlib.AbstractContextManager[None]:
+        """``profile.active()``, or a no-op context when ``profile`` is None."""
+        return contextlib.nullcontext() if profile is None else profile.active()
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """Profile the current thread and every ``anyio.to_thread.run_sync`` call."""
+        original = anyio.to_thread.run_sync
+
+        def patched(func: Callable[..., T], *args: Any, **kwargs: Any) -> Awaitable[T]:
+            return original(self._wrap(func), *args, **kwargs)
+
+        anyio.to_thread.run_sync = patched  # type: ignore[assignment]
+        self.loop.enable()
+        try:
+            yield
+        finally:
+            self.loop.disable()
+            anyio.to_thread.run_sync = original
+
+    def report(self, top: int = 25, elapsed: float | None = None) -> None:
+        """Print the ``top`` functions by own time, loop thread first, then worker threads."""
+        out = io.StringIO()
+        print(f"--- profile: event-loop thread, top {top} by tottime ---", file=out)
+        pstats.Stats(self.loop, stream=out).sort_stats("tottime").print_stats(top)
+        if self.workers:
+            busy = f"{self.worker_busy:.3f} s in worker calls"
+            if elapsed:
+                busy += f" ({self.worker_busy / elapsed:.0%} of {elapsed:.3f} s wall)"
+            print(f"--- profile: worker threads ({busy}), top {top} by tottime ---", file=out)
+            stats = pstats.Stats(self.workers[0], stream=out)
+            for profiler in self.workers[1:]:
+                stats.add(profiler)
+            stats.sort_stats("tottime").print_stats(top)
+        print(out.getvalue(), flush=True)
+
+
+def environment() -> str:
+    """Python and SQLite versions, the code's git commit, CPUs and load.
+
+    A modified working tree shows as ``<commit>+dirty:<hash of the diff>``, so runs of the same
+    uncommitted code can be told apart from runs of different code.
+    """
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, check=True, cwd=root
+        ).stdout
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        diff = git("diff", "HEAD", "--", "actors", "triggers", "ledger")
+        if diff:
+            commit += "+dirty:" + hashlib.sha1(diff.encode()).hexdigest()[:8]
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return (
+        f"python {platform.python_version()}, sqlite {sqlite3.sqlite_version}, "
+        f"code {commit}, cpus {os.cpu_count()}, loadavg {loadavg()}"
+    )
+
+
+def loadavg() -> str:
+    """The 1, 5 and 15 minute load averages (other work on the machine skews results)."""
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def fd_kinds() -> dict[str, int]:
+    """Open file descriptors of this process by kind (ledger db / -wal / -shm, sockets...)."""
+    kinds: dict[str, int] = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue
+        if target.endswith(".db"):
+            kind = "db"
+        elif target.endswith("-wal"):
+            kind = "wal"
+        elif target.endswith("-shm"):
+            kind = "shm"
+        else:
+            kind = target.split(":", 1)[0] if ":" in target else "other"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items()))
