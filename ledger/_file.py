@@ -59,7 +59,9 @@ class LedgerFile:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
-                raise LedgerCorruptError(path, f"cannot switch to WAL mode (got {mode!r})")
+                # Another connection (often another process creating this very file) holds
+                # it in rollback mode for now: try again later.
+                raise LedgerBusyError(path, 0.0)
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
             conn.execute("PRAGMA foreign_keys = OFF")

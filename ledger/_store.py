@@ -13,7 +13,9 @@ there; this module is the only writer of both.
 from __future__ import annotations
 
 import contextlib
+import queue
 import sqlite3
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -120,7 +122,8 @@ class LedgerStore:
         synchronous: ``"NORMAL"`` (default: durable against process crashes, as fast as
             SQLite's WAL allows) or ``"FULL"`` (also durable against power loss).
         max_open: most ledger connections kept open; idle ones beyond it are closed (each
-            open WAL connection holds three file descriptors).
+            open WAL connection holds three file descriptors). Up to ``max_open / 8`` more
+            may be closing in the background at a time.
         shards: worker threads; actors are spread over them by name.
         clock: the time source, epoch milliseconds.
         lock_timeout: seconds an operation waits for a ledger locked by another process
@@ -154,11 +157,19 @@ class LedgerStore:
         self._changed: dict[str, anyio.Event] = {}
         self._closing = False
         self._tg: anyio.abc.TaskGroup | None = None
+        # Evicted ledgers are closed on their own thread: the last close of a WAL file
+        # checkpoints and syncs it (milliseconds), which must not stall everyone's batch.
+        self._to_close: queue.SimpleQueue[LedgerFile | None] = queue.SimpleQueue()
+        self._closer: threading.Thread | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def __aenter__(self) -> LedgerStore:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._closer = threading.Thread(
+            target=self._close_evicted, name="ledger-closer", daemon=True
+        )
+        self._closer.start()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         for shard in self._shards:
@@ -174,6 +185,9 @@ class LedgerStore:
         with anyio.CancelScope(shield=True):
             for shard in self._shards:
                 await anyio.to_thread.run_sync(self._close_shard, shard, limiter=shard.limiter)
+            self._to_close.put(None)
+            if self._closer is not None:
+                await anyio.to_thread.run_sync(self._closer.join)
 
     def add_commit_listener(self, listener: Callable[[list[Committed]], None]) -> None:
         """Call ``listener`` on the event loop after each batch with what it committed."""
@@ -309,8 +323,10 @@ class LedgerStore:
                 await shard.wake.wait()
                 shard.wake = anyio.Event()
                 continue
-            batch, shard.pending = shard.pending, []
+            batch = self._take_batch(shard)
             done, shard.done = shard.done, anyio.Event()
+            for request in shard.pending:
+                request.done = shard.done  # left for a later batch: wait for that one
             try:
                 committed, deferred, busy = await anyio.to_thread.run_sync(
                     self._execute, shard, batch, limiter=shard.limiter
@@ -338,6 +354,32 @@ class LedgerStore:
             if busy:
                 await anyio.sleep(0.01)
 
+    def _take_batch(self, shard: _Shard) -> list[_Request[Any]]:
+        """Take the queued requests of at most ``budget`` actors (oldest first); the rest wait
+        for the next batch, so a batch never holds more ledgers open than the budget."""
+        pending = shard.pending
+        budget = max(1, self.max_open // len(self._shards))
+        actors: set[str] = set()
+        for request in pending:
+            actors.add(request.actor_id)
+            if len(actors) > budget:
+                break
+        else:
+            shard.pending = []
+            return pending
+        chosen: set[str] = set()
+        batch: list[_Request[Any]] = []
+        rest: list[_Request[Any]] = []
+        for request in pending:
+            actor_id = request.actor_id
+            if actor_id in chosen or len(chosen) < budget:
+                chosen.add(actor_id)
+                batch.append(request)
+            else:
+                rest.append(request)
+        shard.pending = rest
+        return batch
+
     # -- worker thread side ---------------------------------------------------------------
 
     def _index(self, shard: _Shard) -> IndexDB:
@@ -355,7 +397,11 @@ class LedgerStore:
             victim = next((a for a in shard.files if a not in keep), None)
             if victim is None:
                 break
-            shard.files.pop(victim).close()
+            evicted = shard.files.pop(victim)
+            if self._to_close.qsize() < budget // 8:
+                self._to_close.put(evicted)
+            else:
+                evicted.close()  # the closer is behind: keep file descriptors bounded
         relpath = str(ledger_relpath(actor_id))
         path = self.data_dir / relpath
         is_new = not path.exists()
@@ -366,6 +412,12 @@ class LedgerStore:
             self._index(shard).register(actor_id, relpath)
         shard.files[actor_id] = file
         return file
+
+    def _close_evicted(self) -> None:
+        while (file := self._to_close.get()) is not None:
+            # Closing cannot lose committed data: the next open recovers from the WAL.
+            with contextlib.suppress(sqlite3.Error):
+                file.close()
 
     def _close_shard(self, shard: _Shard) -> None:
         while shard.files:

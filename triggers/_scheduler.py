@@ -288,8 +288,12 @@ class Scheduler:
     async def _poll(self, now: int) -> None:
         horizon = now + round(self.config.poll_interval * 1000)
 
+        # Enough to fill the free capacity several times over; the rest stay due in the index
+        # and come up, earliest first, in a later poll.
+        limit = 4 * self.config.max_concurrency + 256
+
         def read(index: IndexDB) -> list[tuple[str, int]]:
-            return index.due_before(horizon, 100_000)
+            return index.due_before(horizon, limit)
 
         try:
             rows = await self.store.run_index(read)
@@ -302,7 +306,9 @@ class Scheduler:
     async def _dispatch_loop(self) -> None:
         assert self._tg is not None
         while not self._stopping:
-            if not self._ready or self._slots.free <= 0:
+            # Claims in flight are bounded by the free slots: with a large backlog of due
+            # actors, queueing a claim for each of them would only fill memory.
+            if not self._ready or len(self._claiming) >= self._slots.free:
                 self._dispatch_wake = anyio.Event()
                 await self._dispatch_wake.wait()
                 continue
