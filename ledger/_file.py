@@ -5,14 +5,15 @@ Everything here is synchronous and runs on a ledger worker thread (see ``_store.
 
 from __future__ import annotations
 
+import os
 import sqlite3
-from typing import TYPE_CHECKING, Literal
+import tempfile
+import threading
+from pathlib import Path
+from typing import Literal
 
 from ._errors import LedgerBusyError, LedgerCorruptError, LedgerWriteError
 from ._schema import FORMAT, MIGRATIONS, SCHEMA_VERSION
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 Synchronous = Literal["NORMAL", "FULL"]
 
@@ -50,6 +51,8 @@ class LedgerFile:
         """
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            if not path.exists():
+                _create(path)
             conn = sqlite3.connect(
                 path, isolation_level=None, check_same_thread=False, cached_statements=64
             )
@@ -57,12 +60,12 @@ class LedgerFile:
             raise LedgerWriteError(path, f"cannot open: {exc}") from exc
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 # Another connection (often another process creating this very file) holds
                 # it in rollback mode for now: try again later.
                 raise LedgerBusyError(path, 0.0)
-            conn.execute(f"PRAGMA synchronous = {synchronous}")
             conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
             conn.execute("PRAGMA foreign_keys = OFF")
             _migrate(conn, path, actor_id)
@@ -133,7 +136,60 @@ def _verify(conn: sqlite3.Connection, path: Path, actor_id: str) -> None:
         raise LedgerCorruptError(path, f"no ledger metadata ({exc})") from exc
     if meta.get("format") != FORMAT:
         raise LedgerCorruptError(path, "a SQLite database that is not a ledger")
+    if "actor_id" not in meta:
+        # Fresh from the template: the first opener names it (once, under the write lock).
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(
+                "INSERT OR IGNORE INTO meta (key, value) VALUES ('actor_id', ?)", (actor_id,)
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
     if meta.get("actor_id") != actor_id:
         raise LedgerCorruptError(
             path, f"it belongs to actor {meta.get('actor_id')!r}, not {actor_id!r}"
         )
+
+
+_template_lock = threading.Lock()
+_template_bytes: bytes | None = None
+
+
+def _template() -> bytes:
+    """An empty ledger file (WAL mode, current schema, no actor yet), built once per process."""
+    global _template_bytes
+    with _template_lock:
+        if _template_bytes is None:
+            with tempfile.TemporaryDirectory() as directory:
+                path = Path(directory, "template.db")
+                conn = sqlite3.connect(path, isolation_level=None)
+                conn.execute("PRAGMA journal_mode = WAL")
+                for migration in MIGRATIONS:
+                    for statement in migration.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                conn.execute("INSERT INTO meta (key, value) VALUES ('format', ?)", (FORMAT,))
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.close()
+                _template_bytes = path.read_bytes()
+        return _template_bytes
+
+
+def _create(path: Path) -> None:
+    """Create a new ledger file at ``path`` from the template, atomically.
+
+    The file appears complete or not at all (written aside, then hard-linked into place); if
+    another process created it first, theirs is kept. Copying a prepared file is several
+    times faster than creating the schema in a fresh database.
+    """
+    aside = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.new")
+    aside.write_bytes(_template())
+    try:
+        os.link(aside, path)
+    except FileExistsError:
+        pass
+    finally:
+        aside.unlink()
