@@ -24,8 +24,12 @@ import anyio
 import anyio.to_thread
 import structlog
 
+from actors import define_agent_do
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator, Sequence
+
+    from actors import AgentSpec
 
 T = TypeVar("T")
 
@@ -270,3 +274,23 @@ def fd_kinds() -> dict[str, int]:
             kind = target.split(":", 1)[0] if ":" in target else "other"
         kinds[kind] = kinds.get(kind, 0) + 1
     return dict(sorted(kinds.items()))
+
+
+def one_trigger_spec(
+    kind: str,
+    parse: Callable[[Any], Any],
+    acquire: Callable[[Any, Any], Awaitable[Any]],
+    commit: Callable[[Any, Any], None],
+    commit_cancelled: Callable[[Any, Any, Any], None],
+) -> AgentSpec:
+    """An actor class with one cooperative trigger of ``kind`` built from these functions."""
+    trigger: Any = {
+        "kind": kind,
+        "intent_event_kind": f"{kind}.requested",
+        "cancellation": "cooperative",
+        "parse_intent": parse,
+        "acquire": acquire,
+        "commit": commit,
+        "commit_cancelled": commit_cancelled,
+    }
+    return define_agent_do(triggers=[trigger])

@@ -27,13 +27,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
-from _common import cpu_seconds, environment, loadavg, metric, quiet_logs, summary_ms
+from _common import (
+    cpu_seconds,
+    environment,
+    loadavg,
+    metric,
+    one_trigger_spec,
+    quiet_logs,
+    summary_ms,
+)
 from anyio.streams.buffered import BufferedByteReceiveStream
 
-from actors import ActorHost, AgentSpec, define_agent_do
+from actors import ActorHost, AgentSpec
 from triggers import CancelStatus
 
 if TYPE_CHECKING:
@@ -72,16 +80,7 @@ def make_spec(on_started: Callable[[int], None], on_fired: Callable[[int, int], 
     def commit_cancelled(intent: JSON, cancellation: Cancellation, tx: Tx) -> None:
         tx.insert_event(kind="bench.cancelled", payload={"reason": cancellation.reason})
 
-    trigger: Any = {
-        "kind": KIND,
-        "intent_event_kind": f"{KIND}.requested",
-        "cancellation": "cooperative",
-        "parse_intent": parse,
-        "acquire": acquire,
-        "commit": commit,
-        "commit_cancelled": commit_cancelled,
-    }
-    return define_agent_do(triggers=[trigger])
+    return one_trigger_spec(KIND, parse, acquire, commit, commit_cancelled)
 
 
 # -- (a) in-process ---------------------------------------------------------------------------

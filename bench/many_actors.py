@@ -29,6 +29,7 @@ from _common import (
     fd_kinds,
     loadavg,
     metric,
+    one_trigger_spec,
     open_fds,
     peak_rss_mib,
     percentile,
@@ -37,7 +38,7 @@ from _common import (
     summary_ms,
 )
 
-from actors import ActorHost, AgentSpec, define_agent_do
+from actors import ActorHost, AgentSpec
 from ledger import ms_to_datetime
 
 if TYPE_CHECKING:
@@ -87,16 +88,7 @@ def make_spec(tally: Tally) -> AgentSpec:
     def commit_cancelled(intent: JSON, cancellation: Cancellation, tx: Tx) -> None:
         tx.insert_event(kind="bench.cancelled", payload=None)
 
-    trigger: Any = {
-        "kind": KIND,
-        "intent_event_kind": f"{KIND}.requested",
-        "cancellation": "cooperative",
-        "parse_intent": parse,
-        "acquire": acquire,
-        "commit": commit,
-        "commit_cancelled": commit_cancelled,
-    }
-    return define_agent_do(triggers=[trigger])
+    return one_trigger_spec(KIND, parse, acquire, commit, commit_cancelled)
 
 
 async def enqueue_all(

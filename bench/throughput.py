@@ -20,12 +20,21 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
-from _common import ThreadProfile, environment, loadavg, metric, quiet_logs, rate, raw_sqlite_rate
+from _common import (
+    ThreadProfile,
+    environment,
+    loadavg,
+    metric,
+    one_trigger_spec,
+    quiet_logs,
+    rate,
+    raw_sqlite_rate,
+)
 
-from actors import ActorHost, AgentSpec, define_agent_do
+from actors import ActorHost, AgentSpec
 
 if TYPE_CHECKING:
     from ledger import JSON, Committed
@@ -68,16 +77,7 @@ def make_spec(counter: Counter) -> AgentSpec:
     def commit_cancelled(intent: JSON, cancellation: Cancellation, tx: Tx) -> None:
         tx.insert_event(kind="bench.cancelled", payload=None)
 
-    trigger: Any = {
-        "kind": KIND,
-        "intent_event_kind": f"{KIND}.requested",
-        "cancellation": "cooperative",
-        "parse_intent": parse,
-        "acquire": acquire,
-        "commit": commit,
-        "commit_cancelled": commit_cancelled,
-    }
-    return define_agent_do(triggers=[trigger])
+    return one_trigger_spec(KIND, parse, acquire, commit, commit_cancelled)
 
 
 async def end_to_end(

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from actors import ActorHost, AgentSpec, define_agent_do
-from ledger import JSON
+from ledger import JSON, system_clock
 from triggers import (
     Cancellation,
     DurableTrigger,
@@ -29,6 +29,20 @@ FAILED = "test.failed"
 TERMINAL_KINDS = (DONE, CANCELLED, FAILED)
 
 Acquire = Callable[[JSON, TriggerContext], Awaitable[JSON]]
+
+
+class ManualClock:
+    """An injectable epoch-ms clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = system_clock()
+
+    def __call__(self) -> int:
+        return self.now
+
+    def advance(self, ms: int) -> None:
+        """Move the clock forward by ``ms`` milliseconds."""
+        self.now += ms
 
 
 class Gate:

@@ -10,7 +10,16 @@ import anyio
 import pytest
 
 from ledger import IntentStatus, system_clock
-from tests.helpers import CANCELLED, DONE, FAILED, TERMINAL_KINDS, Gate, make_trigger, open_host
+from tests.helpers import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    TERMINAL_KINDS,
+    Gate,
+    ManualClock,
+    make_trigger,
+    open_host,
+)
 from triggers import (
     AbortError,
     CancelResult,
@@ -46,19 +55,6 @@ KIND = "test.work"
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-class ManualClock:
-    """An injectable epoch-ms clock that moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = system_clock()
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, ms: int) -> None:
-        self.now += ms
 
 
 class Recorder:

@@ -19,6 +19,7 @@ from tests.helpers import (
     FAILED,
     TERMINAL_KINDS,
     Gate,
+    ManualClock,
     fast_config,
     make_trigger,
     open_host,
@@ -40,19 +41,6 @@ KIND = "test.work"
 
 
 # -- helpers -------------------------------------------------------------------------------
-
-
-class ManualClock:
-    """An injectable epoch-ms clock that moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = system_clock()
-
-    def __call__(self) -> int:
-        return self.now
-
-    def advance(self, ms: int) -> None:
-        self.now += ms
 
 
 class Flaky:
