@@ -43,6 +43,9 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+_CLOSERS = 4
+"""Threads closing evicted ledgers."""
+
 Clock = Callable[[], int]
 """Returns the current time in epoch milliseconds."""
 
@@ -157,19 +160,22 @@ class LedgerStore:
         self._changed: dict[str, anyio.Event] = {}
         self._closing = False
         self._tg: anyio.abc.TaskGroup | None = None
-        # Evicted ledgers are closed on their own thread: the last close of a WAL file
-        # checkpoints and syncs it (milliseconds), which must not stall everyone's batch.
+        # Evicted ledgers are closed on their own threads: the last close of a WAL file
+        # checkpoints and syncs it (about a millisecond, mostly waiting on the disk), which
+        # must not stall everyone's batch; several closers overlap those waits.
         self._to_close: queue.SimpleQueue[LedgerFile | None] = queue.SimpleQueue()
-        self._closer: threading.Thread | None = None
+        self._closers: list[threading.Thread] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def __aenter__(self) -> LedgerStore:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._closer = threading.Thread(
-            target=self._close_evicted, name="ledger-closer", daemon=True
-        )
-        self._closer.start()
+        self._closers = [
+            threading.Thread(target=self._close_evicted, name="ledger-closer", daemon=True)
+            for _ in range(_CLOSERS)
+        ]
+        for closer in self._closers:
+            closer.start()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         for shard in self._shards:
@@ -185,9 +191,10 @@ class LedgerStore:
         with anyio.CancelScope(shield=True):
             for shard in self._shards:
                 await anyio.to_thread.run_sync(self._close_shard, shard, limiter=shard.limiter)
-            self._to_close.put(None)
-            if self._closer is not None:
-                await anyio.to_thread.run_sync(self._closer.join)
+            for _ in self._closers:
+                self._to_close.put(None)
+            for closer in self._closers:
+                await anyio.to_thread.run_sync(closer.join)
 
     def add_commit_listener(self, listener: Callable[[list[Committed]], None]) -> None:
         """Call ``listener`` on the event loop after each batch with what it committed."""
