@@ -202,10 +202,6 @@ class LedgerStore:
 
     # -- operations -----------------------------------------------------------------------
 
-    def shard_of(self, actor_id: str) -> int:
-        """The shard (worker) that serves ``actor_id``."""
-        return hash(actor_id) % len(self._shards)
-
     async def run(
         self,
         actor_id: str,
