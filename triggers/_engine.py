@@ -409,6 +409,12 @@ def _settle_failed(
     payload: JSON,
     failure: Failure,
 ) -> None:
+    """Fail the intent: ``commit_failed``'s facts (if any), then the ``trigger.failed`` fact.
+
+    The framework's failure fact is always written, last, so every failed intent carries its
+    error type, message and attempts in the same place, whatever the trigger records.
+    """
+    event_ids: list[int] = []
     if trigger.commit_failed is not None:
         utx = Tx(tx, row.id, registry)
         try:
@@ -424,12 +430,11 @@ def _settle_failed(
                 attempts=failure.attempts,
             )
         else:
-            tx.finish(row.id, IntentStatus.FAILED, utx.event_ids)
-            return
+            event_ids = utx.event_ids
         finally:
             utx._close()
     event = tx.insert_event(FAILED, failure.model_dump(), row.id)
-    tx.finish(row.id, IntentStatus.FAILED, [event.id])
+    tx.finish(row.id, IntentStatus.FAILED, [*event_ids, event.id])
 
 
 def _call_sync(trigger: TriggerDef, key: str, fn: Callable[..., Any], *args: Any) -> None:

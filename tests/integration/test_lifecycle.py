@@ -145,13 +145,14 @@ async def test_fatal_error_fails_at_once(tmp_path: Path) -> None:
         assert [e.payload for e in failed] == [
             {"error_type": "FatalError", "message": "boom 1", "attempts": 1}
         ]
-        assert list(state.terminal_event_ids) == [failed[0].id]
+        (framework,) = await facts(agent, "trigger.failed")
+        assert list(state.terminal_event_ids) == [failed[0].id, framework.id]
         assert await facts(agent, ATTEMPT_FAILED) == []
 
 
 async def test_exhausted_attempts_fail_through_commit_failed(tmp_path: Path) -> None:
     """After max_attempts failures the intent fails; commit_failed records error type,
-    message and attempts."""
+    message and attempts, and the framework's trigger.failed fact follows it."""
     flaky = Flaky(10)
     async with open_host(tmp_path, make_trigger(KIND, flaky.acquire)) as host:
         agent = host.get("a")
@@ -165,7 +166,11 @@ async def test_exhausted_attempts_fail_through_commit_failed(tmp_path: Path) -> 
         assert [e.payload for e in failed] == [
             {"error_type": "RuntimeError", "message": "boom 3", "attempts": 3}
         ]
-        assert await facts(agent, "trigger.failed") == []
+        (framework,) = await facts(agent, "trigger.failed")
+        assert framework.payload == failed[0].payload
+        assert framework.id > failed[0].id
+        state_ids = (await agent.intent(intent.id)).terminal_event_ids
+        assert state_ids == (failed[0].id, framework.id)
 
 
 async def test_default_failure_fact_without_commit_failed(tmp_path: Path) -> None:
@@ -205,9 +210,10 @@ async def test_commit_raising_rolls_back_and_fails(tmp_path: Path) -> None:
         assert [e.payload for e in failed] == [
             {"error_type": "ValueError", "message": "bad outcome", "attempts": 1}
         ]
-        assert list(state.terminal_event_ids) == [failed[0].id]
+        (framework,) = await facts(agent, "trigger.failed")
+        assert list(state.terminal_event_ids) == [failed[0].id, framework.id]
         # The ids are dense: the rolled-back facts left no holes.
-        assert [e.id for e in await agent.events()] == [1, 2]
+        assert [e.id for e in await agent.events()] == [1, 2, 3]
 
 
 async def test_commit_returning_a_coroutine_is_rolled_back(tmp_path: Path) -> None:
@@ -482,7 +488,8 @@ async def test_redrive_limit_fails_the_intent(tmp_path: Path) -> None:
         (failed,) = await facts(agent, FAILED)
         assert failed.payload["error_type"] == "RedriveLimitExceeded"
         assert failed.payload["attempts"] == 1
-        assert list(state.terminal_event_ids) == [failed.id]
+        (framework,) = await facts(agent, "trigger.failed")
+        assert list(state.terminal_event_ids) == [failed.id, framework.id]
 
 
 # -- enqueue validation --------------------------------------------------------------------

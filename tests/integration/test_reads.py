@@ -558,7 +558,8 @@ async def test_stream_ends_when_the_intent_fails(tmp_path: Path) -> None:
             await read_stream(agent, intent.id, chunks)
             assert (await agent.intent(intent.id)).status == "failed"
         assert chunks == ["partial"]
-        assert (await agent.events(intent_event_id=intent.id))[-1].kind == FAILED
+        kinds = [e.kind for e in await agent.events(intent_event_id=intent.id)]
+        assert kinds[-2:] == [FAILED, "trigger.failed"]
 
 
 async def test_stream_of_a_cancelled_pending_intent_is_empty(tmp_path: Path) -> None:

@@ -86,9 +86,10 @@ START_MS = 1_700_000_000_000
 TERMINAL_FACTS = {
     DONE: IntentStatus.COMPLETED,
     CANCELLED: IntentStatus.CANCELLED,
-    FAILED: IntentStatus.FAILED,
     TRIGGER_FAILED: IntentStatus.FAILED,
 }
+"""The one fact that ends each intent (commit_failed's ``FAILED`` comes just before
+``trigger.failed``, as a domain fact of the same transition)."""
 OUTCOMES = ("returned", "error", "fatal", "abort", "abort_with_reason", "timeout", "shutdown")
 RETRYABLE_ERRORS = ("RuntimeError", "TimeoutError")
 ABORT_REASON = "gave up"
@@ -452,6 +453,11 @@ class EngineMachine(RuleBasedStateMachine):
             assert (new.attempts, new.redrive) == (old.attempts, 0)
             assert new.due_at == self.now + round(backoff * 1000)
             return
+        trigger = self.registry.get(self.intents[key].kind)
+        if expected is Settled.FAILED and trigger.commit_failed:
+            assert [e.kind for e in added[:-1]] == [FAILED]
+            assert added[0].payload == added[-1].payload
+            added = added[-1:]
         assert len(added) == 1
         fact = added[0]
         if expected is Settled.COMPLETED:
@@ -462,7 +468,7 @@ class EngineMachine(RuleBasedStateMachine):
             assert (new.status, fact.kind) == (IntentStatus.CANCELLED, CANCELLED)
             assert fact.payload == {"reason": self.intents[key].reason}
         else:
-            assert new.status == IntentStatus.FAILED
+            assert (new.status, fact.kind) == (IntentStatus.FAILED, TRIGGER_FAILED)
             error_type = {"fatal": "FatalError", "timeout": "TimeoutError"}.get(
                 label, "RuntimeError"
             )
@@ -776,7 +782,13 @@ class EngineMachine(RuleBasedStateMachine):
             assert len(terminal) == 1, f"{len(terminal)} terminal facts for {where}"
             fact = terminal[0]
             assert TERMINAL_FACTS[fact.kind] is status, where
-            assert state.terminal_event_ids == (fact.id,), where
+            domain = [e.id for e in story if e.kind == FAILED]
+            if status is IntentStatus.FAILED and trigger.commit_failed:
+                assert domain == [fact.id - 1], f"commit_failed's fact is missing: {where}"
+                assert state.terminal_event_ids == (fact.id - 1, fact.id), where
+            else:
+                assert domain == [], where
+                assert state.terminal_event_ids == (fact.id,), where
             assert story[-1] == fact, f"facts written after the terminal one: {where}"
             assert row.finished_at is not None, where
             assert (row.claim_token, row.lease_until) == (None, None), where
@@ -791,7 +803,7 @@ class EngineMachine(RuleBasedStateMachine):
                 assert (row.claim_token, row.claimed_by, row.lease_until) == (None,) * 3, where
         if status is IntentStatus.FAILED:
             fact = terminal[0]
-            assert fact.kind == (FAILED if trigger.commit_failed else TRIGGER_FAILED), where
+            assert fact.kind == TRIGGER_FAILED, where
             assert fact.payload["attempts"] == row.attempts, where
             if fact.payload["error_type"] in RETRYABLE_ERRORS:
                 assert row.attempts == trigger.retry.max_attempts, where
