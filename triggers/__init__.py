@@ -19,6 +19,7 @@ from ._errors import UnknownTriggerError as UnknownTriggerError
 from ._results import Cancellation as Cancellation
 from ._results import CancelResult as CancelResult
 from ._results import CancelStatus as CancelStatus
+from ._process import run_process as run_process
 from ._results import Failure as Failure
 from ._scheduler import Scheduler as Scheduler
 from ._scheduler import SchedulerConfig as SchedulerConfig
@@ -51,4 +52,5 @@ __all__ = [
     "TriggerRegistry",
     "Tx",
     "UnknownTriggerError",
+    "run_process",
 ]
