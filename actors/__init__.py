@@ -8,8 +8,10 @@ async with ActorHost(AgentDO, data_dir="./data") as host:
 """
 
 from ._agent import Agent as Agent
+from ._call import CallHandle as CallHandle
+from ._errors import HostClosedError as HostClosedError
 from ._host import ActorHost as ActorHost
 from ._spec import AgentSpec as AgentSpec
 from ._spec import define_agent_do as define_agent_do
 
-__all__ = ["ActorHost", "Agent", "AgentSpec", "define_agent_do"]
+__all__ = ["ActorHost", "Agent", "AgentSpec", "CallHandle", "HostClosedError", "define_agent_do"]

@@ -18,11 +18,13 @@ from ledger import (
     datetime_to_ms,
     dump_json,
 )
-from triggers import CancelResult, CancelStatus
+from triggers import AbortSignal, CancelResult, CancelStatus
 from triggers._engine import cancel_op, enqueue_op
 
+from ._call import CallHandle
+
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, Callable, Iterable
+    from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
     from datetime import datetime
 
     from ._host import ActorHost
@@ -76,24 +78,71 @@ class Agent:
             ledger.PayloadError: the payload is not storable as JSON.
             ValueError: ``at`` is a naive datetime.
         """
+        record = self._prepare(trigger_kind, payload, at, idempotency_key)
+        return await record()
+
+    def _prepare(
+        self, trigger_kind: str, payload: JSON, at: datetime | None, idempotency_key: str | None
+    ) -> Callable[[], Awaitable[Event]]:
+        """Validate an enqueue now (raising before anything is written); returns the
+        coroutine function that records it."""
         trigger = self._host.spec.registry.get(trigger_kind)
         trigger.parse(payload)
         text = dump_json(payload)
         due = None if at is None else datetime_to_ms(at)
         if idempotency_key is not None and not isinstance(idempotency_key, str):
             raise TypeError("idempotency_key must be a str")
-        scheduler = self._host.scheduler
-        eager = None
-        if scheduler is not None and (due is None or due <= self._host.store.clock()):
-            eager = scheduler.eager_claim()
-        op = enqueue_op(
-            trigger, payload, text, due, idempotency_key, self._host.key_retention_ms, eager
-        )
-        after = None
-        if eager is not None and scheduler is not None:
-            after = scheduler.after_enqueue(self.actor_id)
-        result = await self._host.store.run(self.actor_id, op, after=after)
-        return result.event
+        host = self._host
+        actor_id = self.actor_id
+
+        async def record() -> Event:
+            scheduler = host.scheduler
+            eager = None
+            if scheduler is not None and (due is None or due <= host.store.clock()):
+                eager = scheduler.eager_claim()
+            op = enqueue_op(
+                trigger, payload, text, due, idempotency_key, host.key_retention_ms, eager
+            )
+            after = None
+            if eager is not None and scheduler is not None:
+                after = scheduler.after_enqueue(actor_id)
+            result = await host.store.run(actor_id, op, after=after)
+            return result.event
+
+        return record
+
+    def call(
+        self,
+        *,
+        trigger_kind: str,
+        payload: JSON = None,
+        at: datetime | None = None,
+        signal: AbortSignal | None = None,
+    ) -> CallHandle:
+        """Start durable work and return its ``CallHandle`` at once (this is not a coroutine).
+
+        The intent is recorded right away, in the background of the host; ``await handle``
+        waits for it to end and returns its facts. ``signal``, if given, is merged: when it
+        aborts, the intent is cancelled durably through ``cancel_trigger``, wherever it runs.
+
+        Cancelling the caller's own wait (its cancel scope, a timeout around ``await
+        handle``) only stops waiting: the durable work goes on. To stop the work, use
+        ``await handle.abort(reason)`` or the ``signal``.
+
+        Raises:
+            AbortError: ``signal`` is already aborted; nothing was written.
+            UnknownTriggerError: no trigger of that kind is registered.
+            IntentRejectedError: ``parse_intent`` refused the payload.
+            ledger.PayloadError: the payload is not storable as JSON.
+            ValueError: ``at`` is a naive datetime.
+            HostClosedError: the host is not running (enter it with ``async with`` first).
+        """
+        if signal is not None:
+            if not isinstance(signal, AbortSignal):
+                raise TypeError(f"signal must be an AbortSignal, not {type(signal).__name__}")
+            signal.throw_if_aborted()
+        record = self._prepare(trigger_kind, payload, at, None)
+        return CallHandle(self, trigger_kind, record, signal, self._host.task_group())
 
     async def cancel_trigger(
         self,

@@ -22,6 +22,7 @@ from ledger import (
 from triggers import Scheduler, SchedulerConfig
 
 from ._agent import Agent
+from ._errors import HostClosedError
 from ._spec import AgentSpec
 from ._wakeup import Message, WakeupSocket, classify
 
@@ -119,6 +120,16 @@ class ActorHost:
         ledger_relpath(name)
         return Agent(self, name)
 
+    def task_group(self) -> TaskGroup:
+        """The host's task group, for work that must end when the host does.
+
+        Raises:
+            HostClosedError: the host is not running.
+        """
+        if self._tg is None or self._stack is None:
+            raise HostClosedError
+        return self._tg
+
     # -- lifecycle ------------------------------------------------------------------------
 
     async def __aenter__(self) -> ActorHost:
@@ -133,6 +144,11 @@ class ActorHost:
             stack.push_async_callback(self._unregister)
             await self._refresh_peers()
             self.store.add_commit_listener(self._on_commit)
+            # Peers re-read the registry only now and then: tell them we exist, so wake-ups
+            # for our calls, tails and claims reach us from the start.
+            for peer in self._peers:
+                if peer.address is not None:
+                    wake.send(peer.address, Message(hello=True))
             tg = anyio.create_task_group()
             await stack.enter_async_context(tg)
             self._tg = tg
@@ -161,7 +177,10 @@ class ActorHost:
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._stack is not None
         stack, self._stack = self._stack, None
-        await stack.__aexit__(None, None, None)
+        try:
+            await stack.__aexit__(None, None, None)
+        finally:
+            self._tg = None
 
     async def _unregister(self) -> None:
         assert self._wake is not None
@@ -195,23 +214,28 @@ class ActorHost:
         self._dead = dead
         return new
 
+    async def _refresh_and_recover(self) -> bool:
+        """Re-read the registry and redrive the claims of processes newly found dead.
+
+        Returns False when the registry could not be read.
+        """
+        try:
+            newly_dead = await self._refresh_peers()
+        except LedgerError as exc:
+            _log.warning("registry_refresh_failed", error=str(exc))
+            return False
+        if newly_dead and self.scheduler is not None:
+            _log.info("dead_processes_found", processes=sorted(newly_dead))
+            await self.scheduler.rescan(self.config.lease)
+        return True
+
     async def _housekeeping(self) -> None:
         """Heartbeat, peer refresh, dead-process recovery and the cancel poll fallback."""
         interval = min(1.0, self.config.poll_interval)
         while True:
             await anyio.sleep(interval)
-            try:
-                newly_dead = await self._refresh_peers()
-            except LedgerError as exc:
-                _log.warning("registry_refresh_failed", error=str(exc))
-                continue
-            scheduler = self.scheduler
-            if scheduler is None:
-                continue
-            if newly_dead:
-                _log.info("dead_processes_found", processes=sorted(newly_dead))
-                await scheduler.rescan(self.config.lease)
-            await self._poll_cancels(scheduler)
+            if await self._refresh_and_recover() and self.scheduler is not None:
+                await self._poll_cancels(self.scheduler)
 
     async def _poll_cancels(self, scheduler: Scheduler) -> None:
         """Fallback for lost wake-ups: abort running attempts whose cancel was recorded."""
@@ -286,9 +310,7 @@ class ActorHost:
             self._tg.start_soon(self._send_late, unknown)
 
     async def _send_late(self, cancels: list[tuple[str, int, str, str | None]]) -> None:
-        try:
-            await self._refresh_peers()
-        except LedgerError:
+        if not await self._refresh_and_recover():
             return
         assert self._wake is not None
         for peer in self._peers:
@@ -300,6 +322,10 @@ class ActorHost:
         """A wake-up from another process: hints only; the ledger is re-read before acting."""
         store = self.store
         scheduler = self.scheduler
+        if message.hello:
+            if self._tg is not None:
+                self._tg.start_soon(self._refresh_and_recover)
+            return
         if message.everything:
             if scheduler is not None and self._tg is not None:
                 self._tg.start_soon(scheduler.rescan, 0.0)

@@ -43,8 +43,12 @@ class Message:
     changed: list[str] = field(default_factory=list)
     cancels: list[tuple[str, int, str | None]] = field(default_factory=list)
     everything: bool = False
+    hello: bool = False
+    """A process just registered: receivers re-read the registry to learn its address."""
 
     def encode(self) -> bytes:
+        if self.hello:
+            return b'{"h":1}'
         data = json.dumps(
             {"d": self.due, "c": self.changed, "x": self.cancels}, separators=(",", ":")
         ).encode()
@@ -57,6 +61,8 @@ class Message:
         raw = json.loads(data)
         if raw.get("all"):
             return cls(everything=True)
+        if raw.get("h"):
+            return cls(hello=True)
         return cls(
             due=[(str(a), int(d)) for a, d in raw.get("d", [])],
             changed=[str(a) for a in raw.get("c", [])],

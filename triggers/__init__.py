@@ -16,10 +16,10 @@ from ._errors import TriggerDefinitionError as TriggerDefinitionError
 from ._errors import TriggerError as TriggerError
 from ._errors import TriggerFailedError as TriggerFailedError
 from ._errors import UnknownTriggerError as UnknownTriggerError
+from ._process import run_process as run_process
 from ._results import Cancellation as Cancellation
 from ._results import CancelResult as CancelResult
 from ._results import CancelStatus as CancelStatus
-from ._process import run_process as run_process
 from ._results import Failure as Failure
 from ._scheduler import Scheduler as Scheduler
 from ._scheduler import SchedulerConfig as SchedulerConfig

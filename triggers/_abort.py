@@ -350,6 +350,15 @@ class AbortController:
         self._signal._abort(reason)
 
 
+def reason_text(reason: object) -> str | None:
+    """An abort reason as the text a durable cancel records (``None`` for no reason)."""
+    if reason is None or (isinstance(reason, AbortError) and reason.reason is None):
+        return None
+    if isinstance(reason, AbortError):
+        return reason_text(reason.reason)
+    return reason if isinstance(reason, str) else str(reason)
+
+
 def _noop() -> None:
     """Do nothing (the remover for a listener that was never registered)."""
 

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ledger import JSON, Event, IntentRow, IntentStatus, LedgerTx, ms_to_datetime
 
-from ._abort import AbortError
+from ._abort import AbortError, reason_text
 from ._errors import FatalError, IntentRejectedError, TriggerDefinitionError
 from ._results import Cancellation, CancelResult, CancelStatus, Failure
 from ._tx import Tx
@@ -318,7 +318,7 @@ def settle_op(
         if cancel_requested or (outcome is Outcome.RAISED and isinstance(error, AbortError)):
             if not cancel_requested:
                 assert isinstance(error, AbortError)
-                tx.request_cancel(row.id, reason=_reason_text(error.reason), requested_by=None)
+                tx.request_cancel(row.id, reason=reason_text(error.reason), requested_by=None)
                 refreshed = tx.intent_row(row.id)
                 assert refreshed is not None
                 row = refreshed
@@ -459,9 +459,3 @@ def _intent(trigger: TriggerDef, payload: JSON) -> Any:
 
 def _payload(tx: LedgerTx, intent_event_id: int) -> JSON:
     return tx.intent_payloads([intent_event_id]).get(intent_event_id)
-
-
-def _reason_text(reason: object) -> str | None:
-    if reason is None or (isinstance(reason, AbortError) and reason.reason is None):
-        return None
-    return reason if isinstance(reason, str) else str(reason)

@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from ledger import Event
+
     from ._results import Failure
 
 
@@ -65,10 +67,12 @@ class TriggerFailedError(TriggerError):
 
     Attributes:
         failure: what the failure fact records (error type, message, attempts).
+        facts: the events recorded with the intent's id, when known (empty otherwise).
     """
 
-    def __init__(self, failure: Failure) -> None:
+    def __init__(self, failure: Failure, *, facts: Sequence[Event] = ()) -> None:
         self.failure = failure
+        self.facts = list(facts)
         super().__init__(
             f"trigger failed after {failure.attempts} attempt(s): "
             f"{failure.error_type}: {failure.message}"

@@ -28,7 +28,7 @@ async def run_process(
     *,
     signal: AbortSignal | None = None,
     grace: float = 2.0,
-    input: bytes | None = None,  # noqa: A002 - the name subprocess.run uses
+    input: bytes | None = None,
     stdout: int | IO[Any] | None = PIPE,
     stderr: int | IO[Any] | None = PIPE,
     check: bool = False,

@@ -34,7 +34,9 @@ class PidPipe:
     async def next_pid(self) -> int:
         """Wait for the next pid line the child prints."""
         while b"\n" not in self._buffer:
-            chunk = await anyio.to_thread.run_sync(os.read, self.read_fd, 64, abandon_on_cancel=True)
+            chunk = await anyio.to_thread.run_sync(
+                os.read, self.read_fd, 64, abandon_on_cancel=True
+            )
             assert chunk, "the child exited before printing its pid"
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
@@ -136,7 +138,8 @@ async def test_sigterm_ignored_is_killed_after_the_grace(pids: PidPipe) -> None:
         tg.start_soon(abort_once_started)
         with pytest.raises(AbortError):
             await run_process(command, signal=controller.signal, grace=0.05, stdout=pids.writer)
-    assert pid and reaped(pid)
+    assert pid
+    assert reaped(pid)
 
 
 async def test_abort_reaches_the_whole_process_group(pids: PidPipe) -> None:
@@ -191,7 +194,8 @@ async def test_cancelling_the_caller_stops_the_command(pids: PidPipe) -> None:
             tg.start_soon(cancel_once_started)
             await run_process(command, grace=600, stdout=pids.writer)
     assert scope.cancelled_caught
-    assert pid and reaped(pid)
+    assert pid
+    assert reaped(pid)
 
 
 @pytest.mark.parametrize("grace", [-1, float("nan"), float("inf")])

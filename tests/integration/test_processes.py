@@ -35,7 +35,7 @@ from tests.integration.proc_worker import (
     WAIT,
     AgentDO,
 )
-from triggers import CancelResult, CancelStatus
+from triggers import AbortError, CancelResult, CancelStatus
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -307,6 +307,43 @@ async def test_cancel_between_two_worker_processes(tmp_path):
         assert terminal["status"] == "cancelled"
         assert terminal["cancel_reason"] == "from another process"
         await client.stop()
+        await host.stop()
+
+
+async def test_call_handle_across_three_processes(tmp_path):
+    """A call handle made here, on work running in a host process, fires its signal and
+    raises AbortError when a third process cancels (direct wake-ups only: every poll is 30 s);
+    a second handle's own ``abort`` stops its work in the host process the same way."""
+    async with processes(tmp_path) as procs:
+        host = await procs.start_host(*DIRECT_ONLY)
+        canceller = await procs.start("client")
+        await canceller.expect("ready")
+        slow = fast_config(poll_interval=30)
+        async with ActorHost(
+            AgentDO, data_dir=tmp_path / "data", run_scheduler=False, config=slow
+        ) as client:
+            agent = client.get("job:9")
+            handle = agent.call(trigger_kind=WAIT, payload={})
+            intent_id = await handle.wait_recorded()
+            await host.expect("started", intent=intent_id)
+            cancel = {"op": "cancel", "actor": "job:9", "kind": WAIT, "intent": intent_id}
+            await canceller.send({**cancel, "reason": "stop from C"})
+            with anyio.fail_after(20):
+                await handle.signal.wait()
+            assert handle.signal.reason == "stop from C"
+            assert (await host.expect("aborted", intent=intent_id))["reason"] == "stop from C"
+            with pytest.raises(AbortError) as caught, anyio.fail_after(20):
+                await handle
+            assert caught.value.reason == "stop from C"
+
+            second = agent.call(trigger_kind=WAIT, payload={})
+            second_id = await second.wait_recorded()
+            await host.expect("started", intent=second_id)
+            assert (await second.abort("own abort")).status is CancelStatus.REQUESTED
+            assert (await host.expect("aborted", intent=second_id))["reason"] == "own abort"
+            with pytest.raises(AbortError, match="own abort"), anyio.fail_after(20):
+                await second
+        await canceller.stop()
         await host.stop()
 
 
