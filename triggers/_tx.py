@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from ledger import JSON, Event, LedgerTx, datetime_to_ms, dump_json, ms_to_datetime
+from ledger import JSON, Event, datetime_to_ms, dump_json, ms_to_datetime
 
 from ._spec import RESERVED_PREFIX
 
@@ -12,6 +12,37 @@ if TYPE_CHECKING:
     from datetime import datetime
 
     from ._spec import TriggerRegistry
+
+
+class TxLedger(Protocol):
+    """What ``Tx`` needs of a ledger transaction (``ledger.LedgerTx``; tests may fake it)."""
+
+    @property
+    def actor_id(self) -> str: ...
+
+    @property
+    def now_ms(self) -> int: ...
+
+    def insert_event(
+        self,
+        kind: str,
+        payload: JSON,
+        intent_event_id: int | None = None,
+        *,
+        text: str | None = ...,
+    ) -> Event: ...
+
+    def append_intent(
+        self,
+        *,
+        trigger_kind: str,
+        intent_event_kind: str,
+        payload: JSON,
+        due_at: int,
+        idempotency_key: str | None = None,
+        key_retention_ms: int = 0,
+        text: str | None = None,
+    ) -> tuple[Event, bool]: ...
 
 
 class Tx:
@@ -28,7 +59,7 @@ class Tx:
     __slots__ = ("_closed", "_ledger", "_registry", "actor_id", "event_ids", "intent_event_id",
                  "rescheduled_at")  # fmt: skip
 
-    def __init__(self, ledger: LedgerTx, intent_event_id: int, registry: TriggerRegistry) -> None:
+    def __init__(self, ledger: TxLedger, intent_event_id: int, registry: TriggerRegistry) -> None:
         self._ledger = ledger
         self._registry = registry
         self._closed = False
