@@ -9,6 +9,7 @@ from typing import Any
 
 from ledger import Projection
 from triggers import TriggerDefinitionError, TriggerRegistry
+from triggers._distributed import ABORT_CONTROLLER_TRIGGER
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +32,9 @@ def define_agent_do(
     Args:
         bindings: shared resources handed to every attempt as ``ctx.bindings`` (API clients,
             configuration). A mapping of names to values; an empty list is accepted too.
-        triggers: the trigger dicts (``DurableTrigger``) its actors can run.
+        triggers: the trigger dicts (``DurableTrigger``) its actors can run. The framework's
+            own triggers (``trigger.`` kinds, such as the distributed abort controller's) are
+            added to every class.
         projections: folds of the ledger kept current in every write transaction.
 
     Raises:
@@ -39,7 +42,7 @@ def define_agent_do(
             names the trigger and the key.
         ValueError: two projections share a name.
     """
-    registry = TriggerRegistry(triggers)
+    registry = TriggerRegistry(triggers, builtins=[ABORT_CONTROLLER_TRIGGER])
     names = [p.name for p in projections if isinstance(p, Projection)]
     if len(names) != len(set(names)):
         raise ValueError("projection names must be unique")

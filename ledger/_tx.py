@@ -274,6 +274,13 @@ class LedgerTx:
         ).fetchone()
         return None if row is None else IntentRow(*row)
 
+    def intent_row_by_key(self, idempotency_key: str) -> IntentRow | None:
+        """The schedule row that holds an idempotency key, or None."""
+        row = self._file.conn.execute(
+            f"SELECT {_ROW_COLUMNS} FROM intents WHERE idempotency_key = ?", (idempotency_key,)
+        ).fetchone()
+        return None if row is None else IntentRow(*row)
+
     def intent_rows(
         self, *, status: str | None = None, after: int = 0, limit: int | None = None
     ) -> list[IntentRow]:

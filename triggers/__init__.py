@@ -10,6 +10,7 @@ from ._abort import AbortError as AbortError
 from ._abort import AbortSignal as AbortSignal
 from ._context import StreamWriter as StreamWriter
 from ._context import TriggerContext as TriggerContext
+from ._distributed import DistributedAbortController as DistributedAbortController
 from ._errors import FatalError as FatalError
 from ._errors import IntentRejectedError as IntentRejectedError
 from ._errors import TriggerDefinitionError as TriggerDefinitionError
@@ -36,6 +37,7 @@ __all__ = [
     "CancelResult",
     "CancelStatus",
     "Cancellation",
+    "DistributedAbortController",
     "DurableTrigger",
     "Failure",
     "FatalError",

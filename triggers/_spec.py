@@ -148,8 +148,11 @@ class TriggerDef:
             raise IntentRejectedError(self.kind, [str(exc) or type(exc).__name__]) from None
 
 
-def validate_trigger(spec: object, position: int = 0) -> TriggerDef:
+def validate_trigger(spec: object, position: int = 0, *, builtin: bool = False) -> TriggerDef:
     """Check one spec dict and return its validated form.
+
+    The ``trigger.`` prefix of kinds and event kinds is kept for the framework's own
+    (``builtin``) triggers.
 
     Raises:
         TriggerDefinitionError: naming the trigger and the offending key.
@@ -166,10 +169,12 @@ def validate_trigger(spec: object, position: int = 0) -> TriggerDef:
         raise TriggerDefinitionError(name, unknown[0], "unknown key (check the spelling)")
     if not isinstance(kind, str) or not kind:
         raise TriggerDefinitionError(name, "kind", "must be a non-empty str")
+    if kind.startswith(RESERVED_PREFIX) and not builtin:
+        raise TriggerDefinitionError(name, "kind", f"the {RESERVED_PREFIX!r} prefix is reserved")
     event_kind = spec["intent_event_kind"]
     if not isinstance(event_kind, str) or not event_kind:
         raise TriggerDefinitionError(name, "intent_event_kind", "must be a non-empty str")
-    if event_kind.startswith(RESERVED_PREFIX):
+    if event_kind.startswith(RESERVED_PREFIX) and not builtin:
         raise TriggerDefinitionError(
             name, "intent_event_kind", f"the {RESERVED_PREFIX!r} prefix is reserved"
         )
@@ -237,10 +242,16 @@ def _is_async(fn: Callable[..., Any]) -> bool:
 class TriggerRegistry:
     """The validated triggers of one actor class, by kind."""
 
-    def __init__(self, specs: Iterable[object]) -> None:
+    def __init__(self, specs: Iterable[object], *, builtins: Iterable[object] = ()) -> None:
+        """Validate ``specs`` (and the framework's ``builtins``), refusing duplicate kinds.
+
+        Raises:
+            TriggerDefinitionError: naming the trigger and the offending key.
+        """
         self._by_kind: dict[str, TriggerDef] = {}
-        for position, spec in enumerate(specs):
-            trigger = validate_trigger(spec, position)
+        checked = [validate_trigger(spec, position) for position, spec in enumerate(specs)]
+        checked += [validate_trigger(spec, builtin=True) for spec in builtins]
+        for trigger in checked:
             if trigger.kind in self._by_kind:
                 raise TriggerDefinitionError(trigger.kind, "kind", "duplicate trigger kind")
             self._by_kind[trigger.kind] = trigger

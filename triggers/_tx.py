@@ -128,6 +128,14 @@ class Tx:
         self._check_open()
         self.rescheduled_at = datetime_to_ms(at)
 
+    def _insert_framework_event(self, kind: str, payload: JSON) -> Event:
+        """Append a ``trigger.`` fact (for the framework's own triggers only)."""
+        self._check_open()
+        assert kind.startswith(RESERVED_PREFIX)
+        event = self._ledger.insert_event(kind, payload, self.intent_event_id)
+        self.event_ids.append(event.id)
+        return event
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this commit transaction has ended; keep no reference to it")

@@ -11,7 +11,11 @@ killed. Stdin commands: ``{"op": "release", "actor": A, "intent": I}`` lets a he
 ``proc.wait`` acquire return.
 
 Client (``run_scheduler=False``): prints ``ready``, then answers stdin commands ``enqueue``,
-``cancel`` and ``wait`` with one line each (``enqueued``, ``cancel``, ``terminal``).
+``cancel`` and ``wait`` with one line each (``enqueued``, ``cancel``, ``terminal``). The
+``dac_create`` / ``dac_listen`` / ``dac_work`` / ``dac_abort`` commands (``id``, optional
+``ttl``, ``grace``, ``reason``) get a ``DistributedAbortController`` (``dac_created``) and
+report its signal (``dac_fired``), work stopped by it (``dac_work_stopped``) or an abort sent
+(``dac_abort_done``); times are ``time.monotonic_ns()``.
 
 Triggers (the test process imports ``AgentDO`` from here to be a client of the same class):
 
@@ -32,6 +36,7 @@ import logging
 import math
 import os
 import sys
+import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -39,10 +44,18 @@ import anyio
 import structlog
 
 from actors import ActorHost, define_agent_do
-from triggers import RetryPolicy, SchedulerConfig
+from triggers import (
+    AbortError,
+    AbortSignal,
+    DistributedAbortController,
+    RetryPolicy,
+    SchedulerConfig,
+)
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
+
+    from anyio.abc import TaskGroup
 
     from ledger import JSON
     from triggers import Cancellation, DurableTrigger, Failure, TriggerContext, Tx
@@ -209,12 +222,59 @@ async def run_host(args: argparse.Namespace) -> None:
     emit({"event": "stopped", "pid": os.getpid()})
 
 
+async def run_work(controller: DistributedAbortController) -> None:
+    """Work that runs until the controller's signal fires (``dac_work``)."""
+    emit({"event": "dac_work_started", "id": controller.id, "pid": os.getpid()})
+    try:
+        with controller.signal.scope():
+            await anyio.sleep_forever()
+    except AbortError as exc:
+        emit({"event": "dac_work_stopped", "id": controller.id, "reason": str(exc.reason),
+              "t_ns": time.monotonic_ns()})  # fmt: skip
+
+
+def listen(controller: DistributedAbortController) -> None:
+    """Report when the controller's signal fires (``dac_listen``)."""
+
+    def fired(signal: AbortSignal) -> None:
+        emit({"event": "dac_fired", "id": controller.id, "reason": str(signal.reason),
+              "t_ns": time.monotonic_ns()})  # fmt: skip
+
+    signal = controller.signal
+    if signal.aborted:
+        fired(signal)
+    else:
+        signal.add_listener(fired)
+
+
+async def distributed_abort(host: ActorHost, command: dict[str, Any], tg: TaskGroup) -> None:
+    """The ``dac_*`` commands: create / listen / work / abort a DistributedAbortController."""
+    op = command["op"]
+    options = {k: command[k] for k in ("ttl", "grace") if k in command}
+    controller = await DistributedAbortController.create(command["id"], host=host, **options)
+    emit({"event": "dac_created", "id": controller.id, "run_id": controller.run_id, "op": op})
+    if op == "dac_listen":
+        listen(controller)
+    elif op == "dac_work":
+        tg.start_soon(run_work, controller)
+    elif op == "dac_abort":
+        sent = time.monotonic_ns()
+        await controller.abort(command.get("reason"))
+        emit({"event": "dac_abort_done", "id": controller.id, "t_ns": sent})
+
+
 async def run_client(args: argparse.Namespace) -> None:
     config = SchedulerConfig(lease=args.lease, poll_interval=args.poll_interval)
-    async with ActorHost(AgentDO, data_dir=args.data_dir, run_scheduler=False, config=config) as c:
+    async with (
+        ActorHost(AgentDO, data_dir=args.data_dir, run_scheduler=False, config=config) as c,
+        anyio.create_task_group() as tg,
+    ):
         emit({"event": "ready", "role": "client", "pid": os.getpid(), "process_id": c.process_id})
         async for command in read_commands():
             op = command.get("op")
+            if str(op).startswith("dac_"):
+                await distributed_abort(c, command, tg)
+                continue
             agent = c.get(str(command["actor"]))
             if op == "enqueue":
                 at_ms = command.get("at_ms")
@@ -235,6 +295,7 @@ async def run_client(args: argparse.Namespace) -> None:
                 emit(
                     {"event": "terminal", "actor": agent.actor_id, **state.model_dump(mode="json")}
                 )
+        tg.cancel_scope.cancel()
     emit({"event": "stopped", "pid": os.getpid()})
 
 

@@ -347,6 +347,69 @@ async def test_call_handle_across_three_processes(tmp_path):
         await host.stop()
 
 
+async def test_distributed_abort_controller_across_processes(tmp_path):
+    """A creates the controller and runs work with its signal, C reconnects by id and
+    listens, B reconnects and aborts: A's work stops and C's signal fires, with B's reason,
+    by direct wake-ups only (every poll is 30 s). All three share one controller."""
+    slow = ("--poll-interval", "30")
+    async with processes(tmp_path) as procs:
+        a, b, c = [await procs.start("client", *slow) for _ in range(3)]
+        for worker in (a, b, c):
+            await worker.expect("ready")
+        await a.send({"op": "dac_work", "id": "task:build-123"})
+        await a.expect("dac_work_started")
+        await c.send({"op": "dac_listen", "id": "task:build-123"})
+        await c.expect("dac_created")
+        await b.send({"op": "dac_abort", "id": "task:build-123", "reason": "Cancelled by admin"})
+        await b.expect("dac_abort_done")
+        stopped = await a.expect("dac_work_stopped")
+        heard = await c.expect("dac_fired")
+        assert stopped["reason"] == heard["reason"] == "Cancelled by admin"
+        run_ids = {w.find("dac_created")[0]["run_id"] for w in (a, b, c)}
+        assert len(run_ids) == 1
+        for worker in (a, b, c):
+            await worker.stop()
+
+
+async def test_distributed_abort_survives_the_creator_sigkill(tmp_path):
+    """The process that created the controller and ran work with it is killed with SIGKILL;
+    the abort sent afterwards is still durable, and a process that connects later sees it."""
+    async with processes(tmp_path) as procs:
+        a = await procs.start("client")
+        await a.expect("ready")
+        await a.send({"op": "dac_work", "id": "chat:9"})
+        await a.expect("dac_work_started")
+        await a.kill()
+        b = await procs.start("client")
+        await b.expect("ready")
+        await b.send({"op": "dac_abort", "id": "chat:9", "reason": "user pressed stop"})
+        await b.expect("dac_abort_done")
+        await b.stop()
+        c = await procs.start("client")
+        await c.expect("ready")
+        await c.send({"op": "dac_listen", "id": "chat:9"})
+        assert (await c.expect("dac_fired"))["reason"] == "user pressed stop"
+        assert c.find("dac_created")[0]["run_id"] == a.find("dac_created")[0]["run_id"]
+        await c.stop()
+
+
+async def test_distributed_abort_create_races_across_processes(tmp_path):
+    """Four processes create the same controller at the same moment: one controller."""
+    async with processes(tmp_path) as procs:
+        workers = [await procs.start("client") for _ in range(4)]
+        for worker in workers:
+            await worker.expect("ready")
+        async with anyio.create_task_group() as tg:
+            for worker in workers:
+                tg.start_soon(worker.send, {"op": "dac_create", "id": "race"})
+        created = [await worker.expect("dac_created") for worker in workers]
+        assert len({line["run_id"] for line in created}) == 1
+        async with open_client(tmp_path) as client:
+            assert len(await client.get("race").intents()) == 1
+        for worker in workers:
+            await worker.stop()
+
+
 # -- 2. two hosts on one data directory ------------------------------------------------------
 
 

@@ -89,7 +89,16 @@ def test_valid_spec_registers() -> None:
     trigger = agent_spec.registry.get("spec.t")
     assert trigger.timeout == 2.0
     assert trigger.retry == RetryPolicy(max_attempts=3, initial_backoff=0, jitter=False)
-    assert agent_spec.registry.kinds == ("spec.t",)
+    assert agent_spec.registry.kinds == ("spec.t", "trigger.abort_controller")
+
+
+@pytest.mark.parametrize("key", ["kind", "intent_event_kind"])
+def test_reserved_prefix_is_refused(key: str) -> None:
+    """A user trigger may not take a ``trigger.`` kind or event kind (the framework's own)."""
+    with pytest.raises(TriggerDefinitionError) as caught:
+        define_agent_do(triggers=[spec(**{key: "trigger.mine"})])
+    assert caught.value.key == key
+    assert "reserved" in str(caught.value)
 
 
 # -- missing and unknown keys --------------------------------------------------------------

@@ -1,0 +1,264 @@
+"""``DistributedAbortController``: one abort controller, shared by id across processes.
+
+The controller is an intent of a built-in trigger in the ledger of the actor named by its id:
+
+* ``create(id)`` records it (or finds it) in one transaction keyed by a reserved idempotency
+  key, so concurrent creators in any number of processes get the same controller;
+* its TTL is the intent's due time: when it comes, the scheduler's attempt ends it
+  ``completed`` with an expiry fact (nothing waits in between);
+* ``abort(reason)`` is ``cancel_trigger``: the pending intent ends ``cancelled`` with an abort
+  fact, durably, whether or not anyone listens yet;
+* either way the ended intent keeps its key for ``grace``: a late ``create(id)`` finds the
+  fired controller; after that, ``create(id)`` starts a fresh one.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Protocol
+
+import anyio
+
+from ledger import JSON, IntentStatus, LedgerTx, ledger_relpath
+
+from ._abort import AbortSignal
+from ._engine import cancel_op
+from ._spec import RetryPolicy, TriggerRegistry
+
+if TYPE_CHECKING:
+    from anyio.abc import TaskGroup
+
+    from ledger import LedgerStore
+
+    from ._context import TriggerContext
+    from ._results import Cancellation
+    from ._spec import DurableTrigger
+    from ._tx import Tx
+
+__all__ = ["ABORT_CONTROLLER_TRIGGER", "DistributedAbortController"]
+
+KIND = "trigger.abort_controller"
+CREATED = "trigger.abort_controller.created"
+ABORTED = "trigger.abort_controller.aborted"
+_KEY = "trigger.abort_controller"
+DEFAULT_TTL = timedelta(hours=24)
+DEFAULT_GRACE = timedelta(hours=1)
+
+
+class ControllerHost(Protocol):
+    """What a controller needs of its host (``actors.ActorHost`` is one)."""
+
+    @property
+    def store(self) -> LedgerStore: ...
+
+    @property
+    def poll_interval(self) -> float: ...
+
+    def task_group(self) -> TaskGroup: ...
+
+
+# -- the built-in trigger --------------------------------------------------------------------
+
+
+async def _expire(intent: Any, ctx: TriggerContext) -> JSON:
+    return {"ttl_ms": intent["ttl_ms"]}
+
+
+def _commit_expired(outcome: Any, tx: Tx) -> None:
+    ttl = _show_ms(outcome["ttl_ms"])
+    reason = f"controller ttl of {ttl} elapsed (expired)"
+    tx._insert_framework_event(ABORTED, {"reason": reason, "expired": True})
+
+
+def _commit_aborted(intent: Any, cancellation: Cancellation, tx: Tx) -> None:
+    tx._insert_framework_event(ABORTED, {"reason": cancellation.reason, "expired": False})
+
+
+def _parse(payload: JSON) -> JSON:
+    if not (
+        isinstance(payload, dict)
+        and isinstance(payload.get("ttl_ms"), int)
+        and isinstance(payload.get("grace_ms"), int)
+    ):
+        raise ValueError("an abort controller's payload holds ttl_ms and grace_ms")
+    return payload
+
+
+ABORT_CONTROLLER_TRIGGER: DurableTrigger[Any, Any] = {
+    "kind": KIND,
+    "intent_event_kind": CREATED,
+    "cancellation": "cooperative",
+    "parse_intent": _parse,
+    "acquire": _expire,
+    "commit": _commit_expired,
+    "commit_cancelled": _commit_aborted,
+    "retry": RetryPolicy(max_attempts=10, initial_backoff=0.1, max_backoff=5.0),
+}
+"""The controller's trigger; every actor class has it (``define_agent_do`` adds it)."""
+
+_REGISTRY = TriggerRegistry([], builtins=[ABORT_CONTROLLER_TRIGGER])
+_TRIGGER = _REGISTRY.get(KIND)
+
+
+# -- the controller --------------------------------------------------------------------------
+
+
+class DistributedAbortController:
+    """An abort controller that any process reaches by its id (``"chat:123"``, ``"job:9"``).
+
+    Get one with :meth:`create`; hand :attr:`signal` to the work; call :meth:`abort` from
+    any process. It lives in the ledger of the actor named ``id``, served by any host of any
+    actor class on the data directory. Expiry at the end of the TTL is carried out by a host
+    running the scheduler.
+
+    Attributes:
+        id: the controller's id (an actor name).
+        run_id: the id of the intent that is this controller.
+    """
+
+    __slots__ = ("_host", "_signal", "id", "run_id")
+
+    def __init__(self, host: ControllerHost, id: str, run_id: int) -> None:
+        """Wrap an existing controller; use :meth:`create` to get one."""
+        self._host = host
+        self.id = id
+        self.run_id = run_id
+        self._signal: AbortSignal | None = None
+
+    def __repr__(self) -> str:
+        return f"<DistributedAbortController {self.id!r} run_id={self.run_id}>"
+
+    @classmethod
+    async def create(
+        cls,
+        id: str,
+        *,
+        host: ControllerHost,
+        ttl: timedelta | float = DEFAULT_TTL,
+        grace: timedelta | float = DEFAULT_GRACE,
+    ) -> DistributedAbortController:
+        """Get the controller ``id``, creating it if there is none (atomically).
+
+        Concurrent calls from any number of processes get the same controller. A controller
+        that fired (aborted or expired) less than its ``grace`` ago is returned as it is, its
+        signal already fired; after that a new one is created. ``ttl`` and ``grace`` apply
+        only when a new controller is created.
+
+        Args:
+            id: the controller's id; any actor name.
+            host: a running host on the data directory (``actors.ActorHost``).
+            ttl: how long until the controller expires by itself (a ``timedelta`` or
+                seconds).
+            grace: how long a fired controller stays findable.
+
+        Raises:
+            ValueError: ``ttl`` is not positive or ``grace`` is negative, or ``id`` is not a
+                valid actor name.
+            ledger.LedgerError: the actor's ledger could not be written.
+        """
+        ledger_relpath(id)
+        ttl_ms = _duration_ms(ttl, "ttl", positive=True)
+        grace_ms = _duration_ms(grace, "grace", positive=False)
+        run_id: int = await host.store.run(id, _get_or_create(ttl_ms, grace_ms))
+        return cls(host, id, run_id)
+
+    async def abort(self, reason: str | None = None) -> None:
+        """Abort the controller, durably: every signal of it fires, in every process.
+
+        Idempotent: a second abort keeps the first reason; aborting a controller that expired
+        or was aborted already does nothing.
+
+        Raises:
+            TypeError: ``reason`` is not a str or None.
+            ledger.LedgerError: the actor's ledger could not be written.
+        """
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError("reason must be a str or None")
+        op = cancel_op(_REGISTRY, _TRIGGER, self.run_id, reason, None)
+        await self._host.store.run(self.id, op, create=False)
+
+    @property
+    def signal(self) -> AbortSignal:
+        """An ``AbortSignal`` that fires when the controller is aborted or expires.
+
+        Its reason is the abort's reason, or a text ending in ``"(expired)"``. Reading this
+        never blocks: the same signal is returned each time, followed by a task of the host.
+        If the controller's ledger cannot be read, the signal aborts with that error's
+        message rather than never firing.
+        """
+        if self._signal is None:
+            signal = AbortSignal()
+            self._host.task_group().start_soon(self._follow, signal)
+            self._signal = signal
+        return self._signal
+
+    async def _follow(self, signal: AbortSignal) -> None:
+        store = self._host.store
+        run_id = self.run_id
+
+        def read(tx: LedgerTx) -> tuple[bool, str | None]:
+            row = tx.intent_row(run_id)
+            if row is None:
+                raise LookupError(f"the controller's intent {run_id} is missing")
+            if not IntentStatus(row.status).terminal:
+                return False, None
+            facts = tx.events(intent_event_id=run_id, kinds=[ABORTED], limit=1)
+            if facts and isinstance(facts[0].payload, dict):
+                reason = facts[0].payload.get("reason")
+                return True, reason if isinstance(reason, str) else None
+            return True, row.cancel_reason
+
+        try:
+            while True:
+                version = store.version(self.id)
+                fired, reason = await store.run(self.id, read, write=False, create=False)
+                if fired:
+                    signal._abort(reason)
+                    return
+                with anyio.move_on_after(self._host.poll_interval):
+                    await store.wait_changed(self.id, version)
+        except Exception as exc:
+            signal._abort(f"abort controller {self.id!r} could not be read: {exc}")
+
+
+def _get_or_create(ttl_ms: int, grace_ms: int) -> Any:
+    def op(tx: LedgerTx) -> int:
+        row = tx.intent_row_by_key(_KEY)
+        if row is not None:
+            if row.finished_at is None:
+                return row.id
+            payload = tx.intent_payloads([row.id]).get(row.id)
+            kept = payload.get("grace_ms", 0) if isinstance(payload, dict) else 0
+            if row.finished_at + kept > tx.now_ms:
+                return row.id
+        # None held, or its grace is over: append_intent releases the old key.
+        event, _ = tx.append_intent(
+            trigger_kind=KIND,
+            intent_event_kind=CREATED,
+            payload={"ttl_ms": ttl_ms, "grace_ms": grace_ms},
+            due_at=tx.now_ms + ttl_ms,
+            idempotency_key=_KEY,
+            key_retention_ms=0,
+        )
+        return event.id
+
+    return op
+
+
+def _duration_ms(value: timedelta | float, name: str, *, positive: bool) -> int:
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise TypeError(f"{name} must be a timedelta or a number of seconds")
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be finite and {bound}, not {value!r}")
+    return round(seconds * 1000)
+
+
+def _show_ms(ms: int) -> str:
+    if ms % 3_600_000 == 0:
+        return f"{ms // 3_600_000}h"
+    if ms % 60_000 == 0:
+        return f"{ms // 60_000}min"
+    return f"{ms / 1000:g}s"
