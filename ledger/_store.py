@@ -105,6 +105,8 @@ class _Shard:
     files: OrderedDict[str, LedgerFile] = field(default_factory=OrderedDict)
     index: IndexDB | None = None
     limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
+    raises: list[tuple[int | None, str, int]] = field(default_factory=list)
+    """Index ``due`` raises put off until after the answers went out (see ``_commit_all``)."""
 
 
 @dataclass(slots=True)
@@ -114,6 +116,11 @@ class _Open:
     effects: TxEffects
     next_due: int | None = None
     needs_index: bool = False
+
+
+_RAISE_DELAY = 0.005
+"""Seconds an idle shard waits for new work before applying its put-off ``due`` raises."""
+_MAX_PUT_OFF = 1024
 
 
 class LedgerStore:
@@ -320,6 +327,13 @@ class LedgerStore:
 
     async def _pump(self, shard: _Shard) -> None:
         while True:
+            if not shard.pending and shard.raises:
+                # Idle with ``due`` raises put off: give new work a moment to come first.
+                with anyio.move_on_after(_RAISE_DELAY):
+                    await shard.wake.wait()
+                if not shard.pending:
+                    await anyio.to_thread.run_sync(self._apply_raises, shard, limiter=shard.limiter)
+                continue
             if not shard.pending:
                 if self._closing:
                     return
@@ -438,6 +452,8 @@ class LedgerStore:
         Returns what committed, the requests put off to a later batch, and whether any were
         put off because another process held a lock (the pump then backs off briefly).
         """
+        if len(shard.raises) >= _MAX_PUT_OFF:
+            self._apply_raises(shard)  # never idle: keep the backlog bounded
         now_ms = self.clock()
         groups: dict[str, list[_Request[Any]]] = {}
         for request in batch:
@@ -591,6 +607,14 @@ class LedgerStore:
                 continue
             if state.needs_index:
                 raises.append((state.next_due, state.file.actor_id, gens[state.file.actor_id]))
+        # Raising ``due`` only makes it later, and a ``due`` left early is harmless (a wasted
+        # look), so the raises wait until the answers are out: they run in a hop of their own
+        # once the shard is idle (or in a batch, when too many have piled up).
+        shard.raises.extend(raises)
+
+    def _apply_raises(self, shard: _Shard) -> None:
+        """Apply the put-off ``due`` raises; each still applies only if ``gen`` is unchanged."""
+        raises, shard.raises = shard.raises, []
         if raises:
             # A failure here only leaves ``due`` too early: harmless, so not raised.
             with contextlib.suppress(sqlite3.Error):
