@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import anyio
+import structlog
 
-from ledger import IntentStatus
+from ledger import IntentStatus, LedgerBusyError, LedgerWriteError
 from triggers import AbortError, AbortSignal, CancelStatus, Failure, TriggerFailedError
 from triggers._abort import reason_text
 from triggers._engine import FAILED
@@ -24,6 +25,10 @@ if TYPE_CHECKING:
     from ._agent import Agent
 
 __all__ = ["CallHandle"]
+
+_log = structlog.get_logger("actors")
+_CLOSING_CANCEL_S = 5.0
+"""How long a closing host waits to record a cancel owed to an aborted ``signal=``."""
 
 
 class CallHandle:
@@ -163,12 +168,19 @@ class CallHandle:
 
     async def _run(self, record: Callable[[], Awaitable[Event]]) -> None:
         try:
-            event = await record()
+            # Shielded: once started, the record lands whatever happens to the host, so the
+            # handle always knows the id of an intent that exists.
+            with anyio.CancelScope(shield=True):
+                event = await record()
             self._intent_event_id = event.id
             self._recorded.set()
             await self._follow(event.id)
         except anyio.get_cancelled_exc_class():
             self._error = HostClosedError(self._agent.actor_id, self._intent_event_id)
+            if self._intent_event_id is not None and self._cancel_owed():
+                # The host is closing: still turn the external abort into a durable cancel.
+                with anyio.CancelScope(shield=True), anyio.move_on_after(_CLOSING_CANCEL_S):
+                    await self._send_cancel(self._intent_event_id)
             raise
         except Exception as exc:
             self._error = exc
@@ -178,26 +190,42 @@ class CallHandle:
             self._recorded.set()
             self._done.set()
 
+    def _cancel_owed(self) -> bool:
+        return self._external is not None and not self._cancel_sent
+
+    async def _send_cancel(self, intent_event_id: int) -> None:
+        assert self._external is not None
+        await self._agent.cancel_trigger(
+            trigger_kind=self.trigger_kind,
+            intent_event_id=intent_event_id,
+            reason=reason_text(self._external.reason),
+        )
+        self._cancel_sent = True
+
     async def _follow(self, intent_event_id: int) -> None:
         agent = self._agent
         store = agent._host.store
+        poll = agent._host.poll_interval
         while True:
             version = store.version(agent.actor_id)
-            if self._external is not None and not self._cancel_sent:
-                self._cancel_sent = True
-                await agent.cancel_trigger(
-                    trigger_kind=self.trigger_kind,
-                    intent_event_id=intent_event_id,
-                    reason=reason_text(self._external.reason),
-                )
-            state = await agent.intent(intent_event_id)
-            self._observe(state)
-            if state.status.terminal:
-                await self._settle(state)
-                return
-            with anyio.move_on_after(agent._host.poll_interval) as scope:
+            try:
+                if self._cancel_owed():
+                    await self._send_cancel(intent_event_id)
+                state = await agent.intent(intent_event_id)
+                self._observe(state)
+                if state.status.terminal:
+                    await self._settle(state)
+                    return
+            except (LedgerBusyError, LedgerWriteError) as exc:
+                # Another process holds the ledger, or the disk hiccuped: try again shortly
+                # (the cancel owed stays owed).
+                _log.warning("call_follow_retry", actor=agent.actor_id,
+                             intent=intent_event_id, error=str(exc))  # fmt: skip
+                await anyio.sleep(poll)
+                continue
+            with anyio.move_on_after(poll) as scope:
                 self._wait_scope = scope
-                if self._external is None or self._cancel_sent:
+                if not self._cancel_owed():
                     await store.wait_changed(agent.actor_id, version)
             self._wait_scope = None
 

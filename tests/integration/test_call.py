@@ -4,12 +4,14 @@ signals, and the difference between cancelling the wait and cancelling the work.
 from __future__ import annotations
 
 import inspect
+import sqlite3
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
 from anyio.lowlevel import checkpoint
+from structlog.testing import capture_logs
 
 from actors import CallHandle, HostClosedError
 from ledger import IntentStatus, ledger_relpath
@@ -361,3 +363,62 @@ async def test_host_closing_first_leaves_the_work_durable(tmp_path: Path) -> Non
     async with open_host(tmp_path, make_trigger(KIND, gate.acquire)) as host:
         agent: Agent = host.get("a")
         assert (await agent.intent(intent_id)).status is IntentStatus.PENDING
+
+
+async def test_external_abort_is_recorded_even_when_the_host_closes_at_once(
+    tmp_path: Path,
+) -> None:
+    """An external abort that the host has not acted on when it closes is still recorded as a
+    durable cancel on the way out: the next host finds the intent cancelled."""
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as host:
+        controller = AbortController()
+        handle = host.get("a").call(trigger_kind=KIND, at=LATER, signal=controller.signal)
+        intent_id = await handle.wait_recorded()
+        controller.abort("user closed the tab")
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as host:
+        state = await host.get("a").intent(intent_id)
+        assert (state.status, state.cancel_reason) == (
+            IntentStatus.CANCELLED, "user closed the tab",
+        )  # fmt: skip
+
+
+async def test_host_closing_during_the_record_keeps_the_id(tmp_path: Path) -> None:
+    """A host that closes while the intent is being recorded still gives the handle its id:
+    the HostClosedError names the intent that exists."""
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as host:
+        handle = host.get("a").call(trigger_kind=KIND, at=LATER)
+        await checkpoint()  # the record is on its way, not yet answered
+    with pytest.raises(HostClosedError) as caught:
+        await settle(handle)
+    intent_id = caught.value.intent_event_id
+    assert intent_id is not None
+    assert handle.intent_event_id == intent_id
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as host:
+        assert [i.intent_event_id for i in await host.get("a").intents()] == [intent_id]
+
+
+async def test_a_locked_ledger_delays_the_cancel_but_does_not_lose_it(tmp_path: Path) -> None:
+    """While another process holds the actor's ledger locked, the external abort's cancel
+    fails with LedgerBusyError; the handle retries it and, once the lock is gone, the intent
+    is cancelled and the await raises AbortError."""
+    gate = Gate()
+    async with open_host(tmp_path, make_trigger(KIND, gate.acquire), lock_timeout=0.05) as host:
+        controller = AbortController()
+        handle = host.get("a").call(trigger_kind=KIND, signal=controller.signal)
+        intent_id = await handle.wait_recorded()
+        await gate.wait_started(intent_id)
+        blocker = sqlite3.connect(tmp_path / ledger_relpath("a"), isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")
+            with capture_logs() as logs:
+                controller.abort("stop")
+                with anyio.fail_after(10):
+                    while not any(e["event"] == "call_follow_retry" for e in logs):
+                        await anyio.sleep(0.01)
+            assert not handle.done()
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        error = await settle(handle)
+        assert isinstance(error, AbortError)
+        assert error.reason == "stop"
