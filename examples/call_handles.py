@@ -148,7 +148,9 @@ async def main(data_dir: str) -> None:
         say("next shell command", stdout=facts[-1].payload["stdout"].strip())
 
         # 7. Cancelling only the wait: the durable work goes on and can be awaited again.
-        handle = agent.call(trigger_kind="agent.prompt", payload={"tokens": 6})
+        handle = agent.call(trigger_kind="agent.prompt", payload={"tokens": 20})
+        async for _token in agent.stream(await handle.wait_recorded()):
+            break  # it is running: it has streamed its first token
         with anyio.move_on_after(0.1):
             await handle
         state = await agent.intent(await handle.wait_recorded())

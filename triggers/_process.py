@@ -6,6 +6,7 @@ import contextlib
 import math
 import os
 import signal as signals
+from pathlib import Path
 from subprocess import DEVNULL, PIPE, CalledProcessError, CompletedProcess
 from typing import IO, TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     Command = str | bytes | os.PathLike[str] | Sequence[str | bytes | os.PathLike[str]]
 
 __all__ = ["run_process"]
+
+_GROUP_POLL_S = 0.01
 
 
 async def run_process(
@@ -115,18 +118,51 @@ async def _feed(stream: ByteSendStream, data: bytes) -> None:
 
 
 async def _stop(process: Process, grace: float) -> None:
-    """SIGTERM the command's process group, SIGKILL it after ``grace``, and reap the child."""
-    if process.returncode is not None:
-        return
-    _signal_group(process.pid, signals.SIGTERM)
+    """SIGTERM the command's process group, SIGKILL what is left after ``grace``, reap the
+    child.
+
+    The group is signalled even when the child itself has already exited: what it started in
+    the background (``cmd &``) is stopped too.
+    """
+    pid = process.pid
+    _signal_group(pid, signals.SIGTERM)
     with anyio.move_on_after(grace):
         await process.wait()
+        # No event tells when a process group empties: look every 10 ms, within the grace.
+        while _group_running(pid):  # noqa: ASYNC110
+            await anyio.sleep(_GROUP_POLL_S)
         return
-    _signal_group(process.pid, signals.SIGKILL)
+    _signal_group(pid, signals.SIGKILL)
     await process.wait()
 
 
 def _signal_group(pid: int, signum: int) -> None:
-    # The child leads its own session, so its process group id is its pid.
+    # The child leads its own session, so its process group id is its pid (and that id is not
+    # reused while the group has members).
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signum)
+
+
+def _group_running(pgid: int) -> bool:
+    """Whether a process of the group still runs (zombies waiting for a reaper do not count)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # Fields after the parenthesized command: state, ppid, pgrp, ...
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False

@@ -103,13 +103,20 @@ class TriggerEnvironment:
     def cancel(self, reason: str | None = None) -> None:
         """Cancel the work: abort the running attempt's signal with ``reason``.
 
-        Called before ``acquire``, the next attempt starts with its signal already aborted,
-        as a redrive after a cancel does.
+        Called between attempts, the next attempt starts with its signal already aborted, as
+        a redrive after a cancel does. A trigger declared ``cancellation: "ignored"`` is left
+        alone, as a host leaves it (``cancel_trigger`` answers ``ignored``).
         """
+        if self.trigger.cancellation == "ignored":
+            return
         self._controller.abort(reason)
 
     async def wait_streamed(self, count: int) -> list[JSON]:
-        """Wait until the latest attempt has streamed at least ``count`` chunks; returns them."""
+        """Wait until the latest attempt has streamed at least ``count`` chunks; returns them.
+
+        It waits for as long as it takes: bound it (``anyio.fail_after``) in a test where the
+        chunks might never come.
+        """
         while len(self.streamed) < count:
             await self._ledger.stream_changed.wait()
         return self.streamed
@@ -120,7 +127,8 @@ class TriggerEnvironment:
         """Record an intent with ``payload`` and run one attempt of ``acquire``.
 
         The payload goes through ``parse_intent`` and JSON first, as ``enqueue_trigger``
-        would do. A new attempt gets a fresh signal unless :meth:`cancel` came first.
+        would do; ``acquire`` gets the intent parsed from the stored JSON, as on a host. An
+        attempt's signal is fresh unless :meth:`cancel` came before it.
 
         Returns:
             What ``acquire`` returned (the outcome ``commit`` takes).
@@ -131,7 +139,7 @@ class TriggerEnvironment:
             Exception: whatever ``acquire`` raised (``AbortError`` when it honoured a cancel).
         """
         trigger = self.trigger
-        intent = trigger.parse(payload)
+        trigger.parse(payload)  # refuse before recording, as enqueue_trigger does
         event, _ = self._ledger.append_intent(
             trigger_kind=trigger.kind,
             intent_event_kind=trigger.intent_event_kind,
@@ -139,11 +147,12 @@ class TriggerEnvironment:
             due_at=self._ledger.now_ms,
         )
         self._intent = (event.id, event.payload)
-        if self._controller.signal.aborted and self.context is not None:
-            self._controller = AbortController()  # a finished attempt's cancel is spent
+        # A host hands acquire the intent parsed from the stored JSON, not the caller's object.
+        intent = trigger.parse(event.payload)
+        controller = self._controller
         ctx = TriggerContext(
             backend=_Backend(self._ledger),
-            signal=self._controller.signal,
+            signal=controller.signal,
             actor_id=self.actor_id,
             trigger_kind=trigger.kind,
             intent_event_id=event.id,
@@ -155,7 +164,11 @@ class TriggerEnvironment:
             ),
         )
         self.context = ctx
-        return await trigger.acquire(intent, ctx)
+        try:
+            return await trigger.acquire(intent, ctx)
+        finally:
+            if controller.signal.aborted and self._controller is controller:
+                self._controller = AbortController()  # this attempt's cancel is spent
 
     def commit(self, outcome: Any) -> list[Event]:
         """Run ``commit(outcome, tx)`` for the latest intent; returns the facts it wrote.

@@ -205,3 +205,22 @@ async def test_bad_grace_is_refused(grace: float, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="grace"):
         await run_process(["touch", str(marker)], grace=grace)
     assert not marker.exists()
+
+
+async def test_abort_stops_what_an_exited_shell_left_running(pids: PidPipe) -> None:
+    """A shell that exits at once, leaving a background child that holds its output open:
+    the abort still stops that child (the whole group is signalled, not only the leader)."""
+    controller = AbortController()
+    command = ["sh", "-c", "sleep 300 & echo $! >&2; exit 0"]
+    grandchild = 0
+
+    async def abort_once_started() -> None:
+        nonlocal grandchild
+        grandchild = await pids.next_pid()
+        controller.abort("stop")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(abort_once_started)
+        with pytest.raises(AbortError):
+            await run_process(command, signal=controller.signal, grace=600, stderr=pids.writer)
+    await wait_exited(grandchild)

@@ -216,3 +216,36 @@ def test_bad_trigger_spec_is_refused() -> None:
 
     with pytest.raises(TriggerDefinitionError, match="commit"):
         TriggerEnvironment(make_trigger(KIND, commit=commit))
+
+
+async def test_cancel_between_attempts_reaches_the_next_one() -> None:
+    """A cancel issued after an attempt ended applies to the next attempt (it starts aborted);
+    the one after that gets a fresh signal again."""
+    env = TriggerEnvironment(make_trigger(KIND, summarize), bindings={"model": "m"})
+    assert await env.acquire({"text": "a"}) == {"summary": "a", "by": "m"}
+    env.cancel("between")
+    with pytest.raises(AbortError, match="between"):
+        await env.acquire({"text": "b"})
+    assert await env.acquire({"text": "c"}) == {"summary": "c", "by": "m"}
+
+
+async def test_ignored_trigger_is_not_cancelled() -> None:
+    """``cancel`` leaves a trigger with ``cancellation: "ignored"`` running, as a host does."""
+    env = TriggerEnvironment(
+        make_trigger(KIND, summarize, cancellation="ignored"), bindings={"model": "m"}
+    )
+    env.cancel("stop")
+    assert not env.signal.aborted
+    assert await env.acquire({"text": "x"}) == {"summary": "x", "by": "m"}
+
+
+async def test_acquire_sees_the_stored_json_form() -> None:
+    """``acquire`` gets the payload as a host gives it: parsed from its stored JSON."""
+    seen: list[Any] = []
+
+    async def acquire(intent: Any, ctx: TriggerContext) -> Any:
+        seen.append(intent)
+
+    env = TriggerEnvironment(make_trigger(KIND, acquire))
+    await env.acquire({1: (1, 2)})
+    assert seen == [{"1": [1, 2]}]
