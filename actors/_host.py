@@ -120,6 +120,16 @@ class ActorHost:
         ledger_relpath(name)
         return Agent(self, name)
 
+    async def actors(self, *, after: str = "", limit: int = 1000) -> list[str]:
+        """Names of the actors that have a ledger in the data directory, in name order.
+
+        Args:
+            after: only names after this one (for paging).
+            limit: the most names returned.
+        """
+        rows = await self.store.run_index(lambda index: index.actors(after=after, limit=limit))
+        return [row[0] for row in rows]
+
     def task_group(self) -> TaskGroup:
         """The host's task group, for work that must end when the host does.
 

@@ -1,0 +1,468 @@
+"""The HTTP face of an ``ActorHost``: a FastAPI app (see ``actors.http``)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import datetime
+from importlib import resources
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import parse_qs
+
+import anyio
+from fastapi import FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from ledger import (
+    Event,
+    IntentNotFoundError,
+    IntentState,
+    IntentStatus,
+    LedgerError,
+    PayloadError,
+    ledger_relpath,
+)
+from triggers import (
+    CancelResult,
+    DistributedAbortController,
+    IntentRejectedError,
+    UnknownTriggerError,
+)
+from triggers._spec import RESERVED_PREFIX
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+
+    from ._agent import Agent
+    from ._host import ActorHost
+
+    Scope = MutableMapping[str, Any]
+    Message = MutableMapping[str, Any]
+    Receive = Callable[[], Awaitable[Message]]
+    Send = Callable[[Message], Awaitable[None]]
+    ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+__all__ = ["create_app"]
+
+MAX_BODY = 1 << 20
+"""Largest request body accepted, in bytes (413 beyond)."""
+_KEEPALIVE_S = 15.0
+
+
+# -- request and response bodies --------------------------------------------------------------
+
+Actor = Annotated[str, Path(description="the actor's name")]
+Kind = Annotated[str, Path(description="the trigger kind")]
+IntentId = Annotated[int, Path(ge=1, description="the intent's id (its intent event's id)")]
+
+
+class EnqueueBody(BaseModel):
+    """What to enqueue: the payload, and optionally when and under which idempotency key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    payload: Any = None
+    at: datetime | None = None
+    idempotency_key: str | None = None
+
+
+class Enqueued(BaseModel):
+    """The recorded intent: its id and its intent event."""
+
+    intent_event_id: int
+    event: Event
+
+
+class CancelBody(BaseModel):
+    """Why the intent is cancelled (recorded with the cancel request)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = None
+    requested_by: str | None = None
+
+
+class AbortBody(BaseModel):
+    """Why the distributed abort controller is aborted."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str | None = None
+
+
+class Aborted(BaseModel):
+    """The aborted controller."""
+
+    success: bool = True
+    id: str
+    run_id: int
+
+
+class ActorList(BaseModel):
+    """Actor names in name order; ``next`` is the ``after`` of the following page, if any."""
+
+    actors: list[str]
+    next: str | None = None
+
+
+class TriggerKinds(BaseModel):
+    """The trigger kinds of the served actor class."""
+
+    kinds: list[str]
+
+
+class ApiError(BaseModel):
+    """Every error: a stable ``error`` code, a message for people, and details if any."""
+
+    error: str
+    message: str
+    details: list[str] = Field(default_factory=list)
+
+
+class HttpError(Exception):
+    """An error answered as JSON with a stable code."""
+
+    def __init__(
+        self, status: int, code: str, message: str, details: list[str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.details = details or []
+
+
+def _error_response(
+    status: int, code: str, message: str, details: list[str] | None = None
+) -> JSONResponse:
+    body = ApiError(error=code, message=message, details=details or [])
+    return JSONResponse(body.model_dump(), status_code=status)
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ApiError, "description": "missing or wrong token"},
+    404: {"model": ApiError, "description": "unknown actor, intent or trigger kind"},
+    413: {"model": ApiError, "description": "request body too large"},
+    422: {"model": ApiError, "description": "invalid request or payload rejected"},
+}
+
+
+# -- the app ----------------------------------------------------------------------------------
+
+
+def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
+    """A FastAPI app serving ``host``'s actors: enqueue, cancel, read, follow, abort, dashboard.
+
+    The host must be running (entered) while the app serves requests.
+
+    Args:
+        host: the actor host whose actors the app serves.
+        token: if set, every route requires ``Authorization: Bearer <token>`` (or
+            ``?token=<token>``, for the dashboard and server-sent events in a browser).
+        max_body: largest request body in bytes; larger ones get 413.
+
+    Returns:
+        The app, with its OpenAPI schema at ``/openapi.json``.
+    """
+
+    app = FastAPI(
+        title="durable-triggers",
+        summary="Durable, cancellable work owned by actors.",
+        responses=_ERRORS,
+    )
+    app.add_middleware(_Guard, token=token, max_body=max_body)
+
+    @app.exception_handler(HttpError)
+    async def on_http_error(request: Request, exc: HttpError) -> JSONResponse:
+        return _error_response(exc.status, exc.code, str(exc), exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        return _error_response(422, "invalid_request", "the request is invalid", details)
+
+    @app.exception_handler(LedgerError)
+    async def on_ledger_error(request: Request, exc: LedgerError) -> JSONResponse:
+        return _error_response(503, "ledger_unavailable", str(exc))
+
+    def agent_of(actor: str, *, must_exist: bool = True) -> Agent:
+        try:
+            relpath = ledger_relpath(actor)
+        except (TypeError, ValueError) as exc:
+            raise HttpError(422, "invalid_actor", str(exc)) from None
+        if must_exist and not (host.data_dir / relpath).exists():
+            raise HttpError(404, "unknown_actor", f"no actor named {actor!r}")
+        return host.get(actor)
+
+    def check_kind(kind: str) -> None:
+        try:
+            host.spec.registry.get(kind)
+        except UnknownTriggerError as exc:
+            raise HttpError(404, "unknown_trigger", str(exc)) from None
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        page = resources.files("actors").joinpath("dashboard.html").read_text(encoding="utf-8")
+        return HTMLResponse(page)
+
+    @app.get("/actors", response_model=ActorList, tags=["actors"])
+    async def list_actors(
+        after: Annotated[str, Query(description="names after this one")] = "",
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> ActorList:
+        """Actors with a ledger, in name order."""
+        names = await host.actors(after=after, limit=limit + 1)
+        more = len(names) > limit
+        names = names[:limit]
+        return ActorList(actors=names, next=names[-1] if more else None)
+
+    @app.get("/triggers", response_model=TriggerKinds, tags=["actors"])
+    async def list_triggers() -> TriggerKinds:
+        """The trigger kinds this actor class can run (the framework's own left out)."""
+        kinds = [k for k in host.spec.registry.kinds if not k.startswith(RESERVED_PREFIX)]
+        return TriggerKinds(kinds=kinds)
+
+    @app.post(
+        "/actors/{actor}/triggers/{kind}",
+        status_code=201,
+        response_model=Enqueued,
+        tags=["intents"],
+    )
+    async def enqueue(actor: Actor, kind: Kind, body: EnqueueBody | None = None) -> Enqueued:
+        """Record an intent (the actor is created if it has no ledger yet)."""
+        body = body or EnqueueBody()
+        check_kind(kind)
+        agent = agent_of(actor, must_exist=False)
+        try:
+            event = await agent.enqueue_trigger(
+                trigger_kind=kind,
+                payload=body.payload,
+                at=body.at,
+                idempotency_key=body.idempotency_key,
+            )
+        except IntentRejectedError as exc:
+            raise HttpError(422, "payload_rejected", str(exc), list(exc.errors)) from None
+        except PayloadError as exc:
+            raise HttpError(422, "payload_invalid", str(exc)) from None
+        except ValueError as exc:
+            raise HttpError(422, "invalid_request", str(exc)) from None
+        return Enqueued(intent_event_id=event.id, event=event)
+
+    @app.post(
+        "/actors/{actor}/triggers/{kind}/{intent_event_id}/cancel",
+        response_model=CancelResult,
+        tags=["intents"],
+    )
+    async def cancel(
+        actor: Actor, kind: Kind, intent_event_id: IntentId, body: CancelBody | None = None
+    ) -> CancelResult:
+        """Cancel an intent; the answer is one of the five ``cancel_trigger`` statuses."""
+        body = body or CancelBody()
+        check_kind(kind)
+        agent = agent_of(actor)
+        return await agent.cancel_trigger(
+            trigger_kind=kind,
+            intent_event_id=intent_event_id,
+            reason=body.reason,
+            requested_by=body.requested_by,
+        )
+
+    @app.get("/actors/{actor}/intents", response_model=list[IntentState], tags=["intents"])
+    async def list_intents(
+        actor: Actor,
+        status: Annotated[IntentStatus | None, Query()] = None,
+        after: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[IntentState]:
+        """The actor's intents in id order, optionally only those in ``status``."""
+        agent = agent_of(actor)
+        return await agent.intents(
+            status=None if status is None else status.value, after=after, limit=limit
+        )
+
+    @app.get(
+        "/actors/{actor}/intents/{intent_event_id}", response_model=IntentState, tags=["intents"]
+    )
+    async def read_intent(actor: Actor, intent_event_id: IntentId) -> IntentState:
+        """One intent's current state."""
+        agent = agent_of(actor)
+        try:
+            return await agent.intent(intent_event_id)
+        except IntentNotFoundError as exc:
+            raise HttpError(404, "intent_not_found", str(exc)) from None
+
+    @app.get("/actors/{actor}/events", response_model=list[Event], tags=["events"])
+    async def read_events(
+        actor: Actor,
+        after: Annotated[int, Query(ge=0)] = 0,
+        kinds: Annotated[list[str] | None, Query()] = None,
+        intent_event_id: Annotated[int | None, Query(ge=1)] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> list[Event]:
+        """Events with ``id > after`` in id order."""
+        agent = agent_of(actor)
+        return await agent.events(
+            after=after, kinds=kinds, intent_event_id=intent_event_id, limit=limit
+        )
+
+    @app.get(
+        "/actors/{actor}/events/stream",
+        tags=["events"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def tail_events(
+        actor: Actor,
+        after: Annotated[int, Query(ge=0)] = 0,
+        last_event_id: Annotated[str | None, Header()] = None,
+    ) -> StreamingResponse:
+        """Server-sent events: each event with ``id > after`` as it is recorded (``event:
+        ledger``, ``id`` the event id), resumable with ``Last-Event-ID``."""
+        agent = agent_of(actor)
+        start = _resume(last_event_id, after)
+
+        async def frames() -> AsyncIterator[tuple[int, str, str]]:
+            async for event in agent.tail(after=start):
+                yield event.id, "ledger", event.model_dump_json()
+
+        return _sse(frames())
+
+    @app.get(
+        "/actors/{actor}/intents/{intent_event_id}/stream",
+        tags=["intents"],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"text/event-stream": {}}}},
+    )
+    async def follow_stream(
+        actor: Actor,
+        intent_event_id: IntentId,
+        last_event_id: Annotated[str | None, Header()] = None,
+    ) -> StreamingResponse:
+        """Server-sent events: the intent's attached output chunks (``event: chunk``, ``id``
+        the chunk index) until it ends (``event: end`` with its state); resumable with
+        ``Last-Event-ID``."""
+        agent = agent_of(actor)
+        try:
+            await agent.intent(intent_event_id)
+        except IntentNotFoundError as exc:
+            raise HttpError(404, "intent_not_found", str(exc)) from None
+        start = _resume(last_event_id, -1) + 1
+
+        async def frames() -> AsyncIterator[tuple[int, str, str]]:
+            index = start
+            async for chunk in agent.stream(intent_event_id, start=start):
+                yield index, "chunk", json.dumps(chunk)
+                index += 1
+            state = await agent.intent(intent_event_id)
+            yield index, "end", state.model_dump_json()
+
+        return _sse(frames())
+
+    @app.post("/abort/{id}", response_model=Aborted, tags=["abort controllers"])
+    async def abort_controller(id: str, body: AbortBody | None = None) -> Aborted:
+        """Abort the distributed abort controller ``id`` (created if missing, so the abort is
+        never lost); idempotent."""
+        body = body or AbortBody()
+        agent_of(id, must_exist=False)
+        controller = await DistributedAbortController.create(id, host=host)
+        await controller.abort(body.reason or "Cancelled via API")
+        return Aborted(id=id, run_id=controller.run_id)
+
+    return app
+
+
+def _resume(last_event_id: str | None, default: int) -> int:
+    if last_event_id is None:
+        return default
+    try:
+        return int(last_event_id)
+    except ValueError:
+        raise HttpError(422, "invalid_request", "Last-Event-ID must be an integer") from None
+
+
+def _sse(frames: AsyncIterator[tuple[int, str, str]]) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        iterator = aiter(frames)
+        pending: Any = None
+        while True:
+            if pending is None:
+                pending = anext(iterator)
+            with anyio.move_on_after(_KEEPALIVE_S) as scope:
+                try:
+                    frame_id, kind, data = await pending
+                except StopAsyncIteration:
+                    return
+                pending = None
+            if scope.cancelled_caught:
+                yield ": keepalive\n\n"
+                continue
+            yield f"id: {frame_id}\nevent: {kind}\ndata: {data}\n\n"
+
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+class _Guard:
+    """Checks the token (on every route, the schema and docs included) and refuses request
+    bodies over ``max_body`` bytes with 413, whether declared or streamed."""
+
+    def __init__(self, app: ASGIApp, token: str | None, max_body: int) -> None:
+        self.app = app
+        self.token = None if token is None else token.encode()
+        self.max_body = max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers", []))
+        if self.token is not None and not self._authorized(scope, headers):
+            response = _error_response(401, "unauthorized", "a valid token is required")
+            await response(scope, receive, send)
+            return
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_body:
+            await self._too_large(scope, receive, send)
+            return
+        # Read the body first (it is bounded), so an oversized stream is refused before the
+        # app sees any of it.
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                await self._too_large(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _authorized(self, scope: Scope, headers: dict[bytes, bytes]) -> bool:
+        assert self.token is not None
+        given: bytes | None = None
+        authorization = headers.get(b"authorization", b"")
+        if authorization.startswith(b"Bearer "):
+            given = authorization.removeprefix(b"Bearer ")
+        else:
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            if query.get("token"):
+                given = query["token"][0].encode()
+        return given is not None and secrets.compare_digest(given, self.token)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = _error_response(
+            413, "body_too_large", f"request bodies are limited to {self.max_body} bytes"
+        )
+        await response(scope, receive, send)

@@ -1,0 +1,333 @@
+"""The HTTP API over a real uvicorn server on 127.0.0.1: enqueue, cancel, reads, server-sent
+events (resumable), distributed abort, errors with stable codes, the token."""
+
+from __future__ import annotations
+
+import json
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+import pytest
+
+from actors.http import create_app
+from tests.helpers import CANCELLED, DONE, Gate, make_trigger, open_host
+from tests.servers import serve
+from triggers import DistributedAbortController, TriggerContext
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from pathlib import Path
+
+    from actors import ActorHost
+
+pytestmark = pytest.mark.anyio
+
+KIND = "test.work"
+LATER = datetime(2100, 1, 1, tzinfo=UTC).isoformat()
+
+
+def positive(payload: Any) -> Any:
+    if not (isinstance(payload, dict) and isinstance(payload.get("n"), int) and payload["n"] > 0):
+        raise ValueError("n must be a positive int")
+    return payload
+
+
+@asynccontextmanager
+async def api(
+    tmp_path: Path, *triggers: Any, **app_options: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, ActorHost]]:
+    """A host running ``triggers``, its app on a real server, and a client of it."""
+    triggers = triggers or (make_trigger(KIND),)
+    async with (
+        open_host(tmp_path, *triggers) as host,
+        serve(create_app(host, **app_options)) as url,
+    ):
+        headers = {}
+        if app_options.get("token"):
+            headers["Authorization"] = f"Bearer {app_options['token']}"
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=10) as client:
+            yield client, host
+
+
+async def sse_frames(
+    client: httpx.AsyncClient, path: str, count: int, headers: dict[str, str] | None = None
+) -> list[dict[str, str]]:
+    """Read ``count`` server-sent events (id, event, data) from ``path``."""
+    frames: list[dict[str, str]] = []
+    with anyio.fail_after(10):
+        async with client.stream("GET", path, headers=headers) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            frame: dict[str, str] = {}
+            async for line in response.aiter_lines():
+                if line.startswith(":"):
+                    continue
+                if not line:
+                    if frame:
+                        frames.append(frame)
+                        frame = {}
+                        if len(frames) == count:
+                            return frames
+                    continue
+                field, _, value = line.partition(": ")
+                frame[field] = value
+    return frames
+
+
+async def test_enqueue_read_and_list(tmp_path: Path) -> None:
+    """Enqueue answers 201 with the intent; the intent, the intent list (by status), the
+    events (by kind, with a limit), the actor list and the kinds can be read back."""
+    async with api(tmp_path) as (client, _):
+        response = await client.post(f"/actors/chat:1/triggers/{KIND}", json={"payload": {"n": 1}})
+        assert response.status_code == 201, response.text
+        intent_id = response.json()["intent_event_id"]
+        assert response.json()["event"]["payload"] == {"n": 1}
+        with anyio.fail_after(10):
+            while (await client.get(f"/actors/chat:1/intents/{intent_id}")).json()[
+                "status"
+            ] != "completed":
+                await anyio.sleep(0.02)
+        completed = await client.get("/actors/chat:1/intents", params={"status": "completed"})
+        assert [i["intent_event_id"] for i in completed.json()] == [intent_id]
+        pending = await client.get("/actors/chat:1/intents", params={"status": "pending"})
+        assert pending.json() == []
+        events = await client.get("/actors/chat:1/events", params={"kinds": [DONE], "limit": 5})
+        assert [e["kind"] for e in events.json()] == [DONE]
+        assert (await client.get("/actors")).json() == {"actors": ["chat:1"], "next": None}
+        assert (await client.get("/triggers")).json() == {"kinds": [KIND]}
+
+
+async def test_cancel_pending_and_running(tmp_path: Path) -> None:
+    """Cancel answers the CancelResult: cancelled for pending work, requested for running
+    work (which then ends cancelled), already_completed after that."""
+    gate = Gate()
+    async with api(tmp_path, make_trigger(KIND, gate.acquire)) as (client, host):
+        later = await client.post(f"/actors/a/triggers/{KIND}", json={"at": LATER})
+        later_id = later.json()["intent_event_id"]
+        answer = await client.post(
+            f"/actors/a/triggers/{KIND}/{later_id}/cancel", json={"reason": "user"}
+        )
+        assert answer.json() == {
+            "status": "cancelled", "intent_event_id": later_id, "terminal_status": "cancelled",
+        }  # fmt: skip
+
+        now = await client.post(f"/actors/a/triggers/{KIND}")
+        now_id = now.json()["intent_event_id"]
+        await gate.wait_started(now_id)
+        answer = await client.post(f"/actors/a/triggers/{KIND}/{now_id}/cancel")
+        assert answer.json()["status"] == "requested"
+        with anyio.fail_after(10):
+            state = await host.get("a").wait_for_intent(now_id)
+        assert state.status == "cancelled"
+        again = await client.post(f"/actors/a/triggers/{KIND}/{now_id}/cancel")
+        assert again.json()["status"] == "already_completed"
+        missing = await client.post(f"/actors/a/triggers/{KIND}/9999/cancel")
+        assert missing.json()["status"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "code"),
+    [
+        ("POST", "/actors/a/triggers/nope", {}, 404, "unknown_trigger"),
+        ("POST", "/actors/a/triggers/nope/1/cancel", {}, 404, "unknown_trigger"),
+        ("GET", "/actors/nobody/intents", None, 404, "unknown_actor"),
+        ("GET", "/actors/nobody/events", None, 404, "unknown_actor"),
+        ("POST", f"/actors/nobody/triggers/{KIND}/1/cancel", {}, 404, "unknown_actor"),
+        ("GET", "/actors/a/intents/999", None, 404, "intent_not_found"),
+        ("GET", "/actors/a/intents/abc", None, 422, "invalid_request"),
+        ("GET", "/actors/a/intents", {"status": "sleeping"}, 422, "invalid_request"),
+        ("POST", f"/actors/a/triggers/{KIND}", {"payload": {"n": -1}}, 422, "payload_rejected"),
+        ("POST", f"/actors/a/triggers/{KIND}", {"payload": {"n": 1}, "x": 1}, 422,
+         "invalid_request"),
+        ("POST", f"/actors/a/triggers/{KIND}", {"payload": {"n": 1}, "at": "2030-01-01T00:00"},
+         422, "invalid_request"),
+    ],
+)  # fmt: skip
+async def test_errors_have_stable_codes(
+    tmp_path: Path, method: str, path: str, body: Any, status: int, code: str
+) -> None:
+    """Each bad request gets its status and JSON error code, and changes nothing."""
+    trigger = make_trigger(KIND, parse_intent=positive)
+    async with api(tmp_path, trigger) as (client, host):
+        await client.post(f"/actors/a/triggers/{KIND}", json={"payload": {"n": 1}, "at": LATER})
+        before = await host.get("a").events()
+        if method == "GET":
+            response = await client.get(path, params=body)
+        else:
+            response = await client.post(path, json=body)
+        assert response.status_code == status, response.text
+        assert response.json()["error"] == code
+        assert response.json()["message"]
+        assert await host.get("a").events() == before
+        assert await host.actors() == ["a"]
+
+
+async def test_rejected_payload_lists_the_messages(tmp_path: Path) -> None:
+    """A payload refused by parse_intent is 422 payload_rejected with its messages."""
+    async with api(tmp_path, make_trigger(KIND, parse_intent=positive)) as (client, _):
+        response = await client.post(f"/actors/a/triggers/{KIND}", json={"payload": {"n": 0}})
+        assert response.status_code == 422
+        assert response.json()["details"] == ["n must be a positive int"]
+
+
+async def test_nan_payload_is_refused(tmp_path: Path) -> None:
+    """A payload holding NaN (accepted by the JSON parser) is refused as payload_invalid."""
+    async with api(tmp_path) as (client, host):
+        response = await client.post(
+            f"/actors/a/triggers/{KIND}",
+            content=b'{"payload": {"x": NaN}}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert response.status_code == 422
+        assert response.json()["error"] == "payload_invalid"
+        assert await host.actors() == []
+
+
+async def test_oversized_body_is_413(tmp_path: Path) -> None:
+    """A body over the limit is refused with 413 body_too_large, declared or streamed."""
+    async with api(tmp_path, max_body=1000) as (client, host):
+        big = {"payload": {"blob": "x" * 2000}}
+        response = await client.post(f"/actors/a/triggers/{KIND}", json=big)
+        assert response.status_code == 413
+        assert response.json()["error"] == "body_too_large"
+
+        async def chunks() -> AsyncIterator[bytes]:
+            yield b'{"payload": "'
+            for _ in range(20):
+                yield b"y" * 100
+            yield b'"}'
+
+        streamed = await client.post(
+            f"/actors/a/triggers/{KIND}",
+            content=chunks(),
+            headers={"Content-Type": "application/json"},
+        )
+        assert streamed.status_code == 413
+        assert await host.actors() == []
+
+
+@pytest.mark.parametrize(
+    "path", ["/", "/actors", "/triggers", "/openapi.json", "/actors/a/intents", "/abort/x"]
+)
+async def test_token_is_required_everywhere(tmp_path: Path, path: str) -> None:
+    """With a token set, every route answers 401 without it or with a wrong one, and serves
+    with the bearer header or the ``token`` query parameter."""
+    async with api(tmp_path, token="s3cret") as (client, _):
+        await client.post(f"/actors/a/triggers/{KIND}", json={"at": LATER})
+        method = "POST" if path.startswith("/abort") else "GET"
+        async with httpx.AsyncClient(base_url=str(client.base_url), timeout=10) as anonymous:
+            bare = await anonymous.request(method, path)
+            assert bare.status_code == 401
+            assert bare.json()["error"] == "unauthorized"
+            wrong = await anonymous.request(method, path, headers={"Authorization": "Bearer s3cre"})
+            assert wrong.status_code == 401
+            query = await anonymous.request(method, path, params={"token": "s3cret"})
+            assert query.status_code in (200, 201), query.text
+        assert (await client.request(method, path)).status_code in (200, 201)
+
+
+async def test_tail_events_resumes_from_last_event_id(tmp_path: Path) -> None:
+    """The event tail is server-sent events with the event id as ``id``; a reconnect with
+    ``Last-Event-ID`` continues after it."""
+    async with api(tmp_path) as (client, _):
+        for n in range(3):
+            await client.post(f"/actors/t/triggers/{KIND}", json={"payload": n, "at": LATER})
+        first = await sse_frames(client, "/actors/t/events/stream", 2)
+        assert [(f["id"], f["event"]) for f in first] == [("1", "ledger"), ("2", "ledger")]
+        assert json.loads(first[0]["data"])["payload"] == 0
+        rest = await sse_frames(client, "/actors/t/events/stream", 1, {"Last-Event-ID": "2"})
+        assert rest[0]["id"] == "3"
+        assert json.loads(rest[0]["data"])["payload"] == 2
+
+
+async def test_tail_follows_new_events(tmp_path: Path) -> None:
+    """A tail that has caught up receives events recorded afterwards."""
+    async with api(tmp_path) as (client, _):
+        await client.post(f"/actors/f/triggers/{KIND}", json={"payload": 0, "at": LATER})
+        frames: list[dict[str, str]] = []
+        async with anyio.create_task_group() as tg:
+
+            async def read() -> None:
+                frames.extend(await sse_frames(client, "/actors/f/events/stream", 2))
+
+            tg.start_soon(read)
+            await anyio.wait_all_tasks_blocked()
+            await client.post(f"/actors/f/triggers/{KIND}", json={"payload": 1, "at": LATER})
+        assert [json.loads(f["data"])["payload"] for f in frames] == [0, 1]
+
+
+async def test_intent_stream_replays_follows_and_ends(tmp_path: Path) -> None:
+    """An intent's stream sends its chunks (``id`` = index) and ends with its state; a
+    reconnect with ``Last-Event-ID`` resumes after that chunk."""
+    release = anyio.Event()
+
+    async def acquire(intent: Any, ctx: TriggerContext) -> Any:
+        for n in range(3):
+            await ctx.stream.write({"token": n})
+        await release.wait()
+        return "done"
+
+    async with api(tmp_path, make_trigger(KIND, acquire)) as (client, _):
+        intent_id = (await client.post(f"/actors/s/triggers/{KIND}")).json()["intent_event_id"]
+        path = f"/actors/s/intents/{intent_id}/stream"
+        first = await sse_frames(client, path, 3)
+        assert [(f["id"], f["event"], json.loads(f["data"])) for f in first] == [
+            ("0", "chunk", {"token": 0}), ("1", "chunk", {"token": 1}),
+            ("2", "chunk", {"token": 2}),
+        ]  # fmt: skip
+        release.set()
+        rest = await sse_frames(client, path, 1, {"Last-Event-ID": "1"})
+        assert json.loads(rest[0]["data"]) == {"token": 2}
+        ended = await sse_frames(client, path, 4)
+        assert ended[-1]["event"] == "end"
+        assert json.loads(ended[-1]["data"])["status"] == "completed"
+
+
+async def test_abort_route_aborts_the_controller(tmp_path: Path) -> None:
+    """``POST /abort/{id}`` aborts the distributed abort controller of that id durably: a
+    signal read afterwards fires with the reason."""
+    async with api(tmp_path) as (client, host):
+        response = await client.post("/abort/chat:42", json={"reason": "User clicked cancel"})
+        assert response.status_code == 200
+        assert response.json()["success"] is True
+        controller = await DistributedAbortController.create("chat:42", host=host)
+        assert controller.run_id == response.json()["run_id"]
+        with anyio.fail_after(10):
+            await controller.signal.wait()
+        assert controller.signal.reason == "User clicked cancel"
+        default = await client.post("/abort/chat:43")
+        assert default.status_code == 200
+
+
+async def test_openapi_schema_lists_the_routes(tmp_path: Path) -> None:
+    """The OpenAPI schema is served and names every route."""
+    async with api(tmp_path) as (client, _):
+        schema = (await client.get("/openapi.json")).json()
+        assert set(schema["paths"]) >= {
+            "/actors",
+            "/triggers",
+            "/actors/{actor}/triggers/{kind}",
+            "/actors/{actor}/triggers/{kind}/{intent_event_id}/cancel",
+            "/actors/{actor}/intents",
+            "/actors/{actor}/intents/{intent_event_id}",
+            "/actors/{actor}/events",
+            "/actors/{actor}/events/stream",
+            "/actors/{actor}/intents/{intent_event_id}/stream",
+            "/abort/{id}",
+        }
+
+
+async def test_cancelled_reason_reaches_the_fact(tmp_path: Path) -> None:
+    """The reason given to the cancel route is the one recorded."""
+    async with api(tmp_path) as (client, host):
+        intent_id = (await client.post(f"/actors/r/triggers/{KIND}", json={"at": LATER})).json()[
+            "intent_event_id"
+        ]
+        await client.post(
+            f"/actors/r/triggers/{KIND}/{intent_id}/cancel", json={"reason": "from the web"}
+        )
+        facts = await host.get("r").events(kinds=[CANCELLED])
+        assert [f.payload for f in facts] == [{"reason": "from the web"}]
