@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ._errors import LedgerCorruptError
+from ._errors import LedgerBusyError, LedgerCorruptError, LedgerWriteError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
     from pathlib import Path
+
+_OPEN_TIMEOUT_S = 10.0
+_OPEN_RETRY_S = 0.005
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS actors (
@@ -71,16 +75,40 @@ class IndexDB:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        deadline = time.monotonic() + _OPEN_TIMEOUT_S
+        while True:
+            try:
+                self.conn = self._connect(path)
+                return
+            except sqlite3.OperationalError as exc:
+                # Processes opening a new data directory together race to switch index.db to
+                # WAL and create its tables; SQLite answers "locked" without waiting for that.
+                message = str(exc)
+                if ("locked" in message or "busy" in message) and time.monotonic() < deadline:
+                    time.sleep(_OPEN_RETRY_S)
+                    continue
+                if "locked" in message or "busy" in message:
+                    raise LedgerBusyError(path, _OPEN_TIMEOUT_S) from exc
+                if "malformed" in message or "not a database" in message:
+                    raise LedgerCorruptError(path, message) from exc
+                raise LedgerWriteError(path, message) from exc
+            except sqlite3.DatabaseError as exc:
+                raise LedgerCorruptError(path, str(exc)) from exc
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
-            self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self.conn.execute("PRAGMA busy_timeout = 5000")
-            self.conn.execute("PRAGMA journal_mode = WAL")
-            self.conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
-                    self.conn.execute(statement)
-        except sqlite3.DatabaseError as exc:
-            raise LedgerCorruptError(path, str(exc)) from exc
+                    conn.execute(statement)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def close(self) -> None:
         """Close the connection."""

@@ -16,8 +16,10 @@ def run_example(name: str, tmp_path: Path) -> list[str]:
         capture_output=True,
         text=True,
         timeout=60,
-        check=True,
+        check=False,
     )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     return result.stdout.splitlines()
 
 

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import sqlite3
+import threading
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from ledger import (
     ledger_relpath,
     ms_to_datetime,
 )
+from ledger._index import IndexDB
 from ledger._schema import FORMAT, SCHEMA_VERSION
 from tests.helpers import DONE, Gate, fast_config, make_trigger, open_host
 from triggers import RetryPolicy, TriggerContext
@@ -810,3 +812,29 @@ async def test_concurrent_enqueues_with_one_key_make_one_intent(tmp_path: Path) 
                 tg.start_soon(enqueue, one if i % 2 else two)
         assert len(set(ids)) == 1
         assert len(await one.get("a").intents()) == 1
+
+
+def test_many_openers_of_a_new_index_all_succeed(tmp_path: Path) -> None:
+    """Connections opening a brand-new index.db at the same moment (as processes starting on a
+    new data directory do) all succeed: the race to set it up is waited out, not reported as a
+    corrupt file."""
+
+    def open_index(path: Path, barrier: threading.Barrier, errors: list[BaseException]) -> None:
+        barrier.wait()
+        try:
+            IndexDB(path).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    for round_ in range(20):
+        path = tmp_path / f"d{round_}" / "index.db"
+        barrier = threading.Barrier(6)
+        errors: list[BaseException] = []
+        threads = [
+            threading.Thread(target=open_index, args=(path, barrier, errors)) for _ in range(6)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert errors == []
