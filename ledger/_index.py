@@ -132,7 +132,10 @@ class IndexDB:
             readers: actors whose ``gen`` the caller will need for a conditional raise.
         """
         conn = self.conn
-        conn.execute("BEGIN IMMEDIATE")
+        lowerings = list(lowerings)
+        # Only lowering writes: reading ``gen`` alone needs no write lock (a read sees every
+        # committed lowering, which is all the conditional raise compares against).
+        conn.execute("BEGIN IMMEDIATE" if lowerings else "BEGIN")
         try:
             conn.executemany(_LOWER, lowerings)
             gens = {}
