@@ -10,6 +10,7 @@ from typing import Any
 from ledger import Projection
 from triggers import TriggerDefinitionError, TriggerRegistry
 from triggers._distributed import ABORT_CONTROLLER_TRIGGER
+from triggers._workflow import Workflow, workflow_trigger
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +27,7 @@ def define_agent_do(
     bindings: Mapping[str, Any] | Iterable[Any] | None = None,
     triggers: Iterable[object] = (),
     projections: Iterable[Projection[Any]] = (),
+    workflows: Iterable[Workflow[Any, Any]] = (),
 ) -> AgentSpec:
     """Define an actor class (the Durable Object class of the model).
 
@@ -36,13 +38,18 @@ def define_agent_do(
             own triggers (``trigger.`` kinds, such as the distributed abort controller's) are
             added to every class.
         projections: folds of the ledger kept current in every write transaction.
+        workflows: the ``@workflow`` functions its actors can run (``triggers.workflows``).
 
     Raises:
         TriggerDefinitionError: a trigger spec is invalid or two share a kind; the message
             names the trigger and the key.
-        ValueError: two projections share a name.
+        ValueError: two projections, or two workflows, share a name.
     """
-    registry = TriggerRegistry(triggers, builtins=[ABORT_CONTROLLER_TRIGGER])
+    builtins: list[object] = [ABORT_CONTROLLER_TRIGGER]
+    workflow_list = list(workflows)
+    if workflow_list:
+        builtins.append(workflow_trigger(workflow_list))
+    registry = TriggerRegistry(triggers, builtins=builtins)
     names = [p.name for p in projections if isinstance(p, Projection)]
     if len(names) != len(set(names)):
         raise ValueError("projection names must be unique")

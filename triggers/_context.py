@@ -30,6 +30,27 @@ class ContextBackend(Protocol):
 
     async def stream_append(self, actor_id: str, intent_event_id: int, text: str) -> int: ...
 
+    async def record_fact(
+        self,
+        actor_id: str,
+        intent_event_id: int,
+        claim_token: str | None,
+        kind: str,
+        payload: JSON,
+        text: str,
+    ) -> Event:
+        """Append a fact about the intent now, while its attempt runs, if the attempt still
+        holds the claim ``claim_token``.
+
+        Raises:
+            ClaimLostError: the attempt no longer holds the claim (nothing was written).
+        """
+        ...
+
+
+class ClaimLostError(Exception):
+    """The attempt no longer holds its intent's claim (a redrive took it over)."""
+
 
 class StreamWriter:
     """Appends output chunks (live progress, tokens) to the intent's attached stream.
@@ -72,8 +93,9 @@ class TriggerContext:
         stream: the attached output stream writer.
     """
 
-    __slots__ = ("_backend", "actor_id", "attempt", "bindings", "intent_event_id", "log",
-                 "redrive", "signal", "stream", "trigger_kind")  # fmt: skip
+    __slots__ = ("_backend", "_claim_token", "actor_id", "attempt", "bindings",
+                 "intent_event_id", "log", "redrive", "signal", "stream",
+                 "trigger_kind")  # fmt: skip
 
     def __init__(
         self,
@@ -87,8 +109,10 @@ class TriggerContext:
         redrive: bool,
         bindings: Mapping[str, Any],
         log: Any,
+        claim_token: str | None = None,
     ) -> None:
         self._backend = backend
+        self._claim_token = claim_token
         self.signal = signal
         self.actor_id = actor_id
         self.trigger_kind = trigger_kind
@@ -114,6 +138,17 @@ class TriggerContext:
         """Read the actor's ledger (events with ``id > after``, in id order)."""
         return await self._backend.read_events(
             self.actor_id, after=after, kinds=kinds, intent_event_id=intent_event_id, limit=limit
+        )
+
+    async def _record(self, kind: str, payload: JSON) -> Event:
+        """Record a framework fact about this intent now (workflow steps, sleeps).
+
+        Raises:
+            ClaimLostError: this attempt lost its claim; nothing was written.
+        """
+        text = dump_json(payload)
+        return await self._backend.record_fact(
+            self.actor_id, self.intent_event_id, self._claim_token, kind, payload, text
         )
 
 

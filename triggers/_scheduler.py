@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from ledger import Committed, Event, IndexDB, LedgerError, LedgerStore, LedgerTx
+from ledger import JSON, Committed, Event, IndexDB, LedgerError, LedgerStore, LedgerTx
 
 from ._abort import AbortController
-from ._context import TriggerContext
+from ._context import ClaimLostError, TriggerContext
 from ._engine import (
     Claimed,
     ClaimResult,
@@ -454,6 +454,7 @@ class Scheduler:
             redrive=bool(row.redrive),
             bindings=self.bindings,
             log=log,
+            claim_token=attempt.token,
         )
         outcome: tuple[Outcome, Any] = (Outcome.RAISED, None)
         with anyio.CancelScope() as scope:
@@ -579,3 +580,23 @@ class _Backend:
             actor_id, lambda tx: tx.stream_append(intent_event_id, [text])
         )
         return next_index - 1
+
+    async def record_fact(
+        self,
+        actor_id: str,
+        intent_event_id: int,
+        claim_token: str | None,
+        kind: str,
+        payload: JSON,
+        text: str,
+    ) -> Event:
+        def op(tx: LedgerTx) -> Event | None:
+            row = tx.intent_row(intent_event_id)
+            if row is None or row.status != "running" or row.claim_token != claim_token:
+                return None
+            return tx.insert_event(kind, payload, intent_event_id, text=text)
+
+        event = await self._store.run(actor_id, op)
+        if event is None:
+            raise ClaimLostError(f"intent {intent_event_id} of {actor_id!r}: the claim was lost")
+        return event

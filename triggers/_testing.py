@@ -342,6 +342,17 @@ class _Backend:
         ]
         return found if limit is None else found[:limit]
 
+    async def record_fact(
+        self,
+        actor_id: str,
+        intent_event_id: int,
+        claim_token: str | None,
+        kind: str,
+        payload: JSON,
+        text: str,
+    ) -> Event:
+        return self._ledger.insert_event(kind, payload, intent_event_id, text=text)
+
     async def stream_append(self, actor_id: str, intent_event_id: int, text: str) -> int:
         ledger = self._ledger
         chunks = ledger.chunks.setdefault(intent_event_id, [])

@@ -5,16 +5,18 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import pytest
 
 from ledger import IntentStatus
 from tests.helpers import DONE, make_trigger, open_host
+from triggers import CancelStatus
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from ledger import JSON
-    from triggers import Tx
+    from triggers import TriggerContext, Tx
 
 pytestmark = pytest.mark.anyio
 
@@ -101,6 +103,42 @@ async def test_reschedule_runs_the_intent_again(tmp_path: Path) -> None:
         ticks = await agent.events(kinds=["test.tick"])
         assert [e.payload["run"] for e in ticks] == [1, 2, 3]
         assert state.attempts == 1, "attempts start afresh after a reschedule"
+
+
+async def test_cancel_request_survives_a_reschedule(tmp_path: Path) -> None:
+    """A cancel requested while an attempt runs is not consumed when its commit reschedules:
+    the next attempt starts with its signal aborted and the intent ends cancelled."""
+    started = anyio.Event()
+    proceed = anyio.Event()
+    seen: list[bool] = []
+
+    async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
+        seen.append(ctx.signal.aborted)
+        if len(seen) == 1:
+            started.set()
+            await proceed.wait()  # ignores the signal: completes the occurrence anyway
+            return "first"
+        ctx.signal.throw_if_aborted()
+        return "again"
+
+    def commit(outcome: JSON, tx: Tx) -> None:
+        tx.insert_event(kind="test.tick", payload=outcome)
+        tx.reschedule(tx.now - timedelta(seconds=1))
+
+    async with open_host(tmp_path, make_trigger("test.work", acquire, commit=commit)) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind="test.work")
+        await started.wait()
+        result = await agent.cancel_trigger(
+            trigger_kind="test.work", intent_event_id=intent.id, reason="stop the series"
+        )
+        assert result.status is CancelStatus.REQUESTED
+        proceed.set()
+        with anyio.fail_after(10):
+            state = await agent.wait_for_intent(intent.id)
+        assert (state.status, state.cancel_reason) == (IntentStatus.CANCELLED, "stop the series")
+        assert seen == [False, True]
+        assert [e.payload for e in await agent.events(kinds=["test.tick"])] == ["first"]
 
 
 async def test_reserved_kinds_and_stale_tx_are_refused(tmp_path: Path) -> None:

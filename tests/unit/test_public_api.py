@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-PACKAGES = ["ledger", "triggers", "triggers.testing", "actors"]
+PACKAGES = ["ledger", "triggers", "triggers.testing", "triggers.workflows", "actors", "actors.http"]
 
 
 def public_names(package: types.ModuleType) -> list[str]:

@@ -1,0 +1,297 @@
+"""Durable workflows on a real host: recorded steps and replay, retries, durable sleep across
+a restart, run cancellation (asleep, mid-step), reconnecting from another host."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+
+from actors import ActorHost, define_agent_do
+from ledger import IntentStatus
+from tests.helpers import fast_config
+from triggers import AbortError, CancelStatus, FatalError, RetryPolicy
+from triggers._workflow import RUN_CANCELLED, STEP_COMPLETED, parse_duration
+from triggers.workflows import (
+    RunCancelledError,
+    RunFailedError,
+    StepFailedError,
+    Workflow,
+    WorkflowError,
+    get_run,
+    sleep,
+    start,
+    step,
+    workflow,
+)
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+pytestmark = pytest.mark.anyio
+
+calls: Counter[str] = Counter()
+gates: dict[str, anyio.Event] = {}
+flaky_failures: dict[str, int] = {}
+
+
+def gate(name: str) -> anyio.Event:
+    return gates.setdefault(name, anyio.Event())
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state() -> None:
+    calls.clear()
+    gates.clear()
+    flaky_failures.clear()
+
+
+@step
+async def add(a: int, b: int) -> int:
+    calls["add"] += 1
+    return a + b
+
+
+@step(retry=RetryPolicy(max_attempts=3, initial_backoff=0, jitter=False))
+async def flaky(key: str) -> str:
+    calls[f"flaky:{key}"] += 1
+    if flaky_failures.get(key, 0) > 0:
+        flaky_failures[key] -= 1
+        raise RuntimeError(f"transient {key}")
+    return f"ok {key}"
+
+
+@step
+async def refuse() -> None:
+    calls["refuse"] += 1
+    raise FatalError("no, never")
+
+
+@step
+async def aborts() -> None:
+    calls["aborts"] += 1
+    raise AbortError("gave up")
+
+
+@step
+async def held(name: str) -> str:
+    calls[f"held:{name}"] += 1
+    gate(f"{name}:started").set()
+    await gate(f"{name}:release").wait()
+    return name
+
+
+@workflow
+async def sum_then_sleep(a: int, b: int, nap: float) -> int:
+    first = await add(a, b)
+    await sleep(nap)
+    return await add(first, 1)
+
+
+@workflow
+async def retrying() -> list[str]:
+    return [await flaky("x"), await flaky("y")]
+
+
+@workflow
+async def catches_failures() -> str:
+    try:
+        await refuse()
+    except StepFailedError as exc:
+        return f"caught {exc.error_type}: {exc.message} after {exc.attempts}"
+    return "unreachable"
+
+
+@workflow
+async def lets_it_fail() -> None:
+    await aborts()
+
+
+@workflow
+async def long_sleep() -> str:
+    await add(1, 1)
+    await sleep("1h")
+    return "woke"
+
+
+cleanups: list[str] = []
+
+
+@workflow
+async def two_held_steps() -> str:
+    try:
+        await held("one")
+        await held("two")
+        return "both"
+    finally:
+        cleanups.append("finally ran")
+
+
+ALL: list[Workflow[Any, Any]] = [
+    sum_then_sleep,
+    retrying,
+    catches_failures,
+    lets_it_fail,
+    long_sleep,
+    two_held_steps,
+]
+AgentDO = define_agent_do(workflows=ALL)
+
+
+def host(tmp_path: Path, **options: Any) -> ActorHost:
+    options.setdefault("config", fast_config())
+    return ActorHost(AgentDO, data_dir=tmp_path, **options)
+
+
+async def result_of(run: Any) -> Any:
+    with anyio.fail_after(20):
+        return await run.result()
+
+
+async def test_steps_are_recorded_and_not_rerun_after_a_sleep(tmp_path: Path) -> None:
+    """A run's steps are ledger facts; after its sleep the body is replayed and the completed
+    step is answered from the ledger, not run again."""
+    async with host(tmp_path) as h:
+        run = await start(sum_then_sleep, [2, 3, 0.05], actor=h.get("u:1"))
+        assert await result_of(run) == 6
+        assert calls["add"] == 2
+        assert await run.status() is IntentStatus.COMPLETED
+        facts = await h.get("u:1").events(kinds=[STEP_COMPLETED])
+        assert [(f.payload["seq"], f.payload["result"]) for f in facts] == [(1, 5), (3, 6)]
+
+
+async def test_steps_retry_with_backoff(tmp_path: Path) -> None:
+    """A step that fails twice then succeeds is retried within its policy."""
+    flaky_failures.update(x=2, y=0)
+    async with host(tmp_path) as h:
+        run = await start(retrying, actor=h.get("u:1"))
+        assert await result_of(run) == ["ok x", "ok y"]
+        assert (calls["flaky:x"], calls["flaky:y"]) == (3, 1)
+
+
+async def test_fatal_step_is_not_retried_and_can_be_caught(tmp_path: Path) -> None:
+    """FatalError ends a step at once: StepFailedError reaches the body, which may catch it."""
+    async with host(tmp_path) as h:
+        run = await start(catches_failures, actor=h.get("u:1"))
+        assert await result_of(run) == "caught FatalError: no, never after 1"
+        assert calls["refuse"] == 1
+
+
+async def test_abort_error_in_a_step_is_fatal_and_fails_the_run(tmp_path: Path) -> None:
+    """An abort error in a step is not retried; uncaught, the run fails."""
+    async with host(tmp_path) as h:
+        run = await start(lets_it_fail, actor=h.get("u:1"))
+        with pytest.raises(RunFailedError, match="StepFailedError"):
+            await result_of(run)
+        assert calls["aborts"] == 1
+        assert await run.status() is IntentStatus.FAILED
+
+
+async def test_sleep_survives_a_restart_and_holds_nothing(tmp_path: Path) -> None:
+    """A sleeping run is a due time: no attempt runs meanwhile; after a restart and the end of
+    the sleep it resumes, and the step before the sleep is not run again."""
+    clock_ms = [1_800_000_000_000]
+    async with host(tmp_path, clock=lambda: clock_ms[0]) as h:
+        run = await start(long_sleep, actor=h.get("u:1"))
+        with anyio.fail_after(20):
+            while (await h.get("u:1").intent(run.run_id)).attempts != 0 or calls["add"] != 1:
+                await anyio.sleep(0.01)
+        assert await run.status() is IntentStatus.PENDING
+        assert h.scheduler is not None
+        assert list(h.scheduler.running_attempts()) == []
+    clock_ms[0] += 3_600_001
+    async with host(tmp_path, clock=lambda: clock_ms[0]) as h:
+        again = await get_run(run.run_id, actor=h.get("u:1"))
+        assert await result_of(again) == "woke"
+    assert calls["add"] == 1
+
+
+async def test_cancel_while_asleep_is_immediate(tmp_path: Path) -> None:
+    """Cancelling a sleeping run answers cancelled and records run_cancelled; result() raises
+    RunCancelledError with the reason; a second cancel says it had ended."""
+    async with host(tmp_path) as h:
+        run = await start(long_sleep, actor=h.get("u:1"))
+        with anyio.fail_after(20):
+            while calls["add"] != 1 or await run.status() is not IntentStatus.PENDING:
+                await anyio.sleep(0.01)
+        result = await run.cancel("not needed any more")
+        assert result.status is CancelStatus.CANCELLED
+        with pytest.raises(RunCancelledError) as caught:
+            await result_of(run)
+        assert caught.value.reason == "not needed any more"
+        facts = await h.get("u:1").events(kinds=[RUN_CANCELLED])
+        assert [f.payload for f in facts] == [{"reason": "not needed any more"}]
+        again = await run.cancel("twice")
+        assert again.status is CancelStatus.ALREADY_COMPLETED
+        assert again.terminal_status is IntentStatus.CANCELLED
+
+
+async def test_cancel_mid_step_lets_the_step_finish_then_stops(tmp_path: Path) -> None:
+    """A cancel while a step runs does not abort that step; the run stops at its next step
+    call, its finally block runs, and the next step never starts."""
+    cleanups.clear()
+    async with host(tmp_path) as h:
+        run = await start(two_held_steps, actor=h.get("u:1"))
+        with anyio.fail_after(20):
+            await gate("one:started").wait()
+        assert (await run.cancel("stop")).status is CancelStatus.REQUESTED
+        gate("one:release").set()
+        with pytest.raises(RunCancelledError, match="stop"):
+            await result_of(run)
+        assert calls["held:one"] == 1
+        assert calls["held:two"] == 0
+        assert cleanups == ["finally ran"]
+        completed = await h.get("u:1").events(kinds=[STEP_COMPLETED])
+        assert [f.payload["result"] for f in completed] == ["one"]
+
+
+async def test_get_run_from_a_client_process_view(tmp_path: Path) -> None:
+    """A client host (no scheduler) reconnects by run id and waits for the result."""
+    async with host(tmp_path) as h, host(tmp_path, run_scheduler=False) as client:
+        run = await start(sum_then_sleep, [1, 1, 0], actor=h.get("u:2"))
+        remote = await get_run(run.run_id, actor=client.get("u:2"))
+        assert await result_of(remote) == 3
+
+
+async def test_completed_run_cancel_says_so(tmp_path: Path) -> None:
+    """Cancelling a completed run answers already_completed with terminal_status completed."""
+    async with host(tmp_path) as h:
+        run = await start(sum_then_sleep, [1, 1, 0], actor=h.get("u:3"))
+        await result_of(run)
+        result = await run.cancel()
+        assert (result.status, result.terminal_status) == (
+            CancelStatus.ALREADY_COMPLETED, IntentStatus.COMPLETED,
+        )  # fmt: skip
+
+
+async def test_unregistered_workflow_is_refused(tmp_path: Path) -> None:
+    """start() refuses a workflow its actor class does not register, writing nothing; get_run
+    refuses an intent that is not a run."""
+
+    @workflow
+    async def stray() -> None:
+        return None
+
+    async with host(tmp_path) as h:
+        with pytest.raises(WorkflowError, match="not registered"):
+            await start(stray, actor=h.get("u:4"))
+        assert await h.get("u:4").intents() == []
+    plain = ActorHost(define_agent_do(), data_dir=tmp_path / "other", config=fast_config())
+    async with plain as p:
+        with pytest.raises(WorkflowError, match="not registered"):
+            await start(sum_then_sleep, [1, 2, 0], actor=p.get("x"))
+
+
+async def test_sleep_outside_a_workflow_and_durations() -> None:
+    """sleep() outside a workflow raises; durations read seconds, timedeltas and strings."""
+    with pytest.raises(RuntimeError, match="workflow"):
+        await sleep(1)
+    assert parse_duration("30s") == 30_000
+    assert parse_duration("5min") == 300_000
+    assert parse_duration("250ms") == 250
+    assert parse_duration(1.5) == 1_500
+    for bad in ("soon", "-1s", -1, float("nan")):
+        with pytest.raises(ValueError):  # noqa: PT011
+            parse_duration(bad)

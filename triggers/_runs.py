@@ -1,0 +1,150 @@
+"""Starting and following workflow runs: ``start``, ``get_run``, ``Run``."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ledger import JSON, Event, IntentState, IntentStatus
+
+from ._errors import IntentRejectedError, UnknownTriggerError
+from ._results import Failure
+from ._workflow import (
+    RUN_COMPLETED,
+    WORKFLOW_KIND,
+    RunCancelledError,
+    Workflow,
+    WorkflowError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ._results import CancelResult
+
+__all__ = ["Run", "RunFailedError", "get_run", "start"]
+
+
+class WorkflowActor(Protocol):
+    """What runs need of an actor (``actors.Agent`` is one)."""
+
+    @property
+    def actor_id(self) -> str: ...
+
+    async def enqueue_trigger(self, *, trigger_kind: str, payload: JSON = None) -> Event: ...
+
+    async def cancel_trigger(
+        self, *, trigger_kind: str, intent_event_id: int, reason: str | None = None
+    ) -> CancelResult: ...
+
+    async def intent(self, intent_event_id: int) -> IntentState: ...
+
+    async def wait_for_intent(self, intent_event_id: int) -> IntentState: ...
+
+    async def events(
+        self, *, kinds: Sequence[str] | None = None, intent_event_id: int | None = None
+    ) -> list[Event]: ...
+
+
+class RunFailedError(WorkflowError):
+    """The run failed: its body raised, or storage failed past its retries.
+
+    Attributes:
+        failure: the recorded failure (error type, message, attempts).
+    """
+
+    def __init__(self, failure: Failure) -> None:
+        self.failure = failure
+        super().__init__(f"workflow run failed: {failure.error_type}: {failure.message}")
+
+
+class Run:
+    """A workflow run, from ``start`` or ``get_run``; usable from any process.
+
+    Attributes:
+        run_id: the run's id (its intent's id in the actor's ledger).
+        actor_id: the actor whose ledger holds the run.
+    """
+
+    __slots__ = ("_actor", "run_id")
+
+    def __init__(self, actor: WorkflowActor, run_id: int) -> None:
+        self._actor = actor
+        self.run_id = run_id
+
+    def __repr__(self) -> str:
+        return f"<Run {self.run_id} of {self._actor.actor_id!r}>"
+
+    @property
+    def actor_id(self) -> str:
+        """The actor whose ledger holds the run."""
+        return self._actor.actor_id
+
+    async def status(self) -> IntentStatus:
+        """``pending`` (not started, or asleep), ``running``, ``completed``, ``cancelled`` or
+        ``failed``."""
+        return (await self._actor.intent(self.run_id)).status
+
+    async def result(self) -> Any:
+        """Wait for the run to end; returns the workflow's return value.
+
+        Raises:
+            RunCancelledError: the run was cancelled (``.reason`` says why).
+            RunFailedError: the run failed.
+        """
+        state = await self._actor.wait_for_intent(self.run_id)
+        if state.status is IntentStatus.CANCELLED:
+            raise RunCancelledError(state.cancel_reason)
+        facts = await self._actor.events(intent_event_id=self.run_id)
+        if state.status is IntentStatus.COMPLETED:
+            (done,) = [e for e in facts if e.kind == RUN_COMPLETED]
+            assert isinstance(done.payload, dict)
+            return done.payload["result"]
+        failed = [e for e in facts if e.kind == "trigger.failed"]
+        if failed and isinstance(failed[-1].payload, dict):
+            raise RunFailedError(Failure.model_validate(failed[-1].payload))
+        raise RunFailedError(
+            Failure(error_type="Unknown", message="no failure fact", attempts=state.attempts)
+        )
+
+    async def cancel(self, reason: str | None = None) -> CancelResult:
+        """Cancel the run: ``cancelled`` if it was waiting (asleep or not started),
+        ``requested`` if it is running (it stops at its next step call or sleep, after its
+        running step), ``already_completed`` (with ``terminal_status``) if it had ended.
+        Cancelling twice is harmless."""
+        return await self._actor.cancel_trigger(
+            trigger_kind=WORKFLOW_KIND, intent_event_id=self.run_id, reason=reason
+        )
+
+
+async def start(wf: Workflow[..., Any], args: Sequence[JSON] = (), *, actor: WorkflowActor) -> Run:
+    """Start a run of ``wf`` with ``args`` in the ledger of ``actor``.
+
+    Raises:
+        WorkflowError: ``wf`` is not registered on the actor's class
+            (``define_agent_do(workflows=[...])``).
+        ledger.PayloadError: ``args`` are not JSON values.
+    """
+    if not isinstance(wf, Workflow):
+        raise TypeError(f"start() needs a @workflow function, not {wf!r}")
+    payload = {"workflow": wf.name, "args": list(args)}
+    try:
+        event = await actor.enqueue_trigger(trigger_kind=WORKFLOW_KIND, payload=payload)
+    except (UnknownTriggerError, IntentRejectedError):
+        raise WorkflowError(
+            f"workflow {wf.name!r} is not registered on this actor class: "
+            "pass it in define_agent_do(workflows=[...])"
+        ) from None
+    return Run(actor, event.id)
+
+
+async def get_run(run_id: int, *, actor: WorkflowActor) -> Run:
+    """Reconnect to a run by its id, from any process.
+
+    Raises:
+        ledger.IntentNotFoundError: no intent with that id in the actor's ledger.
+        WorkflowError: the intent is not a workflow run.
+    """
+    state = await actor.intent(run_id)
+    if state.trigger_kind != WORKFLOW_KIND:
+        raise WorkflowError(f"intent {run_id} of {actor.actor_id!r} is not a workflow run")
+    return Run(actor, run_id)

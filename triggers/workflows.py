@@ -1,0 +1,45 @@
+"""Durable workflows, built as triggers (see ``triggers._workflow`` for the model).
+
+::
+
+    from triggers.workflows import sleep, start, step, workflow
+
+    @step
+    async def fetch(url: str) -> str: ...
+
+    @workflow
+    async def digest(url: str) -> str:
+        page = await fetch(url)       # recorded; a replay returns it without fetching again
+        await sleep("1h")             # durable: the run holds no task while it waits
+        return page[:100]
+
+    AgentDO = define_agent_do(workflows=[digest])
+    run = await start(digest, ["https://example.com"], actor=host.get("user:1"))
+    print(await run.result())
+"""
+
+from ._runs import Run as Run
+from ._runs import RunFailedError as RunFailedError
+from ._runs import get_run as get_run
+from ._runs import start as start
+from ._workflow import RunCancelledError as RunCancelledError
+from ._workflow import StepFailedError as StepFailedError
+from ._workflow import Workflow as Workflow
+from ._workflow import WorkflowError as WorkflowError
+from ._workflow import sleep as sleep
+from ._workflow import step as step
+from ._workflow import workflow as workflow
+
+__all__ = [
+    "Run",
+    "RunCancelledError",
+    "RunFailedError",
+    "StepFailedError",
+    "Workflow",
+    "WorkflowError",
+    "get_run",
+    "sleep",
+    "start",
+    "step",
+    "workflow",
+]
