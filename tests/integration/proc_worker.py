@@ -23,6 +23,8 @@ Triggers (the test process imports ``AgentDO`` from here to be a client of the s
   then waits for its signal, a ``release`` command or ``payload["seconds"]``, whichever comes
   first. When the signal fires it prints ``aborted`` with the reason and raises AbortError.
 * ``proc.quick`` prints ``started`` and returns at once.
+* the workflow ``proc.pipeline(tag)`` runs step one (prints ``wf_step``), then step two (prints
+  ``wf_step`` and holds until ``{"op": "release", "actor": "wf:<tag>", "intent": 0}``).
 
 Each commit writes exactly one ``proc.*`` fact per terminal transition, holding the pid of
 the process that wrote it.
@@ -51,6 +53,7 @@ from triggers import (
     RetryPolicy,
     SchedulerConfig,
 )
+from triggers.workflows import step, workflow
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -173,7 +176,31 @@ def _trigger(kind: str, acquire: Any) -> DurableTrigger[Any, Any]:
     return spec  # type: ignore[return-value]
 
 
-AgentDO = define_agent_do(triggers=[_trigger(WAIT, wait_acquire), _trigger(QUICK, quick_acquire)])
+@step
+async def wf_step_one(tag: str) -> str:
+    """Reports that it ran (and where), then returns at once."""
+    emit({"event": "wf_step", "step": "one", "tag": tag, "pid": os.getpid()})
+    return f"one:{tag}"
+
+
+@step
+async def wf_step_two(tag: str) -> str:
+    """Reports that it ran, then holds until a ``release`` command for actor ``wf:<tag>``,
+    intent 0."""
+    emit({"event": "wf_step", "step": "two", "tag": tag, "pid": os.getpid()})
+    await _release_event(f"wf:{tag}", 0).wait()
+    return f"two:{tag}"
+
+
+@workflow(name="proc.pipeline")
+async def pipeline(tag: str) -> list[str]:
+    """Two recorded steps; the second waits for a release."""
+    return [await wf_step_one(tag), await wf_step_two(tag)]
+
+
+AgentDO = define_agent_do(
+    triggers=[_trigger(WAIT, wait_acquire), _trigger(QUICK, quick_acquire)], workflows=[pipeline]
+)
 
 
 # -- the program -----------------------------------------------------------------------------

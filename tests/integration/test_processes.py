@@ -34,8 +34,11 @@ from tests.integration.proc_worker import (
     TERMINAL_KINDS,
     WAIT,
     AgentDO,
+    pipeline,
 )
 from triggers import AbortError, CancelResult, CancelStatus
+from triggers._workflow import STEP_COMPLETED
+from triggers.workflows import start
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -408,6 +411,29 @@ async def test_distributed_abort_create_races_across_processes(tmp_path):
             assert len(await client.get("race").intents()) == 1
         for worker in workers:
             await worker.stop()
+
+
+async def test_workflow_run_survives_a_sigkill_mid_step(tmp_path):
+    """A host running a workflow is killed with SIGKILL during its second step. The next host
+    replays the run: the first step's recorded result is reused (it never runs again), the
+    interrupted second step runs again, and the run completes with both results."""
+    async with processes(tmp_path) as procs:
+        first = await procs.start_host()
+        async with open_client(tmp_path) as client:
+            run = await start(pipeline, ["t1"], actor=client.get("wf:1"))
+            await first.expect("wf_step", step="one")
+            await first.expect("wf_step", step="two")
+            await first.kill()
+            second = await procs.start_host()
+            await second.expect("wf_step", step="two")
+            await second.send({"op": "release", "actor": "wf:t1", "intent": 0})
+            with anyio.fail_after(30):
+                assert await run.result() == ["one:t1", "two:t1"]
+            assert first.find("wf_step", step="one") != []
+            assert second.find("wf_step", step="one") == [], "a recorded step ran again"
+            completed = await client.get("wf:1").events(kinds=[STEP_COMPLETED])
+            assert [e.payload["seq"] for e in completed] == [1, 2]
+        await second.stop()
 
 
 # -- 2. two hosts on one data directory ------------------------------------------------------
