@@ -173,6 +173,17 @@ class Agent:
         not_found = CancelResult(status=CancelStatus.NOT_FOUND, intent_event_id=intent_event_id)
         return await self._read(op, not_found, write=True)
 
+    async def _ledger_op(
+        self, fn: Callable[[LedgerTx], T], *, write: bool = True, create: bool = False
+    ) -> T | None:
+        """Run a ledger operation on this actor (for the framework's own features); None
+        when the actor has no ledger and ``create`` is false."""
+        return (
+            await self._read(fn, None, write=write)
+            if not create
+            else (await self._host.store.run(self.actor_id, fn, write=write))
+        )
+
     # -- reads ----------------------------------------------------------------------------
 
     async def _read(self, op: Callable[[LedgerTx], T], missing: T, *, write: bool = False) -> T:

@@ -451,6 +451,21 @@ class LedgerTx:
         )
         self._note_due(due_at)
 
+    def wake(self, intent_event_id: int, due_at: int) -> bool:
+        """Bring a pending intent's due time forward to ``due_at`` (never later).
+
+        Returns:
+            True if the intent was pending and is now due by ``due_at``.
+        """
+        cur = self._file.conn.execute(
+            "UPDATE intents SET due_at = min(due_at, ?) WHERE id = ? AND status = 'pending'",
+            (due_at, intent_event_id),
+        )
+        if cur.rowcount != 1:
+            return False
+        self._note_due(due_at)
+        return True
+
     def finish(self, intent_event_id: int, status: IntentStatus, event_ids: Sequence[int]) -> None:
         """Move an intent to a terminal status, naming the facts that settled it."""
         self._file.conn.execute(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ledger import JSON, Event, dump_json, ms_to_datetime
+from ledger import JSON, Event, LedgerTx, dump_json, ms_to_datetime
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -38,9 +38,11 @@ class ContextBackend(Protocol):
         kind: str,
         payload: JSON,
         text: str,
+        check: Callable[[LedgerTx], None] | None = None,
     ) -> Event:
         """Append a fact about the intent now, while its attempt runs, if the attempt still
-        holds the claim ``claim_token``.
+        holds the claim ``claim_token`` (and ``check``, run in the same transaction first,
+        does not raise).
 
         Raises:
             ClaimLostError: the attempt no longer holds the claim (nothing was written).
@@ -140,15 +142,18 @@ class TriggerContext:
             self.actor_id, after=after, kinds=kinds, intent_event_id=intent_event_id, limit=limit
         )
 
-    async def _record(self, kind: str, payload: JSON) -> Event:
-        """Record a framework fact about this intent now (workflow steps, sleeps).
+    async def _record(
+        self, kind: str, payload: JSON, check: Callable[[LedgerTx], None] | None = None
+    ) -> Event:
+        """Record a framework fact about this intent now (workflow steps, sleeps, hooks).
 
         Raises:
             ClaimLostError: this attempt lost its claim; nothing was written.
+            Exception: whatever ``check`` raised (nothing was written).
         """
         text = dump_json(payload)
         return await self._backend.record_fact(
-            self.actor_id, self.intent_event_id, self._claim_token, kind, payload, text
+            self.actor_id, self.intent_event_id, self._claim_token, kind, payload, text, check
         )
 
 

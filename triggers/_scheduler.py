@@ -589,11 +589,14 @@ class _Backend:
         kind: str,
         payload: JSON,
         text: str,
+        check: Callable[[LedgerTx], None] | None = None,
     ) -> Event:
         def op(tx: LedgerTx) -> Event | None:
             row = tx.intent_row(intent_event_id)
             if row is None or row.status != "running" or row.claim_token != claim_token:
                 return None
+            if check is not None:
+                check(tx)
             return tx.insert_event(kind, payload, intent_event_id, text=text)
 
         event = await self._store.run(actor_id, op)

@@ -19,8 +19,10 @@ from ._spec import TriggerRegistry
 from ._tx import Tx
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
     from datetime import datetime
+
+    from ledger import LedgerTx
 
     from ._spec import DurableTrigger, TriggerDef
 
@@ -350,7 +352,9 @@ class _Backend:
         kind: str,
         payload: JSON,
         text: str,
+        check: Callable[[LedgerTx], None] | None = None,
     ) -> Event:
+        # No SQLite ledger here: checks that read one (workflow hooks) do not apply.
         return self._ledger.insert_event(kind, payload, intent_event_id, text=text)
 
     async def stream_append(self, actor_id: str, intent_event_id: int, text: str) -> int:

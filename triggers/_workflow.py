@@ -21,14 +21,15 @@ import inspect
 import math
 import random
 import re
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 import anyio
+from pydantic import BaseModel
 
-from ledger import JSON, LedgerError, dump_json, ms_to_datetime
+from ledger import JSON, LedgerError, LedgerTx, dump_json, ms_to_datetime
 
 from ._abort import AbortError
 from ._context import ClaimLostError, TriggerContext
@@ -63,7 +64,13 @@ WAIT_CREATED = "trigger.workflow.wait_created"
 WAIT_COMPLETED = "trigger.workflow.wait_completed"
 RUN_COMPLETED = "trigger.workflow.run_completed"
 RUN_CANCELLED = "trigger.workflow.run_cancelled"
-REPLAY_KINDS = (STEP_COMPLETED, STEP_FAILED, WAIT_CREATED, WAIT_COMPLETED)
+HOOK_CREATED = "trigger.workflow.hook_created"
+HOOK_RECEIVED = "trigger.workflow.hook_received"
+HOOK_DISPOSED = "trigger.workflow.hook_disposed"
+REPLAY_KINDS = (STEP_COMPLETED, STEP_FAILED, WAIT_CREATED, WAIT_COMPLETED, HOOK_CREATED,
+                HOOK_RECEIVED, HOOK_DISPOSED)  # fmt: skip
+FOREVER_MS = 253_402_300_799_000
+"""9999-12-31: the due time of a run that waits for a hook and nothing else."""
 
 DEFAULT_STEP_RETRY = RetryPolicy(max_attempts=3, initial_backoff=1.0, max_backoff=30.0)
 """Steps retry three times in all, 1 s then 2 s apart (jittered), unless they say otherwise."""
@@ -106,12 +113,40 @@ class StepFailedError(WorkflowError):
         )
 
 
-class _Suspend(BaseException):
-    """Unwinds a body that must wait for a sleep to end (caught by the run, never seen)."""
+class HookNotFoundError(WorkflowError, LookupError):
+    """No active hook holds this token in the actor (never created, disposed, or its run
+    ended).
 
-    def __init__(self, until_ms: int) -> None:
+    Attributes:
+        token: the token asked for.
+    """
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        super().__init__(f"no active hook with token {token!r}")
+
+
+class HookConflictError(WorkflowError):
+    """Another active hook of the actor already holds this token.
+
+    Attributes:
+        token: the token.
+        run_id: the run whose hook holds it.
+    """
+
+    def __init__(self, token: str, run_id: int) -> None:
+        self.token = token
+        self.run_id = run_id
+        super().__init__(f"the hook token {token!r} is held by an active hook of run {run_id}")
+
+
+class _Suspend(BaseException):
+    """Unwinds a body that must wait for a sleep or a hook (caught by the run, never seen)."""
+
+    def __init__(self, until_ms: int, hooks: tuple[str, ...] = ()) -> None:
         super().__init__(until_ms)
         self.until_ms = until_ms
+        self.hooks = hooks
 
 
 # -- declaring workflows and steps -------------------------------------------------------------
@@ -244,6 +279,151 @@ def parse_duration(duration: str | float | timedelta) -> int:
     return round(ms)
 
 
+# -- hooks ----------------------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class Hook(Generic[T]):
+    """A hook of a running workflow: ``await hook`` waits, durably, for its first resume.
+
+    Create it in a workflow body with ``create_hook(token=...)`` (or a typed hook's
+    ``.create``). Use it as ``async with create_hook(token=t) as hook:`` to dispose of it
+    (release its token) when the block ends; a hook is disposed anyway when its run ends.
+    While the run waits for a hook it holds no task: it wakes when ``resume_hook`` is called.
+    """
+
+    __slots__ = ("_parse", "_run", "_seq", "_token", "_wanted")
+
+    def __init__(self, token: str | None, parse: Callable[[JSON], T]) -> None:
+        run = _current.get(None)
+        if run is None:
+            raise RuntimeError("hooks are created inside workflow bodies")
+        self._run = run
+        self._seq = run._next()
+        self._wanted = token
+        self._token: str | None = None
+        self._parse = parse
+
+    @property
+    def token(self) -> str | None:
+        """The hook's token, once created (``None`` before its first use)."""
+        return self._token
+
+    async def _ensure(self) -> str:
+        if self._token is None:
+            self._token = await self._run.create_hook(self._seq, self._wanted)
+        return self._token
+
+    async def _wait(self) -> T:
+        token = await self._ensure()
+        return self._parse(await self._run.wait_hook(token))
+
+    def __await__(self) -> Generator[Any, None, T]:
+        return self._wait().__await__()
+
+    async def __aenter__(self) -> Hook[T]:
+        await self._ensure()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        if self._token is None or (
+            exc_type is not None
+            and issubclass(exc_type, _Suspend | AbortError | ClaimLostError | LedgerError)
+        ):
+            return  # waiting, cancelled or storage trouble: the hook lives on (or dies with it)
+        await self._run.dispose_hook(self._token)
+
+
+def create_hook(*, token: str | None = None) -> Hook[JSON]:
+    """A hook whose resume payload is any JSON value (see ``Hook``).
+
+    Raises:
+        RuntimeError: called outside a workflow body.
+        HookConflictError: (when first used) another active hook holds ``token``.
+    """
+    return Hook(token, _identity)
+
+
+def _identity(payload: JSON) -> JSON:
+    return payload
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class TypedHook(Generic[M]):
+    """A hook definition with a pydantic payload model, from ``define_hook(Model)``."""
+
+    model: type[M]
+
+    def create(self, *, token: str | None = None) -> Hook[M]:
+        """A hook (inside a workflow) whose awaited payload is a ``model`` instance."""
+        return Hook(token, self.model.model_validate)
+
+    async def resume(self, token: str, payload: M | Mapping[str, Any], *, actor: Any) -> int:
+        """Validate ``payload`` against the model, then ``resume_hook``; returns the run id.
+
+        Raises:
+            pydantic.ValidationError: the payload does not fit the model (nothing written).
+            HookNotFoundError: no active hook holds ``token``.
+        """
+        value = self.model.model_validate(payload)
+        return await resume_hook(token, value.model_dump(mode="json"), actor=actor)
+
+
+def define_hook(model: type[M]) -> TypedHook[M]:
+    """A typed hook: ``.create(token=)`` in a workflow, ``.resume(token, payload, actor=)``
+    from anywhere."""
+    return TypedHook(model)
+
+
+async def resume_hook(token: str, payload: JSON = None, *, actor: Any) -> int:
+    """Deliver ``payload`` to the active hook holding ``token`` in ``actor``; returns its run.
+
+    The payload is recorded in the run's ledger at once, and a run waiting for it is woken.
+
+    Raises:
+        HookNotFoundError: no active hook holds ``token`` (unknown, disposed, or run ended).
+        ledger.PayloadError: the payload is not JSON.
+    """
+    dump_json(payload, what="hook payload")  # refuse it before touching the ledger
+
+    def op(tx: LedgerTx) -> int | None:
+        run_id = active_hook(tx, token)
+        if run_id is None:
+            return None
+        tx.insert_event(HOOK_RECEIVED, {"token": token, "payload": payload}, run_id)
+        tx.wake(run_id, tx.now_ms)
+        return run_id
+
+    run_id = await actor._ledger_op(op)
+    if run_id is None:
+        raise HookNotFoundError(token)
+    return int(run_id)
+
+
+@dataclass(frozen=True)
+class HookInfo:
+    """An active hook: its token and the run waiting on it."""
+
+    token: str
+    run_id: int
+
+
+async def get_hook_by_token(token: str, *, actor: Any) -> HookInfo:
+    """The active hook holding ``token`` in ``actor``.
+
+    Raises:
+        HookNotFoundError: no active hook holds it.
+    """
+    run_id = await actor._ledger_op(lambda tx: active_hook(tx, token), write=False)
+    if run_id is None:
+        raise HookNotFoundError(token)
+    return HookInfo(token=token, run_id=int(run_id))
+
+
 # -- running a body ------------------------------------------------------------------------------
 
 
@@ -260,6 +440,9 @@ class _Run:
     failed: dict[int, dict[str, Any]] = field(default_factory=dict)
     waits: dict[int, int] = field(default_factory=dict)
     woke: set[int] = field(default_factory=set)
+    hooks_created: dict[int, str] = field(default_factory=dict)
+    received: dict[str, JSON] = field(default_factory=dict)
+    disposed: set[str] = field(default_factory=set)
     seq: int = 0
 
     def _next(self) -> int:
@@ -317,25 +500,90 @@ class _Run:
         await self.ctx._record(WAIT_COMPLETED, {"seq": seq})
         self.woke.add(seq)
 
+    async def create_hook(self, seq: int, token: str | None) -> str:
+        if seq in self.hooks_created:
+            return self.hooks_created[seq]
+        self._check_cancel()
+        chosen = token if token is not None else f"hook:{self.ctx.intent_event_id}:{seq}"
+
+        def unique(tx: LedgerTx) -> None:
+            holder = active_hook(tx, chosen)
+            if holder is not None:
+                raise HookConflictError(chosen, holder)
+
+        await self.ctx._record(HOOK_CREATED, {"seq": seq, "token": chosen}, unique)
+        self.hooks_created[seq] = chosen
+        return chosen
+
+    async def wait_hook(self, token: str) -> JSON:
+        if token in self.received:
+            return self.received[token]
+        self._check_cancel()
+        # It may have arrived since this attempt read the run's facts.
+        for event in await self.ctx.events(
+            intent_event_id=self.ctx.intent_event_id, kinds=[HOOK_RECEIVED]
+        ):
+            fact = event.payload
+            if isinstance(fact, dict) and fact.get("token") == token:
+                self.received[token] = fact.get("payload")
+                return self.received[token]
+        raise _Suspend(FOREVER_MS, (token,))
+
+    async def dispose_hook(self, token: str) -> None:
+        if token in self.disposed:
+            return
+        await self.ctx._record(HOOK_DISPOSED, {"token": token})
+        self.disposed.add(token)
+
+
+def active_hook(tx: LedgerTx, token: str) -> int | None:
+    """The run whose active hook holds ``token`` in this actor, or None."""
+    holder: int | None = None
+    for event in tx.events(kinds=[HOOK_CREATED, HOOK_DISPOSED]):
+        fact = event.payload
+        if not isinstance(fact, dict) or fact.get("token") != token:
+            continue
+        holder = event.intent_event_id if event.kind == HOOK_CREATED else None
+    if holder is None:
+        return None
+    row = tx.intent_row(holder)
+    if row is None or row.status not in ("pending", "running"):
+        return None
+    return holder
+
 
 async def _replay_facts(ctx: TriggerContext) -> _Run:
     run = _Run(ctx)
     for event in await ctx.events(intent_event_id=ctx.intent_event_id, kinds=REPLAY_KINDS):
         fact = event.payload
         assert isinstance(fact, dict)
-        seq = int(fact["seq"])
+        seq = int(fact.get("seq", 0))
         if event.kind == STEP_COMPLETED:
             run.completed.setdefault(seq, fact.get("result"))
         elif event.kind == STEP_FAILED:
             run.failed.setdefault(seq, fact)
         elif event.kind == WAIT_CREATED:
             run.waits.setdefault(seq, int(fact["until"]))
-        else:
+        elif event.kind == WAIT_COMPLETED:
             run.woke.add(seq)
+        elif event.kind == HOOK_CREATED:
+            run.hooks_created.setdefault(seq, str(fact["token"]))
+        elif event.kind == HOOK_RECEIVED:
+            run.received.setdefault(str(fact["token"]), fact.get("payload"))
+        else:
+            run.disposed.add(str(fact["token"]))
     return run
 
 
 # -- the built-in trigger ------------------------------------------------------------------------
+
+
+def _received_any(tx: Tx, tokens: set[str]) -> bool:
+    ledger: Any = tx._ledger
+    for event in ledger.events(intent_event_id=tx.intent_event_id, kinds=[HOOK_RECEIVED]):
+        if isinstance(event.payload, dict) and event.payload.get("token") in tokens:
+            return True
+    return False
 
 
 def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> DurableTrigger[Any, Any]:
@@ -375,14 +623,18 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> DurableTrigger[
                 # The body failed: a run failure, not something to retry by running it again.
                 raise FatalError(f"{type(exc).__name__}: {exc}") from exc
         except _Suspend as suspend:
-            return {"suspend_until": suspend.until_ms}
+            return {"suspend_until": suspend.until_ms, "hooks": list(suspend.hooks)}
         finally:
             _current.reset(token)
         return {"result": result}
 
     def commit(outcome: Mapping[str, Any], tx: Tx) -> None:
         if "suspend_until" in outcome:
-            tx.reschedule(ms_to_datetime(int(outcome["suspend_until"])))
+            until = int(outcome["suspend_until"])
+            awaited = set(outcome.get("hooks", []))
+            if awaited and _received_any(tx, awaited):
+                until = tx._ledger.now_ms  # a resume landed while this attempt ran
+            tx.reschedule(ms_to_datetime(until))
             return
         dump_json(outcome["result"], what="workflow result")
         tx._insert_framework_event(RUN_COMPLETED, {"result": outcome["result"]})

@@ -22,22 +22,40 @@ from ._runs import Run as Run
 from ._runs import RunFailedError as RunFailedError
 from ._runs import get_run as get_run
 from ._runs import start as start
+from ._workflow import Hook as Hook
+from ._workflow import HookConflictError as HookConflictError
+from ._workflow import HookInfo as HookInfo
+from ._workflow import HookNotFoundError as HookNotFoundError
 from ._workflow import RunCancelledError as RunCancelledError
 from ._workflow import StepFailedError as StepFailedError
+from ._workflow import TypedHook as TypedHook
 from ._workflow import Workflow as Workflow
 from ._workflow import WorkflowError as WorkflowError
+from ._workflow import create_hook as create_hook
+from ._workflow import define_hook as define_hook
+from ._workflow import get_hook_by_token as get_hook_by_token
+from ._workflow import resume_hook as resume_hook
 from ._workflow import sleep as sleep
 from ._workflow import step as step
 from ._workflow import workflow as workflow
 
 __all__ = [
+    "Hook",
+    "HookConflictError",
+    "HookInfo",
+    "HookNotFoundError",
     "Run",
     "RunCancelledError",
     "RunFailedError",
     "StepFailedError",
+    "TypedHook",
     "Workflow",
     "WorkflowError",
+    "create_hook",
+    "define_hook",
+    "get_hook_by_token",
     "get_run",
+    "resume_hook",
     "sleep",
     "start",
     "step",

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from actors import ActorHost, define_agent_do
 from ledger import IntentStatus
@@ -15,12 +16,17 @@ from tests.helpers import fast_config
 from triggers import AbortError, CancelStatus, FatalError, RetryPolicy
 from triggers._workflow import RUN_CANCELLED, STEP_COMPLETED, parse_duration
 from triggers.workflows import (
+    HookNotFoundError,
     RunCancelledError,
     RunFailedError,
     StepFailedError,
     Workflow,
     WorkflowError,
+    create_hook,
+    define_hook,
+    get_hook_by_token,
     get_run,
+    resume_hook,
     sleep,
     start,
     step,
@@ -295,3 +301,130 @@ async def test_sleep_outside_a_workflow_and_durations() -> None:
     for bad in ("soon", "-1s", -1, float("nan")):
         with pytest.raises(ValueError):  # noqa: PT011
             parse_duration(bad)
+
+
+# -- hooks ------------------------------------------------------------------------------------
+
+
+class Approval(BaseModel):
+    approved: bool
+    by: str
+
+
+approval = define_hook(Approval)
+
+
+@workflow
+async def waits_for_approval(request: str) -> str:
+    await add(1, 1)
+    async with approval.create(token=f"approve:{request}") as hook:
+        decision = await hook
+    return f"{request}: {'yes' if decision.approved else 'no'} by {decision.by}"
+
+
+@workflow
+async def raw_hook() -> Any:
+    return await create_hook(token="raw")
+
+
+ALL.extend([waits_for_approval, raw_hook])
+HookDO = define_agent_do(workflows=ALL)
+
+
+def hook_host(tmp_path: Path, **options: Any) -> ActorHost:
+    options.setdefault("config", fast_config())
+    return ActorHost(HookDO, data_dir=tmp_path, **options)
+
+
+async def wait_hook(agent: Any, token: str) -> int:
+    """Wait until the hook exists; returns its run id."""
+    with anyio.fail_after(20):
+        while True:
+            try:
+                return (await get_hook_by_token(token, actor=agent)).run_id
+            except HookNotFoundError:
+                await anyio.sleep(0.01)
+
+
+async def test_hook_wait_holds_nothing_and_resume_wakes_the_run(tmp_path: Path) -> None:
+    """A run waiting on a hook is pending with no attempt; a typed resume (validated) wakes it,
+    the payload reaches the body, and the hook is disposed (its token free again)."""
+    async with hook_host(tmp_path) as h:
+        agent = h.get("u:h")
+        run = await start(waits_for_approval, ["r1"], actor=agent)
+        assert await wait_hook(agent, "approve:r1") == run.run_id
+        with anyio.fail_after(20):
+            while await run.status() is not IntentStatus.PENDING:
+                await anyio.sleep(0.01)
+        assert h.scheduler is not None
+        assert list(h.scheduler.running_attempts()) == []
+        with pytest.raises(ValidationError):
+            await approval.resume("approve:r1", {"approved": "maybe"}, actor=agent)
+        assert (
+            await approval.resume("approve:r1", Approval(approved=True, by="ann"), actor=agent)
+            == run.run_id
+        )
+        assert await result_of(run) == "r1: yes by ann"
+        assert calls["add"] == 1
+        with pytest.raises(HookNotFoundError):
+            await get_hook_by_token("approve:r1", actor=agent)
+
+
+async def test_resume_unknown_token_and_conflicting_tokens(tmp_path: Path) -> None:
+    """Resuming a token no active hook holds raises HookNotFoundError and writes nothing; a
+    second run creating a held token fails with a conflict."""
+    async with hook_host(tmp_path) as h:
+        agent = h.get("u:c")
+        with pytest.raises(HookNotFoundError):
+            await resume_hook("nobody", {"x": 1}, actor=agent)
+        first = await start(raw_hook, actor=agent)
+        await wait_hook(agent, "raw")
+        second = await start(raw_hook, actor=agent)
+        with pytest.raises(RunFailedError, match="HookConflictError"):
+            await result_of(second)
+        await resume_hook("raw", {"x": 2}, actor=agent)
+        assert await result_of(first) == {"x": 2}
+
+
+async def test_resume_landing_while_the_attempt_suspends_is_not_lost(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resume that lands after the attempt looked for it but before its suspension commits
+    still wakes the run (the commit sees it and reschedules the run for now)."""
+    from triggers import _workflow
+
+    original = _workflow._Run.wait_hook
+    agents: list[Any] = []
+
+    async def resume_in_the_gap(self: Any, token: str) -> Any:
+        try:
+            return await original(self, token)
+        except _workflow._Suspend:
+            if not agents[1:]:
+                agents.append("resumed")
+                await resume_hook(token, "in the gap", actor=agents[0])
+            raise
+
+    monkeypatch.setattr(_workflow._Run, "wait_hook", resume_in_the_gap)
+    async with hook_host(tmp_path) as h:
+        agent = h.get("u:gap")
+        agents.append(agent)
+        run = await start(raw_hook, actor=agent)
+        assert await result_of(run) == "in the gap"
+        assert agents[1:] == ["resumed"]
+
+
+async def test_cancel_a_run_waiting_on_a_hook(tmp_path: Path) -> None:
+    """Cancelling a run that waits on a hook cancels it at once and frees the token."""
+    async with hook_host(tmp_path) as h:
+        agent = h.get("u:x")
+        run = await start(raw_hook, actor=agent)
+        await wait_hook(agent, "raw")
+        with anyio.fail_after(20):
+            while await run.status() is not IntentStatus.PENDING:
+                await anyio.sleep(0.01)
+        assert (await run.cancel("user cancelled")).status is CancelStatus.CANCELLED
+        with pytest.raises(RunCancelledError):
+            await result_of(run)
+        with pytest.raises(HookNotFoundError):
+            await resume_hook("raw", 1, actor=agent)
