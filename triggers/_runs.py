@@ -17,7 +17,7 @@ from ._workflow import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import AsyncIterator, Sequence
 
     from ._results import CancelResult
 
@@ -39,6 +39,8 @@ class WorkflowActor(Protocol):
     async def intent(self, intent_event_id: int) -> IntentState: ...
 
     async def wait_for_intent(self, intent_event_id: int) -> IntentState: ...
+
+    def stream(self, intent_event_id: int, *, start: int = 0) -> AsyncIterator[JSON]: ...
 
     async def events(
         self, *, kinds: Sequence[str] | None = None, intent_event_id: int | None = None
@@ -105,6 +107,11 @@ class Run:
         raise RunFailedError(
             Failure(error_type="Unknown", message="no failure fact", attempts=state.attempts)
         )
+
+    def get_readable(self, *, start: int = 0) -> AsyncIterator[JSON]:
+        """The run's output stream (``get_writable()`` chunks) from index ``start``, followed
+        until the run ends, whatever the way it ends."""
+        return self._actor.stream(self.run_id, start=start)
 
     async def cancel(self, reason: str | None = None) -> CancelResult:
         """Cancel the run: ``cancelled`` if it was waiting (asleep or not started),

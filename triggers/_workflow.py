@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from ledger import JSON, LedgerError, LedgerTx, dump_json, ms_to_datetime
 
 from ._abort import AbortError
-from ._context import ClaimLostError, TriggerContext
+from ._context import ClaimLostError, StreamWriter, TriggerContext
 from ._errors import FatalError, TriggerError
 from ._spec import RetryPolicy
 
@@ -277,6 +277,24 @@ def parse_duration(duration: str | float | timedelta) -> int:
     if not math.isfinite(ms) or ms < 0:
         raise ValueError(f"a duration must be finite and >= 0, not {duration!r}")
     return round(ms)
+
+
+# -- streams --------------------------------------------------------------------------------------
+
+
+def get_writable() -> StreamWriter:
+    """The run's output stream, from inside a step or a workflow body: ``await
+    get_writable().write(chunk)`` appends any JSON value. Readers (``run.get_readable()``)
+    replay it from the start and follow it until the run ends. Chunks are transport, not
+    facts: a step that runs again after a crash writes its chunks again.
+
+    Raises:
+        RuntimeError: called outside a workflow run.
+    """
+    run = _current.get(None)
+    if run is None:
+        raise RuntimeError("get_writable() is for workflow bodies and their steps")
+    return run.ctx.stream
 
 
 # -- hooks ----------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from ._workflow import WorkflowError as WorkflowError
 from ._workflow import create_hook as create_hook
 from ._workflow import define_hook as define_hook
 from ._workflow import get_hook_by_token as get_hook_by_token
+from ._workflow import get_writable as get_writable
 from ._workflow import resume_hook as resume_hook
 from ._workflow import sleep as sleep
 from ._workflow import step as step
@@ -55,6 +56,7 @@ __all__ = [
     "define_hook",
     "get_hook_by_token",
     "get_run",
+    "get_writable",
     "resume_hook",
     "sleep",
     "start",

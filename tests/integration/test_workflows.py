@@ -26,6 +26,7 @@ from triggers.workflows import (
     define_hook,
     get_hook_by_token,
     get_run,
+    get_writable,
     resume_hook,
     sleep,
     start,
@@ -428,3 +429,39 @@ async def test_cancel_a_run_waiting_on_a_hook(tmp_path: Path) -> None:
             await result_of(run)
         with pytest.raises(HookNotFoundError):
             await resume_hook("raw", 1, actor=agent)
+
+
+# -- streams ----------------------------------------------------------------------------------
+
+
+@step
+async def narrate(words: list[str]) -> int:
+    writer = get_writable()
+    for word in words:
+        await writer.write({"word": word})
+    return len(words)
+
+
+@workflow
+async def storyteller(words: list[str]) -> int:
+    told = await narrate(words)
+    await get_writable().write({"done": told})
+    return told
+
+
+StreamDO = define_agent_do(workflows=[storyteller])
+
+
+async def test_run_stream_replays_and_ends_with_the_run(tmp_path: Path) -> None:
+    """Chunks written with get_writable() in steps and in the body are read with
+    run.get_readable() from the start, and the reader ends when the run does."""
+    async with ActorHost(StreamDO, data_dir=tmp_path, config=fast_config()) as h:
+        run = await start(storyteller, [["once", "upon"]], actor=h.get("u:s"))
+        assert await result_of(run) == 2
+        with anyio.fail_after(20):
+            chunks = [chunk async for chunk in run.get_readable()]
+        assert chunks == [{"word": "once"}, {"word": "upon"}, {"done": 2}]
+        with anyio.fail_after(20):
+            assert [c async for c in run.get_readable(start=2)] == [{"done": 2}]
+    with pytest.raises(RuntimeError, match="workflow"):
+        get_writable()
