@@ -67,8 +67,9 @@ RUN_CANCELLED = "trigger.workflow.run_cancelled"
 HOOK_CREATED = "trigger.workflow.hook_created"
 HOOK_RECEIVED = "trigger.workflow.hook_received"
 HOOK_DISPOSED = "trigger.workflow.hook_disposed"
+RACE_WON = "trigger.workflow.race_won"
 REPLAY_KINDS = (STEP_COMPLETED, STEP_FAILED, WAIT_CREATED, WAIT_COMPLETED, HOOK_CREATED,
-                HOOK_RECEIVED, HOOK_DISPOSED)  # fmt: skip
+                HOOK_RECEIVED, HOOK_DISPOSED, RACE_WON)  # fmt: skip
 FOREVER_MS = 253_402_300_799_000
 """9999-12-31: the due time of a run that waits for a hook and nothing else."""
 
@@ -229,18 +230,22 @@ def step(
         step_name = name or body.__qualname__
 
         @functools.wraps(body)
-        async def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        def call(*args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
             run = _current.get(None)
             if run is None:
-                return await body(*args, **kwargs)
-            return await run.step(step_name, retry, functools.partial(body, *args, **kwargs))
+                return body(*args, **kwargs)
+            # The call's place in the run is taken now, in the order of the body's calls, so
+            # calls awaited together (gather, race) replay onto the same facts.
+            seq = run._next()
+            call = functools.partial(body, *args, **kwargs)
+            return _Pending(lambda: run.step(seq, step_name, retry, call))
 
         return call
 
     return wrap if fn is None else wrap(fn)
 
 
-async def sleep(duration: str | float | timedelta) -> None:
+def sleep(duration: str | float | timedelta) -> Awaitable[None]:
     """Sleep durably inside a workflow: survives restarts, fires once, holds no task.
 
     ``duration`` is seconds, a ``timedelta``, or a string such as ``"30s"``, ``"5min"``,
@@ -253,7 +258,9 @@ async def sleep(duration: str | float | timedelta) -> None:
     run = _current.get(None)
     if run is None:
         raise RuntimeError("workflows.sleep() is for workflow bodies; use anyio.sleep elsewhere")
-    await run.sleep(parse_duration(duration))
+    ms = parse_duration(duration)
+    seq = run._next()
+    return _Pending(lambda: run.sleep(seq, ms))
 
 
 _UNITS_MS = {"ms": 1, "s": 1000, "sec": 1000, "m": 60_000, "min": 60_000, "h": 3_600_000,
@@ -295,6 +302,167 @@ def get_writable() -> StreamWriter:
     if run is None:
         raise RuntimeError("get_writable() is for workflow bodies and their steps")
     return run.ctx.stream
+
+
+# -- awaiting several calls at once -------------------------------------------------------------
+
+
+class _Pending(Generic[R]):
+    """A step call or sleep whose place in the run is already taken; runs when awaited.
+
+    It holds how to run it, not a started coroutine, so it may be awaited again (a replay
+    answers from the facts) and one never awaited (a race's loser on replay) leaves nothing.
+    """
+
+    __slots__ = ("_start",)
+
+    def __init__(self, start: Callable[[], Awaitable[R]]) -> None:
+        self._start = start
+
+    def __await__(self) -> Generator[Any, None, R]:
+        return self._start().__await__()
+
+
+class _Group:
+    """Calls awaited together: how many are still at work (not waiting for a sleep or hook).
+
+    A call whose sleep has not ended waits for it in the attempt while another call of the
+    group is still at work (that attempt runs anyway); once none is, the run itself waits.
+    """
+
+    def __init__(self, run: _Run, size: int) -> None:
+        self.run = run
+        self.active = size
+        self._changed = anyio.Event()
+
+    def _note(self, delta: int) -> None:
+        self.active += delta
+        changed, self._changed = self._changed, anyio.Event()
+        changed.set()
+
+    async def await_patiently(self, call: Awaitable[Any]) -> Any:
+        """Await ``call``; a sleep that has not ended is waited for here while others work.
+
+        Raises:
+            _Suspend: the call waits for something this attempt will not wait for.
+        """
+        while True:
+            try:
+                return await call
+            except _Suspend as suspend:
+                if suspend.hooks or not await self._wait_until(suspend.until_ms):
+                    raise
+
+    async def _wait_until(self, until_ms: int) -> bool:
+        self._note(-1)
+        try:
+            while self.active > 0:
+                delay = (until_ms - self.run.ctx._backend.now_ms()) / 1000
+                if delay <= 0:
+                    return True
+                with anyio.move_on_after(delay):
+                    await self._changed.wait()
+            return False
+        finally:
+            self._note(+1)
+
+    def done(self) -> None:
+        """This call has ended (its result or error is known)."""
+        self._note(-1)
+
+
+async def gather(*calls: Awaitable[Any]) -> list[Any]:
+    """Await step calls, sleeps and hooks together (like ``Promise.all``); results in order.
+
+    Pass the calls themselves (``gather(fetch(a), fetch(b), sleep("1s"))``): their places in
+    the run are taken when they are made, so a replay matches them to the same facts. The
+    first error (after all calls have ended) is raised. A sleep is waited for in the attempt
+    while other calls still work; once all that is left waits for sleeps or hooks, the run
+    waits, holding nothing, with the finished calls recorded.
+    """
+    run = _current_run("gather")
+    group = _Group(run, len(calls))
+    results: list[Any] = [None] * len(calls)
+    errors: list[BaseException | None] = [None] * len(calls)
+    suspends: list[_Suspend] = []
+
+    async def one(index: int, call: Awaitable[Any]) -> None:
+        try:
+            results[index] = await group.await_patiently(call)
+        except _Suspend as suspend:
+            suspends.append(suspend)
+            return
+        except Exception as exc:
+            errors[index] = exc
+        group.done()
+
+    async with anyio.create_task_group() as tg:
+        for index, call in enumerate(calls):
+            tg.start_soon(one, index, call)
+    for error in errors:
+        if error is not None:
+            raise error
+    if suspends:
+        raise _merge(suspends)
+    return results
+
+
+async def race(*calls: Awaitable[Any]) -> Any:
+    """Await step calls, sleeps and hooks together; the first to end wins (like
+    ``Promise.race``): its result is returned (or its error raised), the others are stopped.
+
+    The winner is recorded, so a replay returns the same winner without running the losers
+    (a losing sleep or hook is disposed of, not left pending). Pass the calls themselves, as
+    for ``gather``. A hook resumed while another call still works is seen once that call ends.
+    """
+    run = _current_run("race")
+    seq = run._next()
+    if seq in run.races:
+        return await calls[run.races[seq]]
+    run._check_cancel()
+    group = _Group(run, len(calls))
+    outcome: list[tuple[int, Any, BaseException | None]] = []
+    suspends: list[_Suspend] = []
+
+    async with anyio.create_task_group() as tg:
+
+        async def one(index: int, call: Awaitable[Any]) -> None:
+            try:
+                value = await group.await_patiently(call)
+            except _Suspend as suspend:
+                suspends.append(suspend)
+                return
+            except Exception as exc:
+                outcome.append((index, None, exc))
+            else:
+                outcome.append((index, value, None))
+            tg.cancel_scope.cancel()
+
+        for index, call in enumerate(calls):
+            tg.start_soon(one, index, call)
+    if not outcome:
+        raise _merge(suspends)
+    index, value, error = outcome[0]
+    if isinstance(error, RunCancelledError):
+        raise error  # the run was cancelled: nothing won
+    await run.ctx._record(RACE_WON, {"seq": seq, "index": index})
+    run.races[seq] = index
+    if error is not None:
+        raise error
+    return value
+
+
+def _current_run(what: str) -> _Run:
+    run = _current.get(None)
+    if run is None:
+        raise RuntimeError(f"{what}() is for workflow bodies")
+    return run
+
+
+def _merge(suspends: list[_Suspend]) -> _Suspend:
+    until = min(s.until_ms for s in suspends)
+    hooks = tuple(token for s in suspends for token in s.hooks)
+    return _Suspend(until, hooks)
 
 
 # -- hooks ----------------------------------------------------------------------------------------
@@ -461,6 +629,7 @@ class _Run:
     hooks_created: dict[int, str] = field(default_factory=dict)
     received: dict[str, JSON] = field(default_factory=dict)
     disposed: set[str] = field(default_factory=set)
+    races: dict[int, int] = field(default_factory=dict)
     seq: int = 0
 
     def _next(self) -> int:
@@ -475,8 +644,9 @@ class _Run:
                 reason = reason.reason
             raise RunCancelledError(reason)
 
-    async def step(self, name: str, retry: RetryPolicy, call: Callable[[], Awaitable[R]]) -> R:
-        seq = self._next()
+    async def step(
+        self, seq: int, name: str, retry: RetryPolicy, call: Callable[[], Awaitable[R]]
+    ) -> R:
         if seq in self.completed:
             recorded: R = self.completed[seq]
             return recorded
@@ -503,8 +673,7 @@ class _Run:
             self.completed[seq] = result
             return result
 
-    async def sleep(self, ms: int) -> None:
-        seq = self._next()
+    async def sleep(self, seq: int, ms: int) -> None:
         if seq in self.woke:
             return
         self._check_cancel()
@@ -588,6 +757,8 @@ async def _replay_facts(ctx: TriggerContext) -> _Run:
             run.hooks_created.setdefault(seq, str(fact["token"]))
         elif event.kind == HOOK_RECEIVED:
             run.received.setdefault(str(fact["token"]), fact.get("payload"))
+        elif event.kind == RACE_WON:
+            run.races.setdefault(seq, int(fact["index"]))
         else:
             run.disposed.add(str(fact["token"]))
     return run

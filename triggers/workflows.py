@@ -33,8 +33,10 @@ from ._workflow import Workflow as Workflow
 from ._workflow import WorkflowError as WorkflowError
 from ._workflow import create_hook as create_hook
 from ._workflow import define_hook as define_hook
+from ._workflow import gather as gather
 from ._workflow import get_hook_by_token as get_hook_by_token
 from ._workflow import get_writable as get_writable
+from ._workflow import race as race
 from ._workflow import resume_hook as resume_hook
 from ._workflow import sleep as sleep
 from ._workflow import step as step
@@ -54,9 +56,11 @@ __all__ = [
     "WorkflowError",
     "create_hook",
     "define_hook",
+    "gather",
     "get_hook_by_token",
     "get_run",
     "get_writable",
+    "race",
     "resume_hook",
     "sleep",
     "start",

@@ -24,9 +24,11 @@ from triggers.workflows import (
     WorkflowError,
     create_hook,
     define_hook,
+    gather,
     get_hook_by_token,
     get_run,
     get_writable,
+    race,
     resume_hook,
     sleep,
     start,
@@ -465,3 +467,57 @@ async def test_run_stream_replays_and_ends_with_the_run(tmp_path: Path) -> None:
             assert [c async for c in run.get_readable(start=2)] == [{"done": 2}]
     with pytest.raises(RuntimeError, match="workflow"):
         get_writable()
+
+
+# -- gather and race ----------------------------------------------------------------------------
+
+
+@workflow
+async def fan_out() -> list[int]:
+    sums = await gather(add(1, 1), add(2, 2), add(3, 3))
+    await sleep(0.01)  # forces a replay of the gathered steps
+    return [*sums, await add(sums[-1], 1)]
+
+
+@workflow
+async def timeout_pattern() -> Any:
+    winner = await race(held("slow"), sleep(0.05))
+    await sleep(0.01)  # forces a replay of the race
+    return winner
+
+
+@workflow
+async def first_responder() -> Any:
+    return await race(add(20, 22), sleep("1h"))
+
+
+RaceDO = define_agent_do(workflows=[fan_out, timeout_pattern, first_responder])
+
+
+async def test_gather_runs_each_step_once_and_replays_in_order(tmp_path: Path) -> None:
+    """gather() returns results in argument order; the replay after a sleep matches each
+    gathered call to its own recorded result, running none again."""
+    async with ActorHost(RaceDO, data_dir=tmp_path, config=fast_config()) as h:
+        run = await start(fan_out, actor=h.get("u:g"))
+        assert await result_of(run) == [2, 4, 6, 7]
+        assert calls["add"] == 4
+
+
+async def test_race_timeout_pattern_records_the_winner(tmp_path: Path) -> None:
+    """race(step, sleep) where the sleep ends first: it wins, the step is stopped, and the
+    replay returns the same winner without running the step again."""
+    async with ActorHost(RaceDO, data_dir=tmp_path, config=fast_config()) as h:
+        run = await start(timeout_pattern, actor=h.get("u:r"))
+        assert await result_of(run) is None
+        assert calls["held:slow"] == 1
+        won = await h.get("u:r").events(kinds=["trigger.workflow.race_won"])
+        assert [e.payload for e in won] == [{"seq": 3, "index": 1}]  # after its two calls
+        assert await h.get("u:r").events(kinds=[STEP_COMPLETED]) == []
+
+
+async def test_race_winner_disposes_a_long_sleep(tmp_path: Path) -> None:
+    """A step that beats a one-hour sleep ends the race at once: the run completes without
+    waiting for the sleep."""
+    async with ActorHost(RaceDO, data_dir=tmp_path, config=fast_config()) as h:
+        run = await start(first_responder, actor=h.get("u:f"))
+        assert await result_of(run) == 42
