@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from ledger import JSON, LedgerError, LedgerTx, dump_json, ms_to_datetime
 
-from ._abort import AbortError
+from ._abort import AbortError, AbortSignal
 from ._context import ClaimLostError, StreamWriter, TriggerContext
 from ._errors import FatalError, TriggerError
 from ._spec import RetryPolicy
@@ -68,8 +68,9 @@ HOOK_CREATED = "trigger.workflow.hook_created"
 HOOK_RECEIVED = "trigger.workflow.hook_received"
 HOOK_DISPOSED = "trigger.workflow.hook_disposed"
 RACE_WON = "trigger.workflow.race_won"
+CONTROLLER_ABORTED = "trigger.workflow.controller_aborted"
 REPLAY_KINDS = (STEP_COMPLETED, STEP_FAILED, WAIT_CREATED, WAIT_COMPLETED, HOOK_CREATED,
-                HOOK_RECEIVED, HOOK_DISPOSED, RACE_WON)  # fmt: skip
+                HOOK_RECEIVED, HOOK_DISPOSED, RACE_WON, CONTROLLER_ABORTED)  # fmt: skip
 FOREVER_MS = 253_402_300_799_000
 """9999-12-31: the due time of a run that waits for a hook and nothing else."""
 
@@ -465,6 +466,58 @@ def _merge(suspends: list[_Suspend]) -> _Suspend:
     return _Suspend(until, hooks)
 
 
+# -- a durable abort controller --------------------------------------------------------------
+
+
+class AbortController:
+    """An abort controller made inside a workflow body, whose abort is a fact of the run.
+
+    Pass ``controller.signal`` to steps (they run in the run's attempt); ``await
+    controller.abort(reason)`` from the body, from a step (a watchdog or a quota monitor), or
+    after a hook fires. The steps' signals abort at once; the abort is recorded, so a replay
+    makes the controller already aborted, with the same reason.
+    """
+
+    __slots__ = ("_run", "_seq", "_signal")
+
+    def __init__(self) -> None:
+        """Create the controller (inside a workflow body only).
+
+        Raises:
+            RuntimeError: called outside a workflow body.
+        """
+        run = _current_run("AbortController")
+        self._run = run
+        self._seq = run._next()
+        self._signal = AbortSignal()
+        run.controllers[self._seq] = self
+
+    @property
+    def signal(self) -> AbortSignal:
+        """The controlled signal."""
+        return self._signal
+
+    async def abort(self, reason: str | None = None) -> None:
+        """Abort, durably; a second abort changes nothing (the first reason stays).
+
+        Raises:
+            TypeError: ``reason`` is not a str or None.
+        """
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError("reason must be a str or None")
+        run = self._run
+        recorded = run.aborts.get(self._seq)
+        if recorded is not None:  # replaying the abort this body made before
+            self._signal._abort(recorded[0])
+            return
+        if self._signal.aborted:
+            return
+        self._signal._abort(reason)  # steps stop now; the fact follows
+        at = run.seq
+        await run.ctx._record(CONTROLLER_ABORTED, {"seq": self._seq, "reason": reason, "at": at})
+        run.aborts[self._seq] = (reason, at)
+
+
 # -- hooks ----------------------------------------------------------------------------------------
 
 T = TypeVar("T")
@@ -630,9 +683,16 @@ class _Run:
     received: dict[str, JSON] = field(default_factory=dict)
     disposed: set[str] = field(default_factory=set)
     races: dict[int, int] = field(default_factory=dict)
+    aborts: dict[int, tuple[str | None, int]] = field(default_factory=dict)
+    controllers: dict[int, AbortController] = field(default_factory=dict)
     seq: int = 0
 
     def _next(self) -> int:
+        # Replay recorded aborts where they happened: after the call numbered ``at``.
+        for seq, (reason, at) in self.aborts.items():
+            controller = self.controllers.get(seq)
+            if controller is not None and at == self.seq:
+                controller.signal._abort(reason)
         self.seq += 1
         return self.seq
 
@@ -759,6 +819,10 @@ async def _replay_facts(ctx: TriggerContext) -> _Run:
             run.received.setdefault(str(fact["token"]), fact.get("payload"))
         elif event.kind == RACE_WON:
             run.races.setdefault(seq, int(fact["index"]))
+        elif event.kind == CONTROLLER_ABORTED:
+            reason = fact.get("reason")
+            recorded = (reason if isinstance(reason, str) else None, int(fact["at"]))
+            run.aborts.setdefault(seq, recorded)
         else:
             run.disposed.add(str(fact["token"]))
     return run

@@ -22,6 +22,7 @@ from ._runs import Run as Run
 from ._runs import RunFailedError as RunFailedError
 from ._runs import get_run as get_run
 from ._runs import start as start
+from ._workflow import AbortController as AbortController
 from ._workflow import Hook as Hook
 from ._workflow import HookConflictError as HookConflictError
 from ._workflow import HookInfo as HookInfo
@@ -43,6 +44,7 @@ from ._workflow import step as step
 from ._workflow import workflow as workflow
 
 __all__ = [
+    "AbortController",
     "Hook",
     "HookConflictError",
     "HookInfo",

@@ -13,8 +13,9 @@ from pydantic import BaseModel, ValidationError
 from actors import ActorHost, define_agent_do
 from ledger import IntentStatus
 from tests.helpers import fast_config
-from triggers import AbortError, CancelStatus, FatalError, RetryPolicy
+from triggers import AbortError, AbortSignal, CancelStatus, FatalError, RetryPolicy
 from triggers._workflow import RUN_CANCELLED, STEP_COMPLETED, parse_duration
+from triggers.workflows import AbortController as WorkflowAbortController
 from triggers.workflows import (
     HookNotFoundError,
     RunCancelledError,
@@ -521,3 +522,68 @@ async def test_race_winner_disposes_a_long_sleep(tmp_path: Path) -> None:
     async with ActorHost(RaceDO, data_dir=tmp_path, config=fast_config()) as h:
         run = await start(first_responder, actor=h.get("u:f"))
         assert await result_of(run) == 42
+
+
+# -- the durable abort controller -------------------------------------------------------------
+
+
+@step
+async def work_until_aborted(signal: AbortSignal) -> str:
+    calls["work"] += 1
+    gate("work:started").set()
+    await signal.wait()
+    signal.throw_if_aborted()
+    return "unreachable"
+
+
+@step
+async def watchdog(controller: WorkflowAbortController) -> str:
+    await gate("work:started").wait()
+    await controller.abort("quota exceeded")
+    return "watchdog fired"
+
+
+@workflow
+async def watched() -> list[Any]:
+    controller = WorkflowAbortController()
+    try:
+        await gather(work_until_aborted(controller.signal), watchdog(controller))
+    except StepFailedError as exc:
+        outcome = f"{exc.step} stopped: {exc.message}"
+    await sleep(0.01)  # forces a replay
+    return [outcome, controller.signal.aborted, controller.signal.reason]
+
+
+@workflow
+async def abort_in_order() -> list[bool]:
+    controller = WorkflowAbortController()
+    before = controller.signal.aborted
+    await add(1, 1)
+    await controller.abort("enough")
+    after = controller.signal.aborted
+    await sleep(0.01)  # forces a replay, which must see the same order
+    return [before, after, controller.signal.aborted]
+
+
+ControllerDO = define_agent_do(workflows=[watched, abort_in_order])
+
+
+async def test_step_initiated_abort_stops_the_other_step(tmp_path: Path) -> None:
+    """A watchdog step aborts the workflow's controller: the step working with its signal
+    stops at once (fatal, not retried), the abort is one recorded fact, and the replay after
+    a sleep sees the same outcome."""
+    async with ActorHost(ControllerDO, data_dir=tmp_path, config=fast_config()) as h:
+        run = await start(watched, actor=h.get("u:w"))
+        assert await result_of(run) == [
+            "work_until_aborted stopped: aborted: quota exceeded", True, "quota exceeded",
+        ]  # fmt: skip
+        assert calls["work"] == 1
+        aborted = await h.get("u:w").events(kinds=["trigger.workflow.controller_aborted"])
+        assert len(aborted) == 1
+
+
+async def test_replay_applies_the_abort_where_it_happened(tmp_path: Path) -> None:
+    """On replay the controller is not aborted before the point where the body aborted it."""
+    async with ActorHost(ControllerDO, data_dir=tmp_path, config=fast_config()) as h:
+        run = await start(abort_in_order, actor=h.get("u:o"))
+        assert await result_of(run) == [False, True, True]
