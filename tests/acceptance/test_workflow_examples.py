@@ -29,3 +29,26 @@ def test_workflow_basics(tmp_path: Path) -> None:
         "4. cancellable: cancel answered requested; run cancelled: user pressed stop; "
         "['cleanup ran']",
     ]
+
+
+def test_workflow_abort_patterns(tmp_path: Path) -> None:
+    """examples/workflows/abort_patterns.py: a timeout by race with a durable sleep, fetch
+    with timeout, first responder, a pipeline sharing one signal, a watchdog step's abort."""
+    result = subprocess.run(
+        [sys.executable, "examples/workflows/abort_patterns.py", str(tmp_path / "data")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "1. cancellable with timeout: timed out; step signal aborted=True",
+        "2. fetch with timeout: https://slow.example: timed out",
+        "2. fetch in time: body of https://fast.example",
+        "3. first responder: body of provider-b?q=weather",
+        "4. pipeline: ['extract done', 'transform done', "
+        "'load skipped (aborted: the source changed; stop the pipeline)']",
+        "5. step-initiated abort: crunch stopped: aborted: over budget (0.1s)",
+    ]
