@@ -19,6 +19,7 @@ from ._workflow import (
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
 
+    from ._abort import AbortSignal
     from ._results import CancelResult
 
 __all__ = ["Run", "RunFailedError", "get_run", "start"]
@@ -41,6 +42,8 @@ class WorkflowActor(Protocol):
     async def wait_for_intent(self, intent_event_id: int) -> IntentState: ...
 
     def stream(self, intent_event_id: int, *, start: int = 0) -> AsyncIterator[JSON]: ...
+
+    def call(self, *, trigger_kind: str, payload: JSON, signal: AbortSignal | None) -> Any: ...
 
     async def events(
         self, *, kinds: Sequence[str] | None = None, intent_event_id: int | None = None
@@ -123,10 +126,21 @@ class Run:
         )
 
 
-async def start(wf: Workflow[..., Any], args: Sequence[JSON] = (), *, actor: WorkflowActor) -> Run:
+async def start(
+    wf: Workflow[..., Any],
+    args: Sequence[JSON] = (),
+    *,
+    actor: WorkflowActor,
+    signal: AbortSignal | None = None,
+) -> Run:
     """Start a run of ``wf`` with ``args`` in the ledger of ``actor``.
 
+    ``signal``, if given, cancels the run (durably, through ``Run.cancel``) when it aborts,
+    for as long as this process runs; a hook is the durable way to cancel from elsewhere. An
+    already aborted signal raises before anything is written.
+
     Raises:
+        AbortError: ``signal`` is already aborted; nothing was written.
         WorkflowError: ``wf`` is not registered on the actor's class
             (``define_agent_do(workflows=[...])``).
         ledger.PayloadError: ``args`` are not JSON values.
@@ -135,13 +149,17 @@ async def start(wf: Workflow[..., Any], args: Sequence[JSON] = (), *, actor: Wor
         raise TypeError(f"start() needs a @workflow function, not {wf!r}")
     payload = {"workflow": wf.name, "args": list(args)}
     try:
-        event = await actor.enqueue_trigger(trigger_kind=WORKFLOW_KIND, payload=payload)
+        if signal is None:
+            event = await actor.enqueue_trigger(trigger_kind=WORKFLOW_KIND, payload=payload)
+            return Run(actor, event.id)
+        # A call handle turns the signal's abort into a durable cancel of the run.
+        handle = actor.call(trigger_kind=WORKFLOW_KIND, payload=payload, signal=signal)
+        return Run(actor, await handle.wait_recorded())
     except (UnknownTriggerError, IntentRejectedError):
         raise WorkflowError(
             f"workflow {wf.name!r} is not registered on this actor class: "
             "pass it in define_agent_do(workflows=[...])"
         ) from None
-    return Run(actor, event.id)
 
 
 async def get_run(run_id: int, *, actor: WorkflowActor) -> Run:

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 from actors import ActorHost, define_agent_do
 from ledger import IntentStatus
 from tests.helpers import fast_config
-from triggers import AbortError, AbortSignal, CancelStatus, FatalError, RetryPolicy
+from triggers import AbortController, AbortError, AbortSignal, CancelStatus, FatalError, RetryPolicy
 from triggers._workflow import RUN_CANCELLED, STEP_COMPLETED, parse_duration
 from triggers.workflows import AbortController as WorkflowAbortController
 from triggers.workflows import (
@@ -587,3 +587,21 @@ async def test_replay_applies_the_abort_where_it_happened(tmp_path: Path) -> Non
     async with ActorHost(ControllerDO, data_dir=tmp_path, config=fast_config()) as h:
         run = await start(abort_in_order, actor=h.get("u:o"))
         assert await result_of(run) == [False, True, True]
+
+
+async def test_start_with_a_signal(tmp_path: Path) -> None:
+    """A signal given to start() cancels the run when it aborts; an already aborted one
+    raises AbortError and writes nothing."""
+    async with host(tmp_path) as h:
+        agent = h.get("u:sig")
+        with pytest.raises(AbortError):
+            await start(long_sleep, actor=agent, signal=AbortSignal.abort("too late"))
+        assert await agent.intents() == []
+        controller = AbortController()
+        run = await start(long_sleep, actor=agent, signal=controller.signal)
+        with anyio.fail_after(20):
+            while calls["add"] != 1 or await run.status() is not IntentStatus.PENDING:
+                await anyio.sleep(0.01)
+        controller.abort("user left")
+        with pytest.raises(RunCancelledError, match="user left"):
+            await result_of(run)
