@@ -18,6 +18,14 @@ class ContextBackend(Protocol):
 
     def now_ms(self) -> int: ...
 
+    def version(self, actor_id: str) -> int:
+        """A counter that grows whenever this process learns that the actor changed."""
+        ...
+
+    async def wait_changed(self, actor_id: str, version: int) -> None:
+        """Return once ``version(actor_id)`` is past ``version``."""
+        ...
+
     async def read_events(
         self,
         actor_id: str,

@@ -557,6 +557,12 @@ class _Backend:
     def now_ms(self) -> int:
         return self._store.clock()
 
+    def version(self, actor_id: str) -> int:
+        return self._store.version(actor_id)
+
+    async def wait_changed(self, actor_id: str, version: int) -> None:
+        await self._store.wait_changed(actor_id, version)
+
     async def read_events(
         self,
         actor_id: str,

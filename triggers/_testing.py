@@ -325,6 +325,13 @@ class _Backend:
     def now_ms(self) -> int:
         return self._ledger.now_ms
 
+    def version(self, actor_id: str) -> int:
+        return len(self._ledger.events)
+
+    async def wait_changed(self, actor_id: str, version: int) -> None:
+        while len(self._ledger.events) <= version:
+            await self._ledger.stream_changed.wait()
+
     async def read_events(
         self,
         actor_id: str,

@@ -74,6 +74,9 @@ REPLAY_KINDS = (STEP_COMPLETED, STEP_FAILED, WAIT_CREATED, WAIT_COMPLETED, HOOK_
 FOREVER_MS = 253_402_300_799_000
 """9999-12-31: the due time of a run that waits for a hook and nothing else."""
 
+_HOOK_POLL_S = 1.0
+"""How often a group re-reads its awaited hooks when no wake-up came (lost wake-ups)."""
+
 DEFAULT_STEP_RETRY = RetryPolicy(max_attempts=3, initial_backoff=1.0, max_backoff=30.0)
 """Steps retry three times in all, 1 s then 2 s apart (jittered), unless they say otherwise."""
 
@@ -351,7 +354,10 @@ class _Group:
             try:
                 return await call
             except _Suspend as suspend:
-                if suspend.hooks or not await self._wait_until(suspend.until_ms):
+                if suspend.hooks:
+                    if not await self._wait_for_hooks(suspend.hooks):
+                        raise
+                elif not await self._wait_until(suspend.until_ms):
                     raise
 
     async def _wait_until(self, until_ms: int) -> bool:
@@ -366,6 +372,42 @@ class _Group:
             return False
         finally:
             self._note(+1)
+
+    async def _wait_for_hooks(self, tokens: tuple[str, ...]) -> bool:
+        """While another call works, wait here for one of ``tokens`` to be resumed (a resume
+        from any process wakes this attempt); False once no other call works."""
+        ctx = self.run.ctx
+        backend = ctx._backend
+        self._note(-1)
+        try:
+            while self.active > 0:
+                version = backend.version(ctx.actor_id)
+                for event in await ctx.events(
+                    intent_event_id=ctx.intent_event_id, kinds=[HOOK_RECEIVED]
+                ):
+                    if isinstance(event.payload, dict) and event.payload.get("token") in tokens:
+                        return True
+                await self._wait_change(version, self._changed)
+            return False
+        finally:
+            self._note(+1)
+
+    async def _wait_change(self, version: int, changed: anyio.Event) -> None:
+        """Return when the actor's ledger or this group changes (or after a poll interval)."""
+        ctx = self.run.ctx
+        with anyio.move_on_after(_HOOK_POLL_S):
+            async with anyio.create_task_group() as tg:
+
+                async def ledger_changed() -> None:
+                    await ctx._backend.wait_changed(ctx.actor_id, version)
+                    tg.cancel_scope.cancel()
+
+                async def group_changed() -> None:
+                    await changed.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(ledger_changed)
+                tg.start_soon(group_changed)
 
     def done(self) -> None:
         """This call has ended (its result or error is known)."""

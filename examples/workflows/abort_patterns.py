@@ -11,7 +11,9 @@ happened:
 4. pipeline with one signal: every stage gets the same signal; aborting it after stage two
    stops the pipeline there;
 5. step-initiated abort: a watchdog step aborts the controller when the work goes over
-   budget.
+   budget;
+6. user-triggered cancellation: ``race`` the work against a hook; an HTTP-style handler
+   resumes the hook and the work stops at once.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ import structlog
 from actors import ActorHost, define_agent_do
 from triggers.workflows import (
     AbortController,
+    HookNotFoundError,
     StepFailedError,
+    create_hook,
     gather,
     race,
+    resume_hook,
     sleep,
     start,
     step,
@@ -130,9 +135,31 @@ async def watched() -> str:
     return "finished in budget"
 
 
+@workflow(name="patterns.user_cancellable")
+async def user_cancellable(job: str) -> str:
+    controller = AbortController()
+    stop = create_hook(token=f"stop:{job}")
+    winner = await race(crunch(controller.signal), stop)
+    await controller.abort("the user pressed stop")
+    return f"{job}: {winner}" if isinstance(winner, str) else f"{job}: stopped by {winner}"
+
+
+async def stop_button_handler(host: ActorHost, job: str) -> None:
+    """What a POST /jobs/{job}/stop route would do (after the run has created its hook)."""
+    while True:
+        try:
+            await resume_hook(f"stop:{job}", {"by": "ann"}, actor=host.get("patterns:1"))
+            return
+        except HookNotFoundError:
+            await anyio.sleep(0.01)
+
+
 AgentDO = define_agent_do(
-    workflows=[cancellable_with_timeout, fetch_with_timeout, first_responder, pipeline, watched]
-)
+    workflows=[
+        cancellable_with_timeout, fetch_with_timeout, first_responder, pipeline, watched,
+        user_cancellable,
+    ]
+)  # fmt: skip
 
 
 async def main(data_dir: str) -> None:
@@ -150,6 +177,9 @@ async def main(data_dir: str) -> None:
         print(f"4. pipeline: {await run.result()}")
         run = await start(watched, actor=agent)
         print(f"5. step-initiated abort: {await run.result()}")
+        run = await start(user_cancellable, ["export-9"], actor=agent)
+        await stop_button_handler(host, "export-9")
+        print(f"6. user-triggered cancellation: {await run.result()}")
 
 
 if __name__ == "__main__":

@@ -51,4 +51,5 @@ def test_workflow_abort_patterns(tmp_path: Path) -> None:
         "4. pipeline: ['extract done', 'transform done', "
         "'load skipped (aborted: the source changed; stop the pipeline)']",
         "5. step-initiated abort: crunch stopped: aborted: over budget (0.1s)",
+        "6. user-triggered cancellation: export-9: stopped by {'by': 'ann'}",
     ]

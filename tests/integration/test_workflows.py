@@ -605,3 +605,32 @@ async def test_start_with_a_signal(tmp_path: Path) -> None:
         controller.abort("user left")
         with pytest.raises(RunCancelledError, match="user left"):
             await result_of(run)
+
+
+@workflow
+async def stoppable_by_user() -> Any:
+    controller = WorkflowAbortController()
+    stop = create_hook(token="stop:job")
+    winner = await race(work_until_aborted(controller.signal), stop)
+    await controller.abort("the user pressed stop")
+    await sleep(0.01)  # forces a replay of the race
+    return winner
+
+
+StopDO = define_agent_do(workflows=[stoppable_by_user])
+
+
+async def test_a_hook_resumed_while_a_step_runs_wins_the_race(tmp_path: Path) -> None:
+    """race(step, hook): a resume from outside while the step runs wins at once (the attempt
+    was woken by the resume, not by the step ending); the step is stopped, and the replay
+    returns the same winner."""
+    async with ActorHost(StopDO, data_dir=tmp_path, config=fast_config(poll_interval=30)) as h:
+        agent = h.get("u:stop")
+        run = await start(stoppable_by_user, actor=agent)
+        with anyio.fail_after(20):
+            await gate("work:started").wait()
+        await wait_hook(agent, "stop:job")
+        await resume_hook("stop:job", {"by": "ann"}, actor=agent)
+        assert await result_of(run) == {"by": "ann"}
+        assert calls["work"] == 1
+        assert await agent.events(kinds=[STEP_COMPLETED]) == []
