@@ -368,7 +368,10 @@ def _settle_completed(
     finally:
         utx._close()
     if utx.rescheduled_at is not None:
-        tx.reschedule(row.id, utx.rescheduled_at)
+        # A cancel was requested meanwhile: the next attempt starts aborted, so make it now
+        # rather than at a due time that may be far off.
+        due = tx.now_ms if row.cancel_requested_at is not None else utx.rescheduled_at
+        tx.reschedule(row.id, min(due, utx.rescheduled_at))
         return Settled.RESCHEDULED
     tx.finish(row.id, IntentStatus.COMPLETED, utx.event_ids)
     return Settled.COMPLETED

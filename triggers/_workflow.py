@@ -236,8 +236,8 @@ def step(
         @functools.wraps(body)
         def call(*args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
             run = _current.get(None)
-            if run is None:
-                return body(*args, **kwargs)
+            if run is None or _in_step.get():
+                return body(*args, **kwargs)  # outside a run, or inside a step: a plain call
             # The call's place in the run is taken now, in the order of the body's calls, so
             # calls awaited together (gather, race) replay onto the same facts.
             seq = run._next()
@@ -328,90 +328,95 @@ class _Pending(Generic[R]):
 
 
 class _Group:
-    """Calls awaited together: how many are still at work (not waiting for a sleep or hook).
+    """Calls awaited together, and which of them are still at work (not waiting for a sleep
+    or a hook).
 
-    A call whose sleep has not ended waits for it in the attempt while another call of the
-    group is still at work (that attempt runs anyway); once none is, the run itself waits.
+    A call whose sleep has not ended, or whose hook has not been resumed, waits for it in the
+    attempt while another call of the group is still at work (that attempt runs anyway);
+    once none is, the run itself waits, holding nothing. A cancel of the run ends the waits.
     """
 
     def __init__(self, run: _Run, size: int) -> None:
         self.run = run
-        self.active = size
+        self.working = set(range(size))
         self._changed = anyio.Event()
 
-    def _note(self, delta: int) -> None:
-        self.active += delta
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+    def _set(self, index: int, working: bool) -> None:
+        before = len(self.working)
+        if working:
+            self.working.add(index)
+        else:
+            self.working.discard(index)
+        if len(self.working) != before:
+            changed, self._changed = self._changed, anyio.Event()
+            changed.set()
 
-    async def await_patiently(self, call: Awaitable[Any]) -> Any:
-        """Await ``call``; a sleep that has not ended is waited for here while others work.
+    def done(self, index: int) -> None:
+        """Call ``index`` has ended (its result or error is known, or it gave up waiting)."""
+        self._set(index, False)
+
+    async def await_patiently(self, index: int, call: Awaitable[Any]) -> Any:
+        """Await ``call``; a sleep or hook it waits for is waited for here while another
+        call works.
 
         Raises:
             _Suspend: the call waits for something this attempt will not wait for.
+            RunCancelledError: the run was cancelled while the call waited.
         """
         while True:
             try:
                 return await call
             except _Suspend as suspend:
-                if suspend.hooks:
-                    if not await self._wait_for_hooks(suspend.hooks):
-                        raise
-                elif not await self._wait_until(suspend.until_ms):
+                self._set(index, False)
+                ready = await (
+                    self._wait_for_hooks(suspend.hooks)
+                    if suspend.hooks
+                    else self._wait_until(suspend.until_ms)
+                )
+                if not ready:
                     raise
+                self._set(index, True)
 
     async def _wait_until(self, until_ms: int) -> bool:
-        self._note(-1)
-        try:
-            while self.active > 0:
-                delay = (until_ms - self.run.ctx._backend.now_ms()) / 1000
-                if delay <= 0:
-                    return True
-                with anyio.move_on_after(delay):
-                    await self._changed.wait()
-            return False
-        finally:
-            self._note(+1)
+        backend = self.run.ctx._backend
+        while self.working:
+            self.run._check_cancel()
+            delay = (until_ms - backend.now_ms()) / 1000
+            if delay <= 0:
+                return True
+            await self._wait_change(None, self._changed, delay)
+        return False
 
     async def _wait_for_hooks(self, tokens: tuple[str, ...]) -> bool:
-        """While another call works, wait here for one of ``tokens`` to be resumed (a resume
-        from any process wakes this attempt); False once no other call works."""
         ctx = self.run.ctx
         backend = ctx._backend
-        self._note(-1)
-        try:
-            while self.active > 0:
-                version = backend.version(ctx.actor_id)
-                for event in await ctx.events(
-                    intent_event_id=ctx.intent_event_id, kinds=[HOOK_RECEIVED]
-                ):
-                    if isinstance(event.payload, dict) and event.payload.get("token") in tokens:
-                        return True
-                await self._wait_change(version, self._changed)
-            return False
-        finally:
-            self._note(+1)
+        while self.working:
+            self.run._check_cancel()
+            version = backend.version(ctx.actor_id)
+            for event in await ctx.events(
+                intent_event_id=ctx.intent_event_id, kinds=[HOOK_RECEIVED]
+            ):
+                if isinstance(event.payload, dict) and event.payload.get("token") in tokens:
+                    return True
+            await self._wait_change(version, self._changed, _HOOK_POLL_S)
+        return False
 
-    async def _wait_change(self, version: int, changed: anyio.Event) -> None:
-        """Return when the actor's ledger or this group changes (or after a poll interval)."""
+    async def _wait_change(self, version: int | None, changed: anyio.Event, seconds: float) -> None:
+        """Return when the actor's ledger (if ``version`` is given) or this group changes, the
+        run is cancelled, or ``seconds`` pass."""
         ctx = self.run.ctx
-        with anyio.move_on_after(_HOOK_POLL_S):
+        with anyio.move_on_after(seconds):
             async with anyio.create_task_group() as tg:
 
-                async def ledger_changed() -> None:
-                    await ctx._backend.wait_changed(ctx.actor_id, version)
+                async def until(wait: Callable[[], Awaitable[object]]) -> None:
+                    await wait()
                     tg.cancel_scope.cancel()
 
-                async def group_changed() -> None:
-                    await changed.wait()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(ledger_changed)
-                tg.start_soon(group_changed)
-
-    def done(self) -> None:
-        """This call has ended (its result or error is known)."""
-        self._note(-1)
+                if version is not None:
+                    tg.start_soon(until, functools.partial(
+                        ctx._backend.wait_changed, ctx.actor_id, version))  # fmt: skip
+                tg.start_soon(until, changed.wait)
+                tg.start_soon(until, ctx.signal.wait)
 
 
 async def gather(*calls: Awaitable[Any]) -> list[Any]:
@@ -424,6 +429,7 @@ async def gather(*calls: Awaitable[Any]) -> list[Any]:
     waits, holding nothing, with the finished calls recorded.
     """
     run = _current_run("gather")
+    _check_calls("gather", calls)
     group = _Group(run, len(calls))
     results: list[Any] = [None] * len(calls)
     errors: list[BaseException | None] = [None] * len(calls)
@@ -431,13 +437,12 @@ async def gather(*calls: Awaitable[Any]) -> list[Any]:
 
     async def one(index: int, call: Awaitable[Any]) -> None:
         try:
-            results[index] = await group.await_patiently(call)
+            results[index] = await group.await_patiently(index, call)
         except _Suspend as suspend:
             suspends.append(suspend)
-            return
         except Exception as exc:
             errors[index] = exc
-        group.done()
+        group.done(index)
 
     async with anyio.create_task_group() as tg:
         for index, call in enumerate(calls):
@@ -459,6 +464,7 @@ async def race(*calls: Awaitable[Any]) -> Any:
     for ``gather``. A hook resumed while another call still works is seen once that call ends.
     """
     run = _current_run("race")
+    _check_calls("race", calls)
     seq = run._next()
     if seq in run.races:
         return await calls[run.races[seq]]
@@ -471,9 +477,10 @@ async def race(*calls: Awaitable[Any]) -> Any:
 
         async def one(index: int, call: Awaitable[Any]) -> None:
             try:
-                value = await group.await_patiently(call)
+                value = await group.await_patiently(index, call)
             except _Suspend as suspend:
                 suspends.append(suspend)
+                group.done(index)
                 return
             except Exception as exc:
                 outcome.append((index, None, exc))
@@ -493,6 +500,21 @@ async def race(*calls: Awaitable[Any]) -> Any:
     if error is not None:
         raise error
     return value
+
+
+def _reason_of(reason: object) -> object:
+    return reason.reason if isinstance(reason, AbortError) else reason
+
+
+def _check_calls(what: str, calls: Sequence[Awaitable[Any]]) -> None:
+    for call in calls:
+        if not isinstance(call, _Pending | Hook):
+            if inspect.iscoroutine(call):
+                call.close()
+            raise TypeError(
+                f"{what}() takes step calls, sleeps and hooks, not {call!r}: make the function "
+                "a @step, or await its calls one after another"
+            )
 
 
 def _current_run(what: str) -> _Run:
@@ -709,6 +731,9 @@ async def get_hook_by_token(token: str, *, actor: Any) -> HookInfo:
 
 
 _rng = random.Random()
+_in_step: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "durable_triggers_in_step", default=False
+)
 _current: contextvars.ContextVar[_Run] = contextvars.ContextVar("durable_triggers_workflow_run")
 
 
@@ -730,27 +755,29 @@ class _Run:
     seq: int = 0
 
     def _next(self) -> int:
-        # Replay recorded aborts where they happened: after the call numbered ``at``.
-        for seq, (reason, at) in self.aborts.items():
-            controller = self.controllers.get(seq)
-            if controller is not None and at == self.seq:
-                controller.signal._abort(reason)
+        self._replay_aborts(self.seq)
         self.seq += 1
         return self.seq
+
+    def _replay_aborts(self, upto: int) -> None:
+        """Fire the recorded aborts made at or before the call numbered ``upto`` (once that
+        call is done, on replay, the body must see the abort it saw the first time)."""
+        for seq, (reason, at) in self.aborts.items():
+            controller = self.controllers.get(seq)
+            if controller is not None and at <= upto:
+                controller.signal._abort(reason)
 
     def _check_cancel(self) -> None:
         signal = self.ctx.signal
         if signal.aborted:
-            reason = signal.reason
-            if isinstance(reason, AbortError):
-                reason = reason.reason
-            raise RunCancelledError(reason)
+            raise RunCancelledError(_reason_of(signal.reason))
 
     async def step(
         self, seq: int, name: str, retry: RetryPolicy, call: Callable[[], Awaitable[R]]
     ) -> R:
         if seq in self.completed:
             recorded: R = self.completed[seq]
+            self._replay_aborts(seq)
             return recorded
         if seq in self.failed:
             fact = self.failed[seq]
@@ -759,6 +786,7 @@ class _Run:
         attempt = 0
         while True:
             attempt += 1
+            token = _in_step.set(True)
             try:
                 result = await call()
             except Exception as exc:
@@ -771,6 +799,8 @@ class _Run:
                         "message": str(exc), "attempts": attempt}  # fmt: skip
                 await self.ctx._record(STEP_FAILED, fact)
                 raise StepFailedError(name, fact["error_type"], fact["message"], attempt) from exc
+            finally:
+                _in_step.reset(token)
             await self.ctx._record(STEP_COMPLETED, {"seq": seq, "step": name, "result": result})
             self.completed[seq] = result
             return result
@@ -918,6 +948,8 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> DurableTrigger[
                 # The body failed: a run failure, not something to retry by running it again.
                 raise FatalError(f"{type(exc).__name__}: {exc}") from exc
         except _Suspend as suspend:
+            if ctx.signal.aborted:  # cancelled while suspending: end now, not at the due time
+                raise RunCancelledError(_reason_of(ctx.signal.reason)) from None
             return {"suspend_until": suspend.until_ms, "hooks": list(suspend.hooks)}
         finally:
             _current.reset(token)

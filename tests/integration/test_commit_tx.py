@@ -141,6 +141,33 @@ async def test_cancel_request_survives_a_reschedule(tmp_path: Path) -> None:
         assert [e.payload for e in await agent.events(kinds=["test.tick"])] == ["first"]
 
 
+async def test_cancel_during_a_far_reschedule_ends_the_intent_now(tmp_path: Path) -> None:
+    """A commit rescheduling its intent an hour ahead while a cancel was requested brings the
+    next attempt forward to now: it starts aborted and the intent ends cancelled at once."""
+    started = anyio.Event()
+    proceed = anyio.Event()
+
+    async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
+        if ctx.signal.aborted:
+            ctx.signal.throw_if_aborted()
+        started.set()
+        await proceed.wait()
+        return "occurrence"
+
+    def commit(outcome: JSON, tx: Tx) -> None:
+        tx.reschedule(tx.now + timedelta(hours=1))
+
+    async with open_host(tmp_path, make_trigger("test.work", acquire, commit=commit)) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind="test.work")
+        await started.wait()
+        await agent.cancel_trigger(trigger_kind="test.work", intent_event_id=intent.id)
+        proceed.set()
+        with anyio.fail_after(10):
+            state = await agent.wait_for_intent(intent.id)
+        assert state.status is IntentStatus.CANCELLED
+
+
 async def test_reserved_kinds_and_stale_tx_are_refused(tmp_path: Path) -> None:
     """A commit cannot write trigger.* facts, and a Tx kept past its commit refuses writes."""
     kept: list[Tx] = []

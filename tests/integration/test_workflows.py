@@ -3,6 +3,7 @@ a restart, run cancellation (asleep, mid-step), reconnecting from another host."
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -634,3 +635,88 @@ async def test_a_hook_resumed_while_a_step_runs_wins_the_race(tmp_path: Path) ->
         assert await result_of(run) == {"by": "ann"}
         assert calls["work"] == 1
         assert await agent.events(kinds=[STEP_COMPLETED]) == []
+
+
+# -- regressions found in review ------------------------------------------------------------------
+
+
+@step
+async def outer() -> int:
+    return await add(10, 20) + 1  # a step called inside a step is a plain call
+
+
+@workflow
+async def nested_steps() -> list[int]:
+    first = await outer()
+    await sleep(0.01)  # forces a replay
+    return [first, await add(1, 2)]
+
+
+@workflow
+async def mixed_sleeps() -> list[Any]:
+    return await gather(sleep(0.05), sleep(3600), add(5, 5))
+
+
+@workflow
+async def plain_coroutine_in_gather() -> Any:
+    async def helper() -> int:
+        return await add(1, 1)
+
+    return await gather(helper(), add(2, 2))
+
+
+@workflow
+async def abort_seen_right_after() -> list[bool]:
+    controller = WorkflowAbortController()
+    with contextlib.suppress(StepFailedError):
+        await gather(work_until_aborted(controller.signal), watchdog(controller))
+    seen = controller.signal.aborted  # read before any other call
+    await sleep(0.01)  # forces a replay, which must read the same
+    return [seen]
+
+
+RegressionDO = define_agent_do(
+    workflows=[nested_steps, mixed_sleeps, plain_coroutine_in_gather, abort_seen_right_after]
+)
+
+
+async def test_a_step_inside_a_step_does_not_shift_the_replay(tmp_path: Path) -> None:
+    """A step called from inside another step runs as a plain call: the replay after a sleep
+    matches every later call to its own fact."""
+    async with ActorHost(RegressionDO, data_dir=tmp_path, config=fast_config()) as h:
+        run = await start(nested_steps, actor=h.get("u:n"))
+        assert await result_of(run) == [31, 3]
+
+
+async def test_a_long_sleep_in_a_group_does_not_hold_the_attempt(tmp_path: Path) -> None:
+    """gather(short sleep, one-hour sleep, step): once the short sleep and the step are done,
+    the run waits for the long sleep without an attempt (it is pending, not running)."""
+    async with ActorHost(RegressionDO, data_dir=tmp_path, config=fast_config()) as h:
+        run = await start(mixed_sleeps, actor=h.get("u:m"))
+        agent = h.get("u:m")
+        with anyio.fail_after(20):
+            while True:
+                state = await agent.intent(run.run_id)
+                woke = await agent.events(kinds=["trigger.workflow.wait_completed"])
+                if state.status is IntentStatus.PENDING and woke:
+                    break
+                await anyio.sleep(0.01)
+        assert calls["add"] == 1
+        assert (await run.cancel("enough")).status is CancelStatus.CANCELLED
+
+
+async def test_plain_coroutines_are_refused_by_gather(tmp_path: Path) -> None:
+    """gather() refuses a plain coroutine (its calls could not replay in order): the run fails
+    with a TypeError saying what to do."""
+    async with ActorHost(RegressionDO, data_dir=tmp_path, config=fast_config()) as h:
+        run = await start(plain_coroutine_in_gather, actor=h.get("u:p"))
+        with pytest.raises(RunFailedError, match="TypeError"):
+            await result_of(run)
+
+
+async def test_a_step_abort_is_replayed_right_after_that_step(tmp_path: Path) -> None:
+    """An abort made inside a step is seen, on replay, as soon as that step's result is
+    replayed, as it was the first time."""
+    async with ActorHost(RegressionDO, data_dir=tmp_path, config=fast_config()) as h:
+        run = await start(abort_seen_right_after, actor=h.get("u:a"))
+        assert await result_of(run) == [True]
