@@ -497,9 +497,22 @@ async def race(*calls: Awaitable[Any]) -> Any:
         raise error  # the run was cancelled: nothing won
     await run.ctx._record(RACE_WON, {"seq": seq, "index": index})
     run.races[seq] = index
+    for loser, call in enumerate(calls):
+        if loser != index and isinstance(call, Hook) and call.token is not None:
+            await run.dispose_hook(call.token)  # a losing hook releases its token
     if error is not None:
         raise error
     return value
+
+
+def _leaves(group: BaseExceptionGroup[_Suspend]) -> list[_Suspend]:
+    found: list[_Suspend] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found += _leaves(exc)
+        else:
+            found.append(exc)
+    return found
 
 
 def _reason_of(reason: object) -> object:
@@ -942,6 +955,12 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> DurableTrigger[
             run._check_cancel()
             try:
                 result = await wf.fn(*intent.get("args", []))
+            except BaseExceptionGroup as group:
+                # The body's own task group carried a suspension (or a cancel) out.
+                suspended, _rest = group.split(_Suspend)
+                if suspended is not None and _rest is None:
+                    raise _merge(list(_leaves(suspended))) from None
+                raise
             except (AbortError, _Suspend, LedgerError, ClaimLostError):
                 raise  # cancelled, waiting, or storage trouble: not the body's failure
             except Exception as exc:

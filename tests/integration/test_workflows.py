@@ -720,3 +720,46 @@ async def test_a_step_abort_is_replayed_right_after_that_step(tmp_path: Path) ->
     async with ActorHost(RegressionDO, data_dir=tmp_path, config=fast_config()) as h:
         run = await start(abort_seen_right_after, actor=h.get("u:a"))
         assert await result_of(run) == [True]
+
+
+@workflow
+async def race_with_losing_hook() -> Any:
+    winner = await race(add(1, 1), create_hook(token="loser"))
+    await sleep(3600)
+    return winner
+
+
+async def nap_in_a_task() -> None:
+    await sleep(0.05)
+
+
+@workflow
+async def own_task_group() -> str:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(nap_in_a_task)
+    return "woke"
+
+
+MoreDO = define_agent_do(workflows=[race_with_losing_hook, own_task_group])
+
+
+async def test_a_hook_that_loses_a_race_releases_its_token(tmp_path: Path) -> None:
+    """When a step beats a hook in a race, the hook is disposed: its token is free while the
+    run goes on."""
+    async with ActorHost(MoreDO, data_dir=tmp_path, config=fast_config()) as h:
+        agent = h.get("u:l")
+        run = await start(race_with_losing_hook, actor=agent)
+        with anyio.fail_after(20):
+            while not await agent.events(kinds=["trigger.workflow.wait_created"]):
+                await anyio.sleep(0.01)
+        assert await run.status() in (IntentStatus.PENDING, IntentStatus.RUNNING)
+        with pytest.raises(HookNotFoundError):
+            await get_hook_by_token("loser", actor=agent)
+        await run.cancel()
+
+
+async def test_a_sleep_inside_the_bodys_own_task_group(tmp_path: Path) -> None:
+    """A sleep in a task group the body opens itself suspends the run like any other."""
+    async with ActorHost(MoreDO, data_dir=tmp_path, config=fast_config()) as h:
+        run = await start(own_task_group, actor=h.get("u:t"))
+        assert await result_of(run) == "woke"
