@@ -145,6 +145,27 @@ class HookConflictError(WorkflowError):
         super().__init__(f"the hook token {token!r} is held by an active hook of run {run_id}")
 
 
+class ReplayDivergenceError(WorkflowError):
+    """A replay made a different call than the run's first execution at the same place: the
+    body is not deterministic (a clock, a random number, I/O or a plain coroutine decided
+    which steps to call).
+
+    Attributes:
+        seq: the place in the run.
+        recorded: the step recorded there.
+        called: the step the replay called there.
+    """
+
+    def __init__(self, seq: int, recorded: str, called: str) -> None:
+        self.seq = seq
+        self.recorded = recorded
+        self.called = called
+        super().__init__(
+            f"call {seq} of the run replayed as step {called!r}, but the run recorded step "
+            f"{recorded!r} there: the workflow body must make the same calls in the same order"
+        )
+
+
 class _Suspend(BaseException):
     """Unwinds a body that must wait for a sleep or a hook (caught by the run, never seen)."""
 
@@ -756,6 +777,7 @@ class _Run:
 
     ctx: TriggerContext
     completed: dict[int, JSON] = field(default_factory=dict)
+    step_names: dict[int, str] = field(default_factory=dict)
     failed: dict[int, dict[str, Any]] = field(default_factory=dict)
     waits: dict[int, int] = field(default_factory=dict)
     woke: set[int] = field(default_factory=set)
@@ -785,14 +807,21 @@ class _Run:
         if signal.aborted:
             raise RunCancelledError(_reason_of(signal.reason))
 
+    def _check_replay(self, seq: int, name: str) -> None:
+        recorded = self.step_names.get(seq)
+        if recorded is not None and recorded != name:
+            raise ReplayDivergenceError(seq, recorded, name)
+
     async def step(
         self, seq: int, name: str, retry: RetryPolicy, call: Callable[[], Awaitable[R]]
     ) -> R:
         if seq in self.completed:
+            self._check_replay(seq, name)
             recorded: R = self.completed[seq]
             self._replay_aborts(seq)
             return recorded
         if seq in self.failed:
+            self._check_replay(seq, name)
             fact = self.failed[seq]
             raise StepFailedError(name, fact["error_type"], fact["message"], fact["attempts"])
         self._check_cancel()
@@ -892,8 +921,10 @@ async def _replay_facts(ctx: TriggerContext) -> _Run:
         seq = int(fact.get("seq", 0))
         if event.kind == STEP_COMPLETED:
             run.completed.setdefault(seq, fact.get("result"))
+            run.step_names.setdefault(seq, str(fact.get("step")))
         elif event.kind == STEP_FAILED:
             run.failed.setdefault(seq, fact)
+            run.step_names.setdefault(seq, str(fact.get("step")))
         elif event.kind == WAIT_CREATED:
             run.waits.setdefault(seq, int(fact["until"]))
         elif event.kind == WAIT_COMPLETED:

@@ -27,6 +27,7 @@ from ._workflow import Hook as Hook
 from ._workflow import HookConflictError as HookConflictError
 from ._workflow import HookInfo as HookInfo
 from ._workflow import HookNotFoundError as HookNotFoundError
+from ._workflow import ReplayDivergenceError as ReplayDivergenceError
 from ._workflow import RunCancelledError as RunCancelledError
 from ._workflow import StepFailedError as StepFailedError
 from ._workflow import TypedHook as TypedHook
@@ -49,6 +50,7 @@ __all__ = [
     "HookConflictError",
     "HookInfo",
     "HookNotFoundError",
+    "ReplayDivergenceError",
     "Run",
     "RunCancelledError",
     "RunFailedError",

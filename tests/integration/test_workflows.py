@@ -763,3 +763,29 @@ async def test_a_sleep_inside_the_bodys_own_task_group(tmp_path: Path) -> None:
     async with ActorHost(MoreDO, data_dir=tmp_path, config=fast_config()) as h:
         run = await start(own_task_group, actor=h.get("u:t"))
         assert await result_of(run) == "woke"
+
+
+flip: list[str] = []
+
+
+@workflow
+async def nondeterministic() -> Any:
+    first = await (add(1, 1) if not flip else narrate(["x"]))  # decided outside any step
+    flip.append("replaying")
+    await sleep(0.01)
+    return first
+
+
+DivergeDO = define_agent_do(workflows=[nondeterministic])
+
+
+async def test_a_replay_that_diverges_fails_the_run_clearly(tmp_path: Path) -> None:
+    """A body that calls a different step on replay fails with ReplayDivergenceError naming
+    both steps, instead of returning another step's result."""
+    flip.clear()
+    async with ActorHost(DivergeDO, data_dir=tmp_path, config=fast_config()) as h:
+        run = await start(nondeterministic, actor=h.get("u:d"))
+        with pytest.raises(RunFailedError, match="ReplayDivergenceError") as caught:
+            await result_of(run)
+        assert "'add'" in str(caught.value)
+        assert "'narrate'" in str(caught.value)
