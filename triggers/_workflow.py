@@ -169,7 +169,7 @@ class ReplayDivergenceError(WorkflowError):
 class _Suspend(BaseException):
     """Unwinds a body that must wait for a sleep or a hook (caught by the run, never seen)."""
 
-    def __init__(self, until_ms: int, hooks: tuple[str, ...] = ()) -> None:
+    def __init__(self, until_ms: int, hooks: tuple[int, ...] = ()) -> None:
         super().__init__(until_ms)
         self.until_ms = until_ms
         self.hooks = hooks
@@ -408,7 +408,7 @@ class _Group:
             await self._wait_change(None, self._changed, delay)
         return False
 
-    async def _wait_for_hooks(self, tokens: tuple[str, ...]) -> bool:
+    async def _wait_for_hooks(self, hook_ids: tuple[int, ...]) -> bool:
         ctx = self.run.ctx
         backend = ctx._backend
         while self.working:
@@ -417,7 +417,7 @@ class _Group:
             for event in await ctx.events(
                 intent_event_id=ctx.intent_event_id, kinds=[HOOK_RECEIVED]
             ):
-                if isinstance(event.payload, dict) and event.payload.get("token") in tokens:
+                if isinstance(event.payload, dict) and event.payload.get("hook") in hook_ids:
                     return True
             await self._wait_change(version, self._changed, _HOOK_POLL_S)
         return False
@@ -520,7 +520,7 @@ async def race(*calls: Awaitable[Any]) -> Any:
     run.races[seq] = index
     for loser, call in enumerate(calls):
         if loser != index and isinstance(call, Hook) and call.token is not None:
-            await run.dispose_hook(call.token)  # a losing hook releases its token
+            await run.dispose_hook(call.token, call._hook_id)  # a losing hook frees its token
     if error is not None:
         raise error
     return value
@@ -560,7 +560,7 @@ def _current_run(what: str) -> _Run:
 
 def _merge(suspends: list[_Suspend]) -> _Suspend:
     until = min(s.until_ms for s in suspends)
-    hooks = tuple(token for s in suspends for token in s.hooks)
+    hooks = tuple(hook_id for s in suspends for hook_id in s.hooks)
     return _Suspend(until, hooks)
 
 
@@ -630,7 +630,7 @@ class Hook(Generic[T]):
     While the run waits for a hook it holds no task: it wakes when ``resume_hook`` is called.
     """
 
-    __slots__ = ("_parse", "_run", "_seq", "_token", "_wanted")
+    __slots__ = ("_hook_id", "_parse", "_run", "_seq", "_token", "_wanted")
 
     def __init__(self, token: str | None, parse: Callable[[JSON], T]) -> None:
         run = _current.get(None)
@@ -640,6 +640,7 @@ class Hook(Generic[T]):
         self._seq = run._next()
         self._wanted = token
         self._token: str | None = None
+        self._hook_id = 0
         self._parse = parse
 
     @property
@@ -647,14 +648,14 @@ class Hook(Generic[T]):
         """The hook's token, once created (``None`` before its first use)."""
         return self._token
 
-    async def _ensure(self) -> str:
+    async def _ensure(self) -> int:
         if self._token is None:
-            self._token = await self._run.create_hook(self._seq, self._wanted)
-        return self._token
+            self._token, self._hook_id = await self._run.create_hook(self._seq, self._wanted)
+        return self._hook_id
 
     async def _wait(self) -> T:
-        token = await self._ensure()
-        return self._parse(await self._run.wait_hook(token))
+        hook_id = await self._ensure()
+        return self._parse(await self._run.wait_hook(hook_id))
 
     def __await__(self) -> Generator[Any, None, T]:
         return self._wait().__await__()
@@ -669,7 +670,7 @@ class Hook(Generic[T]):
             and issubclass(exc_type, _Suspend | AbortError | ClaimLostError | LedgerError)
         ):
             return  # waiting, cancelled or storage trouble: the hook lives on (or dies with it)
-        await self._run.dispose_hook(self._token)
+        await self._run.dispose_hook(self._token, self._hook_id)
 
 
 def create_hook(*, token: str | None = None) -> Hook[JSON]:
@@ -728,10 +729,12 @@ async def resume_hook(token: str, payload: JSON = None, *, actor: Any) -> int:
     dump_json(payload, what="hook payload")  # refuse it before touching the ledger
 
     def op(tx: LedgerTx) -> int | None:
-        run_id = active_hook(tx, token)
-        if run_id is None:
+        found = active_hook_id(tx, token)
+        if found is None:
             return None
-        tx.insert_event(HOOK_RECEIVED, {"token": token, "payload": payload}, run_id)
+        run_id, hook_id = found
+        fact = {"token": token, "hook": hook_id, "payload": payload}
+        tx.insert_event(HOOK_RECEIVED, fact, run_id)
         tx.wake(run_id, tx.now_ms)
         return run_id
 
@@ -781,9 +784,9 @@ class _Run:
     failed: dict[int, dict[str, Any]] = field(default_factory=dict)
     waits: dict[int, int] = field(default_factory=dict)
     woke: set[int] = field(default_factory=set)
-    hooks_created: dict[int, str] = field(default_factory=dict)
-    received: dict[str, JSON] = field(default_factory=dict)
-    disposed: set[str] = field(default_factory=set)
+    hooks_created: dict[int, tuple[str, int]] = field(default_factory=dict)
+    received: dict[int, JSON] = field(default_factory=dict)
+    disposed: set[int] = field(default_factory=set)
     races: dict[int, int] = field(default_factory=dict)
     aborts: dict[int, tuple[str | None, int]] = field(default_factory=dict)
     controllers: dict[int, AbortController] = field(default_factory=dict)
@@ -861,7 +864,8 @@ class _Run:
         await self.ctx._record(WAIT_COMPLETED, {"seq": seq})
         self.woke.add(seq)
 
-    async def create_hook(self, seq: int, token: str | None) -> str:
+    async def create_hook(self, seq: int, token: str | None) -> tuple[str, int]:
+        """The hook made at ``seq``: its token and its id (its creation fact's event id)."""
         if seq in self.hooks_created:
             return self.hooks_created[seq]
         self._check_cancel()
@@ -872,45 +876,59 @@ class _Run:
             if holder is not None:
                 raise HookConflictError(chosen, holder)
 
-        await self.ctx._record(HOOK_CREATED, {"seq": seq, "token": chosen}, unique)
-        self.hooks_created[seq] = chosen
-        return chosen
+        event = await self.ctx._record(HOOK_CREATED, {"seq": seq, "token": chosen}, unique)
+        self.hooks_created[seq] = (chosen, event.id)
+        return chosen, event.id
 
-    async def wait_hook(self, token: str) -> JSON:
-        if token in self.received:
-            return self.received[token]
+    async def wait_hook(self, hook_id: int) -> JSON:
+        if hook_id in self.received:
+            return self.received[hook_id]
         self._check_cancel()
         # It may have arrived since this attempt read the run's facts.
         for event in await self.ctx.events(
             intent_event_id=self.ctx.intent_event_id, kinds=[HOOK_RECEIVED]
         ):
             fact = event.payload
-            if isinstance(fact, dict) and fact.get("token") == token:
-                self.received[token] = fact.get("payload")
-                return self.received[token]
-        raise _Suspend(FOREVER_MS, (token,))
+            if isinstance(fact, dict) and fact.get("hook") == hook_id:
+                self.received[hook_id] = fact.get("payload")
+                return self.received[hook_id]
+        raise _Suspend(FOREVER_MS, (hook_id,))
 
-    async def dispose_hook(self, token: str) -> None:
-        if token in self.disposed:
+    async def dispose_hook(self, token: str, hook_id: int) -> None:
+        if hook_id in self.disposed:
             return
-        await self.ctx._record(HOOK_DISPOSED, {"token": token})
-        self.disposed.add(token)
+        await self.ctx._record(HOOK_DISPOSED, {"token": token, "hook": hook_id})
+        self.disposed.add(hook_id)
 
 
-def active_hook(tx: LedgerTx, token: str) -> int | None:
-    """The run whose active hook holds ``token`` in this actor, or None."""
-    holder: int | None = None
+def active_hook_id(tx: LedgerTx, token: str) -> tuple[int, int] | None:
+    """``(run id, hook id)`` of the active hook holding ``token`` in this actor, or None.
+
+    A hook is active from its creation until its disposal or the end of its run; the facts
+    are read in order, so a token used again after a disposal finds the new hook.
+    """
+    holder: tuple[int, int] | None = None
     for event in tx.events(kinds=[HOOK_CREATED, HOOK_DISPOSED]):
         fact = event.payload
         if not isinstance(fact, dict) or fact.get("token") != token:
             continue
-        holder = event.intent_event_id if event.kind == HOOK_CREATED else None
+        if event.kind == HOOK_CREATED:
+            assert event.intent_event_id is not None
+            holder = (event.intent_event_id, event.id)
+        elif holder is not None and fact.get("hook") in (None, holder[1]):
+            holder = None
     if holder is None:
         return None
-    row = tx.intent_row(holder)
+    row = tx.intent_row(holder[0])
     if row is None or row.status not in ("pending", "running"):
         return None
     return holder
+
+
+def active_hook(tx: LedgerTx, token: str) -> int | None:
+    """The run whose active hook holds ``token`` in this actor, or None."""
+    found = active_hook_id(tx, token)
+    return None if found is None else found[0]
 
 
 async def _replay_facts(ctx: TriggerContext) -> _Run:
@@ -930,9 +948,9 @@ async def _replay_facts(ctx: TriggerContext) -> _Run:
         elif event.kind == WAIT_COMPLETED:
             run.woke.add(seq)
         elif event.kind == HOOK_CREATED:
-            run.hooks_created.setdefault(seq, str(fact["token"]))
+            run.hooks_created.setdefault(seq, (str(fact["token"]), event.id))
         elif event.kind == HOOK_RECEIVED:
-            run.received.setdefault(str(fact["token"]), fact.get("payload"))
+            run.received.setdefault(int(fact["hook"]), fact.get("payload"))
         elif event.kind == RACE_WON:
             run.races.setdefault(seq, int(fact["index"]))
         elif event.kind == CONTROLLER_ABORTED:
@@ -940,17 +958,17 @@ async def _replay_facts(ctx: TriggerContext) -> _Run:
             recorded = (reason if isinstance(reason, str) else None, int(fact["at"]))
             run.aborts.setdefault(seq, recorded)
         else:
-            run.disposed.add(str(fact["token"]))
+            run.disposed.add(int(fact["hook"]))
     return run
 
 
 # -- the built-in trigger ------------------------------------------------------------------------
 
 
-def _received_any(tx: Tx, tokens: set[str]) -> bool:
+def _received_any(tx: Tx, hook_ids: set[int]) -> bool:
     ledger: Any = tx._ledger
     for event in ledger.events(intent_event_id=tx.intent_event_id, kinds=[HOOK_RECEIVED]):
-        if isinstance(event.payload, dict) and event.payload.get("token") in tokens:
+        if isinstance(event.payload, dict) and event.payload.get("hook") in hook_ids:
             return True
     return False
 

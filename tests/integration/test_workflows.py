@@ -401,12 +401,13 @@ async def test_resume_landing_while_the_attempt_suspends_is_not_lost(
     original = _workflow._Run.wait_hook
     agents: list[Any] = []
 
-    async def resume_in_the_gap(self: Any, token: str) -> Any:
+    async def resume_in_the_gap(self: Any, hook_id: int) -> Any:
         try:
-            return await original(self, token)
+            return await original(self, hook_id)
         except _workflow._Suspend:
             if not agents[1:]:
                 agents.append("resumed")
+                (token,) = [t for t, i in self.hooks_created.values() if i == hook_id]
                 await resume_hook(token, "in the gap", actor=agents[0])
             raise
 
@@ -789,3 +790,30 @@ async def test_a_replay_that_diverges_fails_the_run_clearly(tmp_path: Path) -> N
             await result_of(run)
         assert "'add'" in str(caught.value)
         assert "'narrate'" in str(caught.value)
+
+
+@workflow
+async def reuses_a_token() -> list[Any]:
+    got = []
+    for _ in range(2):
+        async with create_hook(token="again") as hook:
+            got.append(await hook)
+    return got
+
+
+ReuseDO = define_agent_do(workflows=[reuses_a_token])
+
+
+async def test_a_token_used_again_after_disposal_gets_its_own_payload(tmp_path: Path) -> None:
+    """A run that disposes a hook and creates another with the same token waits for a new
+    resume: each hook gets its own payload."""
+    async with ActorHost(ReuseDO, data_dir=tmp_path, config=fast_config()) as h:
+        agent = h.get("u:again")
+        run = await start(reuses_a_token, actor=agent)
+        await wait_hook(agent, "again")
+        await resume_hook("again", "first", actor=agent)
+        with anyio.fail_after(20):
+            while len(await agent.events(kinds=["trigger.workflow.hook_created"])) < 2:
+                await anyio.sleep(0.01)
+        await resume_hook("again", "second", actor=agent)
+        assert await result_of(run) == ["first", "second"]
