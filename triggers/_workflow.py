@@ -451,12 +451,14 @@ async def gather(*calls: Awaitable[Any]) -> list[Any]:
     """
     run = _current_run("gather")
     _check_calls("gather", calls)
+    run._check_unwinding()
     group = _Group(run, len(calls))
     results: list[Any] = [None] * len(calls)
     errors: list[BaseException | None] = [None] * len(calls)
     suspends: list[_Suspend] = []
 
     async def one(index: int, call: Awaitable[Any]) -> None:
+        _in_group.set(True)
         try:
             results[index] = await group.await_patiently(index, call)
         except _Suspend as suspend:
@@ -472,7 +474,7 @@ async def gather(*calls: Awaitable[Any]) -> list[Any]:
         if error is not None:
             raise error
     if suspends:
-        raise _merge(suspends)
+        raise run._suspend(_merge(suspends))
     return results
 
 
@@ -497,6 +499,7 @@ async def race(*calls: Awaitable[Any]) -> Any:
     async with anyio.create_task_group() as tg:
 
         async def one(index: int, call: Awaitable[Any]) -> None:
+            _in_group.set(True)
             try:
                 value = await group.await_patiently(index, call)
             except _Suspend as suspend:
@@ -512,7 +515,7 @@ async def race(*calls: Awaitable[Any]) -> Any:
         for index, call in enumerate(calls):
             tg.start_soon(one, index, call)
     if not outcome:
-        raise _merge(suspends)
+        raise run._suspend(_merge(suspends))
     index, value, error = outcome[0]
     if isinstance(error, RunCancelledError):
         raise error  # the run was cancelled: nothing won
@@ -604,6 +607,7 @@ class AbortController:
         if reason is not None and not isinstance(reason, str):
             raise TypeError("reason must be a str or None")
         run = self._run
+        run._check_unwinding()
         recorded = run.aborts.get(self._seq)
         if recorded is not None:  # replaying the abort this body made before
             self._signal._abort(recorded[0])
@@ -768,6 +772,9 @@ async def get_hook_by_token(token: str, *, actor: Any) -> HookInfo:
 
 
 _rng = random.Random()
+_in_group: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "durable_triggers_in_group", default=False
+)
 _in_step: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "durable_triggers_in_step", default=False
 )
@@ -790,6 +797,9 @@ class _Run:
     races: dict[int, int] = field(default_factory=dict)
     aborts: dict[int, tuple[str | None, int]] = field(default_factory=dict)
     controllers: dict[int, AbortController] = field(default_factory=dict)
+    unwinding: _Suspend | None = None
+    """Set once the body unwinds to wait (a sleep or hook): calls made meanwhile, from
+    ``finally`` blocks, do not run; they rejoin the wait."""
     seq: int = 0
 
     def _next(self) -> int:
@@ -805,7 +815,18 @@ class _Run:
             if controller is not None and at <= upto:
                 controller.signal._abort(reason)
 
+    def _suspend(self, suspend: _Suspend) -> _Suspend:
+        """Note that the body starts waiting (unless a group catches it); returns it to raise."""
+        if not _in_group.get():
+            self.unwinding = suspend
+        return suspend
+
+    def _check_unwinding(self) -> None:
+        if self.unwinding is not None:
+            raise self.unwinding
+
     def _check_cancel(self) -> None:
+        self._check_unwinding()
         signal = self.ctx.signal
         if signal.aborted:
             raise RunCancelledError(_reason_of(signal.reason))
@@ -818,6 +839,7 @@ class _Run:
     async def step(
         self, seq: int, name: str, retry: RetryPolicy, call: Callable[[], Awaitable[R]]
     ) -> R:
+        self._check_unwinding()
         if seq in self.completed:
             self._check_replay(seq, name)
             recorded: R = self.completed[seq]
@@ -851,6 +873,7 @@ class _Run:
             return result
 
     async def sleep(self, seq: int, ms: int) -> None:
+        self._check_unwinding()
         if seq in self.woke:
             return
         self._check_cancel()
@@ -860,7 +883,7 @@ class _Run:
             await self.ctx._record(WAIT_CREATED, {"seq": seq, "until": until})
             self.waits[seq] = until
         if self.ctx._backend.now_ms() < until:
-            raise _Suspend(until)
+            raise self._suspend(_Suspend(until))
         await self.ctx._record(WAIT_COMPLETED, {"seq": seq})
         self.woke.add(seq)
 
@@ -881,6 +904,7 @@ class _Run:
         return chosen, event.id
 
     async def wait_hook(self, hook_id: int) -> JSON:
+        self._check_unwinding()
         if hook_id in self.received:
             return self.received[hook_id]
         self._check_cancel()
@@ -892,7 +916,7 @@ class _Run:
             if isinstance(fact, dict) and fact.get("hook") == hook_id:
                 self.received[hook_id] = fact.get("payload")
                 return self.received[hook_id]
-        raise _Suspend(FOREVER_MS, (hook_id,))
+        raise self._suspend(_Suspend(FOREVER_MS, (hook_id,)))
 
     async def dispose_hook(self, token: str, hook_id: int) -> None:
         if hook_id in self.disposed:

@@ -817,3 +817,36 @@ async def test_a_token_used_again_after_disposal_gets_its_own_payload(tmp_path: 
                 await anyio.sleep(0.01)
         await resume_hook("again", "second", actor=agent)
         assert await result_of(run) == ["first", "second"]
+
+
+plain_cleanups: list[str] = []
+
+
+@workflow
+async def cleans_up_at_the_end() -> str:
+    try:
+        await add(1, 1)
+        await sleep(0.05)
+        return "done"
+    finally:
+        plain_cleanups.append("finally")
+        await add(100, 0)  # a cleanup step: must run once, at the real end
+
+
+CleanupDO = define_agent_do(workflows=[cleans_up_at_the_end])
+
+
+async def test_a_cleanup_step_in_finally_runs_only_at_the_end(tmp_path: Path) -> None:
+    """A step called from a finally block while the run unwinds to sleep does not run; it runs
+    once, when the body really ends (plain code in finally runs at each suspension)."""
+    plain_cleanups.clear()
+    async with ActorHost(CleanupDO, data_dir=tmp_path, config=fast_config()) as h:
+        agent = h.get("u:c")
+        run = await start(cleans_up_at_the_end, actor=agent)
+        assert await result_of(run) == "done"
+        assert calls["add"] == 2
+        kinds = [e.kind for e in await agent.events(intent_event_id=run.run_id)]
+        woke = kinds.index("trigger.workflow.wait_completed")
+        last_step = len(kinds) - 1 - kinds[::-1].index(STEP_COMPLETED)
+        assert last_step > woke, "the cleanup step was recorded before the sleep ended"
+        assert plain_cleanups == ["finally", "finally"]
