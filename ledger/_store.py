@@ -363,7 +363,11 @@ class LedgerStore:
                 if request.after is not None and request.done is done:
                     request.after(request.result, request.error)
             for item in committed:
-                if item.effects.events or item.effects.chunks or item.effects.terminal:
+                effects = item.effects
+                # Any change of an intent's state (claims and reschedules too) wakes local
+                # waiters; peers hear only of new facts, chunks and terminal transitions.
+                if (effects.events or effects.chunks or effects.terminal
+                        or effects.due_may_rise or effects.new_due is not None):  # fmt: skip
                     self.notify_changed(item.actor_id)
             if committed:
                 for listener in self._listeners:

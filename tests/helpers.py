@@ -23,6 +23,8 @@ from triggers import (
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from actors import Agent
+
 DONE = "test.done"
 CANCELLED = "test.cancelled"
 FAILED = "test.failed"
@@ -141,3 +143,17 @@ async def open_host(
     spec = spec or define_agent_do(triggers=list(triggers))
     async with ActorHost(spec, data_dir=data_dir, **options) as host:
         yield host
+
+
+async def wait_until(
+    agent: Agent, check: Callable[[], Awaitable[bool]], *, timeout: float = 20
+) -> None:
+    """Wait until ``check()`` holds, re-checking after each change of the agent's actor (no
+    polling: every committed write to the actor wakes this)."""
+    store = agent._host.store
+    with anyio.fail_after(timeout):
+        while True:
+            version = store.version(agent.actor_id)
+            if await check():
+                return
+            await store.wait_changed(agent.actor_id, version)

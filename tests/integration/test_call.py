@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
+import structlog
 from anyio.lowlevel import checkpoint
-from structlog.testing import capture_logs
 
 from actors import CallHandle, HostClosedError
 from ledger import IntentStatus, ledger_relpath
@@ -29,6 +29,7 @@ from triggers import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping, MutableMapping
     from pathlib import Path
 
     from actors import Agent
@@ -410,13 +411,20 @@ async def test_a_locked_ledger_delays_the_cancel_but_does_not_lose_it(tmp_path: 
         blocker = sqlite3.connect(tmp_path / ledger_relpath("a"), isolation_level=None)
         try:
             blocker.execute("BEGIN IMMEDIATE")
-            with capture_logs() as logs:
-                controller.abort("stop")
-                with anyio.fail_after(10):
-                    while not any(e["event"] == "call_follow_retry" for e in logs):
-                        await anyio.sleep(0.01)
+            retried = anyio.Event()
+
+            def watch(logger: Any, name: str, event: MutableMapping[str, Any]) -> Mapping[str, Any]:
+                if event.get("event") == "call_follow_retry":
+                    retried.set()  # logged on the event loop thread
+                raise structlog.DropEvent
+
+            structlog.configure(processors=[watch])
+            controller.abort("stop")
+            with anyio.fail_after(10):
+                await retried.wait()
             assert not handle.done()
         finally:
+            structlog.reset_defaults()
             blocker.execute("ROLLBACK")
             blocker.close()
         error = await settle(handle)

@@ -80,16 +80,15 @@ async def sse_frames(
 async def test_enqueue_read_and_list(tmp_path: Path) -> None:
     """Enqueue answers 201 with the intent; the intent, the intent list (by status), the
     events (by kind, with a limit), the actor list and the kinds can be read back."""
-    async with api(tmp_path) as (client, _):
+    async with api(tmp_path) as (client, host):
         response = await client.post(f"/actors/chat:1/triggers/{KIND}", json={"payload": {"n": 1}})
         assert response.status_code == 201, response.text
         intent_id = response.json()["intent_event_id"]
         assert response.json()["event"]["payload"] == {"n": 1}
         with anyio.fail_after(10):
-            while (await client.get(f"/actors/chat:1/intents/{intent_id}")).json()[
-                "status"
-            ] != "completed":
-                await anyio.sleep(0.02)
+            await host.get("chat:1").wait_for_intent(intent_id)
+        read = await client.get(f"/actors/chat:1/intents/{intent_id}")
+        assert read.json()["status"] == "completed"
         completed = await client.get("/actors/chat:1/intents", params={"status": "completed"})
         assert [i["intent_event_id"] for i in completed.json()] == [intent_id]
         pending = await client.get("/actors/chat:1/intents", params={"status": "pending"})

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from actors import ActorHost, define_agent_do
 from ledger import IntentStatus
-from tests.helpers import fast_config
+from tests.helpers import fast_config, wait_until
 from triggers import AbortController, AbortError, AbortSignal, CancelStatus, FatalError, RetryPolicy
 from triggers._workflow import RUN_CANCELLED, STEP_COMPLETED, parse_duration
 from triggers.workflows import AbortController as WorkflowAbortController
@@ -206,9 +206,11 @@ async def test_sleep_survives_a_restart_and_holds_nothing(tmp_path: Path) -> Non
     clock_ms = [1_800_000_000_000]
     async with host(tmp_path, clock=lambda: clock_ms[0]) as h:
         run = await start(long_sleep, actor=h.get("u:1"))
-        with anyio.fail_after(20):
-            while (await h.get("u:1").intent(run.run_id)).attempts != 0 or calls["add"] != 1:
-                await anyio.sleep(0.01)
+
+        async def settled() -> bool:
+            return not ((await h.get("u:1").intent(run.run_id)).attempts != 0 or calls["add"] != 1)
+
+        await wait_until(h.get("u:1"), settled)
         assert await run.status() is IntentStatus.PENDING
         assert h.scheduler is not None
         assert list(h.scheduler.running_attempts()) == []
@@ -224,9 +226,11 @@ async def test_cancel_while_asleep_is_immediate(tmp_path: Path) -> None:
     RunCancelledError with the reason; a second cancel says it had ended."""
     async with host(tmp_path) as h:
         run = await start(long_sleep, actor=h.get("u:1"))
-        with anyio.fail_after(20):
-            while calls["add"] != 1 or await run.status() is not IntentStatus.PENDING:
-                await anyio.sleep(0.01)
+
+        async def settled() -> bool:
+            return not (calls["add"] != 1 or await run.status() is not IntentStatus.PENDING)
+
+        await wait_until(h.get("u:1"), settled)
         result = await run.cancel("not needed any more")
         assert result.status is CancelStatus.CANCELLED
         with pytest.raises(RunCancelledError) as caught:
@@ -343,12 +347,17 @@ def hook_host(tmp_path: Path, **options: Any) -> ActorHost:
 
 async def wait_hook(agent: Any, token: str) -> int:
     """Wait until the hook exists; returns its run id."""
-    with anyio.fail_after(20):
-        while True:
-            try:
-                return (await get_hook_by_token(token, actor=agent)).run_id
-            except HookNotFoundError:
-                await anyio.sleep(0.01)
+    found: list[int] = []
+
+    async def created() -> bool:
+        try:
+            found.append((await get_hook_by_token(token, actor=agent)).run_id)
+        except HookNotFoundError:
+            return False
+        return True
+
+    await wait_until(agent, created)
+    return found[-1]
 
 
 async def test_hook_wait_holds_nothing_and_resume_wakes_the_run(tmp_path: Path) -> None:
@@ -358,9 +367,11 @@ async def test_hook_wait_holds_nothing_and_resume_wakes_the_run(tmp_path: Path) 
         agent = h.get("u:h")
         run = await start(waits_for_approval, ["r1"], actor=agent)
         assert await wait_hook(agent, "approve:r1") == run.run_id
-        with anyio.fail_after(20):
-            while await run.status() is not IntentStatus.PENDING:
-                await anyio.sleep(0.01)
+
+        async def settled() -> bool:
+            return not (await run.status() is not IntentStatus.PENDING)
+
+        await wait_until(agent, settled)
         assert h.scheduler is not None
         assert list(h.scheduler.running_attempts()) == []
         with pytest.raises(ValidationError):
@@ -426,9 +437,11 @@ async def test_cancel_a_run_waiting_on_a_hook(tmp_path: Path) -> None:
         agent = h.get("u:x")
         run = await start(raw_hook, actor=agent)
         await wait_hook(agent, "raw")
-        with anyio.fail_after(20):
-            while await run.status() is not IntentStatus.PENDING:
-                await anyio.sleep(0.01)
+
+        async def settled() -> bool:
+            return not (await run.status() is not IntentStatus.PENDING)
+
+        await wait_until(agent, settled)
         assert (await run.cancel("user cancelled")).status is CancelStatus.CANCELLED
         with pytest.raises(RunCancelledError):
             await result_of(run)
@@ -601,9 +614,11 @@ async def test_start_with_a_signal(tmp_path: Path) -> None:
         assert await agent.intents() == []
         controller = AbortController()
         run = await start(long_sleep, actor=agent, signal=controller.signal)
-        with anyio.fail_after(20):
-            while calls["add"] != 1 or await run.status() is not IntentStatus.PENDING:
-                await anyio.sleep(0.01)
+
+        async def settled() -> bool:
+            return not (calls["add"] != 1 or await run.status() is not IntentStatus.PENDING)
+
+        await wait_until(agent, settled)
         controller.abort("user left")
         with pytest.raises(RunCancelledError, match="user left"):
             await result_of(run)
@@ -695,13 +710,13 @@ async def test_a_long_sleep_in_a_group_does_not_hold_the_attempt(tmp_path: Path)
     async with ActorHost(RegressionDO, data_dir=tmp_path, config=fast_config()) as h:
         run = await start(mixed_sleeps, actor=h.get("u:m"))
         agent = h.get("u:m")
-        with anyio.fail_after(20):
-            while True:
-                state = await agent.intent(run.run_id)
-                woke = await agent.events(kinds=["trigger.workflow.wait_completed"])
-                if state.status is IntentStatus.PENDING and woke:
-                    break
-                await anyio.sleep(0.01)
+
+        async def asleep_after_the_short_sleep() -> bool:
+            state = await agent.intent(run.run_id)
+            woke = await agent.events(kinds=["trigger.workflow.wait_completed"])
+            return state.status is IntentStatus.PENDING and bool(woke)
+
+        await wait_until(agent, asleep_after_the_short_sleep)
         assert calls["add"] == 1
         assert (await run.cancel("enough")).status is CancelStatus.CANCELLED
 
@@ -750,9 +765,11 @@ async def test_a_hook_that_loses_a_race_releases_its_token(tmp_path: Path) -> No
     async with ActorHost(MoreDO, data_dir=tmp_path, config=fast_config()) as h:
         agent = h.get("u:l")
         run = await start(race_with_losing_hook, actor=agent)
-        with anyio.fail_after(20):
-            while not await agent.events(kinds=["trigger.workflow.wait_created"]):
-                await anyio.sleep(0.01)
+
+        async def settled() -> bool:
+            return bool(await agent.events(kinds=["trigger.workflow.wait_created"]))
+
+        await wait_until(agent, settled)
         assert await run.status() in (IntentStatus.PENDING, IntentStatus.RUNNING)
         with pytest.raises(HookNotFoundError):
             await get_hook_by_token("loser", actor=agent)
@@ -812,9 +829,11 @@ async def test_a_token_used_again_after_disposal_gets_its_own_payload(tmp_path: 
         run = await start(reuses_a_token, actor=agent)
         await wait_hook(agent, "again")
         await resume_hook("again", "first", actor=agent)
-        with anyio.fail_after(20):
-            while len(await agent.events(kinds=["trigger.workflow.hook_created"])) < 2:
-                await anyio.sleep(0.01)
+
+        async def settled() -> bool:
+            return not (len(await agent.events(kinds=["trigger.workflow.hook_created"])) < 2)
+
+        await wait_until(agent, settled)
         await resume_hook("again", "second", actor=agent)
         assert await result_of(run) == ["first", "second"]
 
