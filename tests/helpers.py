@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pathlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -157,3 +160,24 @@ async def wait_until(
             if await check():
                 return
             await store.wait_changed(agent.actor_id, version)
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_example(script: str, data_dir: Path) -> list[str]:
+    """Run ``examples/<script>`` with ``data_dir`` in a fresh interpreter; its stdout lines.
+
+    Fails (showing stderr) if it exits non-zero or prints a traceback.
+    """
+    result = subprocess.run(
+        [sys.executable, f"examples/{script}", str(data_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    return result.stdout.splitlines()

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+from typing import TYPE_CHECKING
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_example
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 
 def test_workflow_basics(tmp_path: Path) -> None:
     """examples/workflows/basics.py: replay after a durable sleep, a hook resumed from outside,
     an abort error not retried, and a run cancelled at its next step with its finally run."""
-    result = subprocess.run(
-        [sys.executable, "examples/workflows/basics.py", str(tmp_path / "data")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
+    assert run_example("workflows/basics.py", tmp_path / "data") == [
         "1. report: 'published q3'; fetch_report ran 1x",
         "2. approval: 'published launch (approved by ann)'",
         "3. no_retry: 'gave up after 1 attempt(s): aborted: the provider cancelled the job'; "
@@ -34,16 +26,7 @@ def test_workflow_basics(tmp_path: Path) -> None:
 def test_workflow_abort_patterns(tmp_path: Path) -> None:
     """examples/workflows/abort_patterns.py: a timeout by race with a durable sleep, fetch
     with timeout, first responder, a pipeline sharing one signal, a watchdog step's abort."""
-    result = subprocess.run(
-        [sys.executable, "examples/workflows/abort_patterns.py", str(tmp_path / "data")],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == [
+    assert run_example("workflows/abort_patterns.py", tmp_path / "data") == [
         "1. cancellable with timeout: timed out; step signal aborted=True",
         "2. fetch with timeout: https://slow.example: timed out",
         "2. fetch in time: body of https://fast.example",

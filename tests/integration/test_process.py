@@ -30,6 +30,7 @@ class PidPipe:
         self.read_fd, write_fd = os.pipe()
         self.writer = os.fdopen(write_fd, "wb")
         self._buffer = b""
+        self.seen: list[int] = []
 
     async def next_pid(self) -> int:
         """Wait for the next pid line the child prints."""
@@ -41,6 +42,11 @@ class PidPipe:
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         return int(line)
+
+    async def abort_after_pid(self, controller: AbortController, reason: str) -> None:
+        """Abort ``controller`` once the child has printed a pid (kept in ``self.seen``)."""
+        self.seen.append(await self.next_pid())
+        controller.abort(reason)
 
     def close(self) -> None:
         self.writer.close()
@@ -108,18 +114,11 @@ async def test_abort_stops_sleep_and_reaps_it(pids: PidPipe) -> None:
     controller = AbortController()
     command = ["sh", "-c", "echo $$; exec sleep 30"]
     async with anyio.create_task_group() as tg:
-
-        async def abort_once_started() -> None:
-            pid = await pids.next_pid()
-            controller.abort("user pressed stop")
-            results.append(pid)
-
-        results: list[int] = []
-        tg.start_soon(abort_once_started)
+        tg.start_soon(pids.abort_after_pid, controller, "user pressed stop")
         with pytest.raises(AbortError) as caught:
             await run_process(command, signal=controller.signal, grace=600, stdout=pids.writer)
     assert caught.value.reason == "user pressed stop"
-    (pid,) = results
+    (pid,) = pids.seen
     assert reaped(pid), "the aborted child is still running or a zombie"
 
 
@@ -127,18 +126,11 @@ async def test_sigterm_ignored_is_killed_after_the_grace(pids: PidPipe) -> None:
     """A child that ignores SIGTERM is killed with SIGKILL once the grace has passed."""
     controller = AbortController()
     command = ["sh", "-c", "trap '' TERM; echo $$; exec sleep 30"]
-    pid = 0
-
-    async def abort_once_started() -> None:
-        nonlocal pid
-        pid = await pids.next_pid()
-        controller.abort("stop")
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(abort_once_started)
+        tg.start_soon(pids.abort_after_pid, controller, "stop")
         with pytest.raises(AbortError):
             await run_process(command, signal=controller.signal, grace=0.05, stdout=pids.writer)
-    assert pid
+    (pid,) = pids.seen
     assert reaped(pid)
 
 
@@ -146,18 +138,11 @@ async def test_abort_reaches_the_whole_process_group(pids: PidPipe) -> None:
     """A shell's own children (here a backgrounded sleep) are stopped with it."""
     controller = AbortController()
     command = ["sh", "-c", "sleep 300 & echo $!; wait"]
-    grandchild = 0
-
-    async def abort_once_started() -> None:
-        nonlocal grandchild
-        grandchild = await pids.next_pid()
-        controller.abort("stop")
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(abort_once_started)
+        tg.start_soon(pids.abort_after_pid, controller, "stop")
         with pytest.raises(AbortError):
             await run_process(command, signal=controller.signal, grace=600, stdout=pids.writer)
-    await wait_exited(grandchild)
+    await wait_exited(pids.seen[0])
 
 
 async def test_pre_aborted_signal_starts_nothing(tmp_path: Path) -> None:
@@ -212,15 +197,8 @@ async def test_abort_stops_what_an_exited_shell_left_running(pids: PidPipe) -> N
     the abort still stops that child (the whole group is signalled, not only the leader)."""
     controller = AbortController()
     command = ["sh", "-c", "sleep 300 & echo $! >&2; exit 0"]
-    grandchild = 0
-
-    async def abort_once_started() -> None:
-        nonlocal grandchild
-        grandchild = await pids.next_pid()
-        controller.abort("stop")
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(abort_once_started)
+        tg.start_soon(pids.abort_after_pid, controller, "stop")
         with pytest.raises(AbortError):
             await run_process(command, signal=controller.signal, grace=600, stderr=pids.writer)
-    await wait_exited(grandchild)
+    await wait_exited(pids.seen[0])
