@@ -12,7 +12,7 @@ import structlog
 from ledger import (
     Clock,
     Committed,
-    IndexDB,
+    Directory,
     LedgerError,
     LedgerStore,
     ProcessInfo,
@@ -207,7 +207,7 @@ class ActorHost:
         now = self.store.clock()
         stale_ms = round(self.config.lease * 10 * 1000)
 
-        def read(index: IndexDB) -> list[ProcessInfo]:
+        def read(index: Directory) -> list[ProcessInfo]:
             index.heartbeat(wake.process_id, now)
             processes = index.processes()
             for info in processes:

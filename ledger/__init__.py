@@ -11,6 +11,7 @@ from ._errors import LedgerError as LedgerError
 from ._errors import LedgerNotFoundError as LedgerNotFoundError
 from ._errors import LedgerWriteError as LedgerWriteError
 from ._errors import PayloadError as PayloadError
+from ._index import Directory as Directory
 from ._index import IndexDB as IndexDB
 from ._index import ProcessInfo as ProcessInfo
 from ._models import JSON as JSON
@@ -25,6 +26,7 @@ from ._store import Clock as Clock
 from ._store import Committed as Committed
 from ._store import LedgerClosedError as LedgerClosedError
 from ._store import LedgerStore as LedgerStore
+from ._store import Store as Store
 from ._store import system_clock as system_clock
 from ._tx import MAX_PAYLOAD_BYTES as MAX_PAYLOAD_BYTES
 from ._tx import IntentRow as IntentRow
@@ -37,6 +39,7 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "Clock",
     "Committed",
+    "Directory",
     "Event",
     "IndexDB",
     "IntentNotFoundError",
@@ -54,6 +57,7 @@ __all__ = [
     "PayloadError",
     "ProcessInfo",
     "Projection",
+    "Store",
     "TxEffects",
     "datetime_to_ms",
     "dump_json",

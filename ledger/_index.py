@@ -19,7 +19,7 @@ import os
 import sqlite3
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ._errors import LedgerBusyError, LedgerCorruptError, LedgerWriteError
 
@@ -67,6 +67,31 @@ class ProcessInfo:
     address: str | None
     scheduler: bool
     heartbeat_at: int
+
+
+class Directory(Protocol):
+    """What hosts and schedulers read and write about the actors and processes of a store."""
+
+    def due_before(self, before_ms: int, limit: int) -> list[tuple[str, int]]:
+        """Actors needing the scheduler at or before ``before_ms``, earliest first."""
+        ...
+
+    def actors(self, *, after: str = "", limit: int = 1000) -> list[tuple[str, str, int | None]]:
+        """``(actor_id, location, due)`` of actors after ``after``, in name order."""
+        ...
+
+    def register_process(self, info: ProcessInfo) -> None:
+        """Record (or replace) a process in the registry."""
+
+    def heartbeat(self, process_id: str, now_ms: int) -> None:
+        """Record that a process is alive at ``now_ms``."""
+
+    def unregister_process(self, process_id: str) -> None:
+        """Remove a process from the registry."""
+
+    def processes(self) -> list[ProcessInfo]:
+        """Every registered process."""
+        ...
 
 
 class IndexDB:

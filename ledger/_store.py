@@ -34,7 +34,7 @@ from ._errors import (
     LedgerWriteError,
 )
 from ._file import LedgerFile, Synchronous
-from ._index import IndexDB
+from ._index import Directory, IndexDB
 from ._naming import check_actor_id, ledger_relpath
 from ._tx import LedgerTx, TxEffects
 
@@ -123,89 +123,79 @@ _RAISE_DELAY = 0.005
 _MAX_PUT_OFF = 1024
 
 
-class LedgerStore:
-    """All actor ledgers under ``data_dir``; an async context manager.
+class Store:
+    """What every storage backend shares: per-shard queues, batching pumps, change notices.
 
-    Args:
-        data_dir: the directory holding ``index.db`` and ``actors/``; created if missing.
-        projections: folds kept current in every write transaction.
-        synchronous: ``"NORMAL"`` (default: durable against process crashes, as fast as
-            SQLite's WAL allows) or ``"FULL"`` (also durable against power loss).
-        max_open: most ledger connections kept open; idle ones beyond it are closed (each
-            open WAL connection holds three file descriptors). Up to ``max_open / 8`` more
-            may be closing in the background at a time.
-        shards: worker threads; actors are spread over them by name.
-        clock: the time source, epoch milliseconds.
-        lock_timeout: seconds an operation waits for a ledger locked by another process
-            before failing with ``LedgerBusyError``.
+    Callers submit operations, synchronous functions ``fn(tx: LedgerTx) -> T`` of one actor;
+    a pump task per shard takes everything queued and has the backend run it as a batch
+    (``_run_batch``). ``LedgerStore`` keeps each actor in its own SQLite file;
+    ``ledger.postgres.PostgresStore`` keeps every actor in one PostgreSQL database.
     """
+
+    location: str
+    """Where the ledgers live, for messages: a directory, or a database URL without password."""
 
     def __init__(
         self,
-        data_dir: str | Path,
         *,
-        projections: Sequence[Projection[Any]] = (),
-        synchronous: Synchronous = "NORMAL",
-        max_open: int = 512,
-        shards: int = 1,
-        clock: Clock = system_clock,
-        lock_timeout: float = 10.0,
+        projections: Sequence[Projection[Any]],
+        shards: int,
+        clock: Clock,
+        batch_actors: int,
     ) -> None:
-        if synchronous not in ("NORMAL", "FULL"):
-            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
-        if max_open < 1 or shards < 1:
-            raise ValueError("max_open and shards must be at least 1")
-        self.data_dir = Path(data_dir).resolve()
+        if shards < 1 or batch_actors < 1:
+            raise ValueError("shards must be at least 1")
         self.projections = tuple(projections)
-        self.synchronous: Synchronous = synchronous
-        self.max_open = max_open
         self.clock = clock
-        self.lock_timeout = lock_timeout
+        self._batch_actors = batch_actors
         self._shards = [_Shard(i) for i in range(shards)]
         self._listeners: list[Callable[[list[Committed]], None]] = []
         self._versions: dict[str, int] = {}
         self._changed: dict[str, anyio.Event] = {}
         self._closing = False
         self._tg: anyio.abc.TaskGroup | None = None
-        # Evicted ledgers are closed on their own threads: the last close of a WAL file
-        # checkpoints and syncs it (about a millisecond, mostly waiting on the disk), which
-        # must not stall everyone's batch; several closers overlap those waits.
-        self._to_close: queue.SimpleQueue[LedgerFile | None] = queue.SimpleQueue()
-        self._closers: list[threading.Thread] = []
 
-    # -- lifecycle ------------------------------------------------------------------------
-
-    async def __aenter__(self) -> LedgerStore:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._closers = [
-            threading.Thread(target=self._close_evicted, name="ledger-closer", daemon=True)
-            for _ in range(_CLOSERS)
-        ]
-        for closer in self._closers:
-            closer.start()
+    async def _start_pumps(self) -> None:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         for shard in self._shards:
             self._tg.start_soon(self._pump, shard)
-        return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def _stop_pumps(self) -> None:
+        """Let the pumps drain what is queued, then end them."""
         self._closing = True
         for shard in self._shards:
             shard.wake.set()
         assert self._tg is not None
         await self._tg.__aexit__(None, None, None)
-        with anyio.CancelScope(shield=True):
-            for shard in self._shards:
-                await anyio.to_thread.run_sync(self._close_shard, shard, limiter=shard.limiter)
-            for _ in self._closers:
-                self._to_close.put(None)
-            for closer in self._closers:
-                await anyio.to_thread.run_sync(closer.join)
+
+    async def __aenter__(self) -> Store:
+        raise NotImplementedError
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        raise NotImplementedError
 
     def add_commit_listener(self, listener: Callable[[list[Committed]], None]) -> None:
         """Call ``listener`` on the event loop after each batch with what it committed."""
         self._listeners.append(listener)
+
+    async def exists(self, actor_id: str) -> bool:
+        """True if ``actor_id`` has a ledger."""
+        raise NotImplementedError
+
+    async def run_index(self, fn: Callable[[Directory], T]) -> T:
+        """Run ``fn`` with the directory of actors, due times and processes."""
+        raise NotImplementedError
+
+    async def _run_batch(
+        self, shard: _Shard, batch: list[_Request[Any]]
+    ) -> tuple[list[Committed], list[_Request[Any]], bool]:
+        """Run a batch; returns what committed, requests put off, and whether to back off."""
+        raise NotImplementedError
+
+    async def _idle(self, shard: _Shard) -> bool:
+        """Work for an idle shard; returns True if it did some (the pump then looks again)."""
+        return False
 
     # -- operations -----------------------------------------------------------------------
 
@@ -288,15 +278,6 @@ class LedgerStore:
             shard.wake.set()
         return request
 
-    async def run_index(self, fn: Callable[[IndexDB], T]) -> T:
-        """Run ``fn`` with the directory database on a worker thread."""
-        shard = self._shards[0]
-
-        def call() -> T:
-            return fn(self._index(shard))
-
-        return await anyio.to_thread.run_sync(call, limiter=shard.limiter)
-
     # -- change notification --------------------------------------------------------------
 
     def version(self, actor_id: str) -> int:
@@ -327,12 +308,7 @@ class LedgerStore:
 
     async def _pump(self, shard: _Shard) -> None:
         while True:
-            if not shard.pending and shard.raises:
-                # Idle with ``due`` raises put off: give new work a moment to come first.
-                with anyio.move_on_after(_RAISE_DELAY):
-                    await shard.wake.wait()
-                if not shard.pending:
-                    await anyio.to_thread.run_sync(self._apply_raises, shard, limiter=shard.limiter)
+            if not shard.pending and await self._idle(shard):
                 continue
             if not shard.pending:
                 if self._closing:
@@ -345,9 +321,7 @@ class LedgerStore:
             for request in shard.pending:
                 request.done = shard.done  # left for a later batch: wait for that one
             try:
-                committed, deferred, busy = await anyio.to_thread.run_sync(
-                    self._execute, shard, batch, limiter=shard.limiter
-                )
+                committed, deferred, busy = await self._run_batch(shard, batch)
             except Exception as exc:  # a bug or an unexpected SQLite state: fail the batch
                 for request in batch:
                     request.error, request.result = exc, None
@@ -379,7 +353,7 @@ class LedgerStore:
         """Take the queued requests of at most ``budget`` actors (oldest first); the rest wait
         for the next batch, so a batch never holds more ledgers open than the budget."""
         pending = shard.pending
-        budget = max(1, self.max_open // len(self._shards))
+        budget = self._batch_actors
         actors: set[str] = set()
         for request in pending:
             actors.add(request.actor_id)
@@ -400,6 +374,107 @@ class LedgerStore:
                 rest.append(request)
         shard.pending = rest
         return batch
+
+
+class LedgerStore(Store):
+    """All actor ledgers under ``data_dir``; an async context manager.
+
+    Args:
+        data_dir: the directory holding ``index.db`` and ``actors/``; created if missing.
+        projections: folds kept current in every write transaction.
+        synchronous: ``"NORMAL"`` (default: durable against process crashes, as fast as
+            SQLite's WAL allows) or ``"FULL"`` (also durable against power loss).
+        max_open: most ledger connections kept open; idle ones beyond it are closed (each
+            open WAL connection holds three file descriptors). Up to ``max_open / 8`` more
+            may be closing in the background at a time.
+        shards: worker threads; actors are spread over them by name.
+        clock: the time source, epoch milliseconds.
+        lock_timeout: seconds an operation waits for a ledger locked by another process
+            before failing with ``LedgerBusyError``.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        *,
+        projections: Sequence[Projection[Any]] = (),
+        synchronous: Synchronous = "NORMAL",
+        max_open: int = 512,
+        shards: int = 1,
+        clock: Clock = system_clock,
+        lock_timeout: float = 10.0,
+    ) -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
+        if max_open < 1 or shards < 1:
+            raise ValueError("max_open and shards must be at least 1")
+        super().__init__(
+            projections=projections,
+            shards=shards,
+            clock=clock,
+            batch_actors=max(1, max_open // max(1, shards)),
+        )
+        self.data_dir = Path(data_dir).resolve()
+        self.location = str(self.data_dir)
+        self.synchronous: Synchronous = synchronous
+        self.max_open = max_open
+        self.lock_timeout = lock_timeout
+        # Evicted ledgers are closed on their own threads: the last close of a WAL file
+        # checkpoints and syncs it (about a millisecond, mostly waiting on the disk), which
+        # must not stall everyone's batch; several closers overlap those waits.
+        self._to_close: queue.SimpleQueue[LedgerFile | None] = queue.SimpleQueue()
+        self._closers: list[threading.Thread] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def __aenter__(self) -> LedgerStore:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._closers = [
+            threading.Thread(target=self._close_evicted, name="ledger-closer", daemon=True)
+            for _ in range(_CLOSERS)
+        ]
+        for closer in self._closers:
+            closer.start()
+        await self._start_pumps()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._stop_pumps()
+        with anyio.CancelScope(shield=True):
+            for shard in self._shards:
+                await anyio.to_thread.run_sync(self._close_shard, shard, limiter=shard.limiter)
+            for _ in self._closers:
+                self._to_close.put(None)
+            for closer in self._closers:
+                await anyio.to_thread.run_sync(closer.join)
+
+    async def exists(self, actor_id: str) -> bool:
+        """True if ``actor_id`` has a ledger file."""
+        return (self.data_dir / ledger_relpath(actor_id)).exists()
+
+    async def run_index(self, fn: Callable[[Directory], T]) -> T:
+        """Run ``fn`` with the directory database on a worker thread."""
+        shard = self._shards[0]
+
+        def call() -> T:
+            return fn(self._index(shard))
+
+        return await anyio.to_thread.run_sync(call, limiter=shard.limiter)
+
+    async def _run_batch(
+        self, shard: _Shard, batch: list[_Request[Any]]
+    ) -> tuple[list[Committed], list[_Request[Any]], bool]:
+        return await anyio.to_thread.run_sync(self._execute, shard, batch, limiter=shard.limiter)
+
+    async def _idle(self, shard: _Shard) -> bool:
+        if not shard.raises:
+            return False
+        # Idle with ``due`` raises put off: give new work a moment to come first.
+        with anyio.move_on_after(_RAISE_DELAY):
+            await shard.wake.wait()
+        if not shard.pending:
+            await anyio.to_thread.run_sync(self._apply_raises, shard, limiter=shard.limiter)
+        return True
 
     # -- worker thread side ---------------------------------------------------------------
 

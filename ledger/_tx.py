@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ._errors import PayloadError
 from ._models import JSON, Event, IntentState, IntentStatus, Projection, ms_to_datetime
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Sequence
-
-    from ._file import LedgerFile
 
 MAX_PAYLOAD_BYTES = 1 << 20
 """Largest JSON text accepted for one event payload or stream chunk (1 MiB)."""
@@ -31,6 +29,43 @@ _ROW_COLUMNS = (
     "claimed_by, lease_until, cancel_requested_at, cancel_reason, cancel_requested_by, "
     "idempotency_key, finished_at, terminal_event_ids"
 )
+
+
+class Cursor(Protocol):
+    """What a statement returns: rows and the count of rows it changed."""
+
+    @property
+    def rowcount(self) -> int: ...
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class Connection(Protocol):
+    """The part of ``sqlite3.Connection`` the ledger's statements use (``?`` parameters)."""
+
+    def execute(self, sql: str, parameters: Sequence[Any] = ..., /) -> Cursor: ...
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> object: ...
+
+
+class LedgerHandle(Protocol):
+    """One actor's ledger inside an open transaction: a SQLite file or a PostgreSQL scope.
+
+    ``next_id`` caches the next event id while a write transaction is open (writers of one
+    actor are serialized); None when unknown.
+    """
+
+    actor_id: str
+    next_id: int | None
+
+    @property
+    def conn(self) -> Connection: ...
+
+    def integrity_check(self) -> list[str]: ...
 
 
 def dump_json(value: JSON, *, what: str = "payload") -> str:
@@ -135,7 +170,7 @@ class LedgerTx:
     __slots__ = ("_file", "_pending_events", "_projections", "actor_id", "effects", "now_ms")
 
     def __init__(
-        self, file: LedgerFile, now_ms: int, projections: Sequence[Projection[Any]]
+        self, file: LedgerHandle, now_ms: int, projections: Sequence[Projection[Any]]
     ) -> None:
         self._file = file
         self._projections = projections
@@ -458,8 +493,9 @@ class LedgerTx:
             True if the intent was pending and is now due by ``due_at``.
         """
         cur = self._file.conn.execute(
-            "UPDATE intents SET due_at = min(due_at, ?) WHERE id = ? AND status = 'pending'",
-            (due_at, intent_event_id),
+            "UPDATE intents SET due_at = CASE WHEN due_at < ? THEN due_at ELSE ? END"
+            " WHERE id = ? AND status = 'pending'",
+            (due_at, due_at, intent_event_id),
         )
         if cur.rowcount != 1:
             return False
@@ -604,12 +640,17 @@ class LedgerTx:
         return state, last
 
     def _store_projection(self, name: str, state: Any, last: int) -> None:
-        self._file.conn.execute(
-            "INSERT INTO projections (name, state, last_event_id) VALUES (?, ?, ?)"
-            " ON CONFLICT (name) DO UPDATE SET state = excluded.state,"
-            " last_event_id = excluded.last_event_id",
-            (name, dump_json(state, what=f"projection {name!r} state"), last),
-        )
+        text = dump_json(state, what=f"projection {name!r} state")
+        conn = self._file.conn
+        updated = conn.execute(
+            "UPDATE projections SET state = ?, last_event_id = ? WHERE name = ?",
+            (text, last, name),
+        ).rowcount
+        if not updated:
+            conn.execute(
+                "INSERT INTO projections (name, state, last_event_id) VALUES (?, ?, ?)",
+                (name, text, last),
+            )
 
     def integrity_check(self) -> list[str]:
         """``PRAGMA integrity_check`` of this ledger file."""

@@ -29,7 +29,7 @@ from ._spec import RetryPolicy, TriggerRegistry
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
-    from ledger import LedgerStore
+    from ledger import Store
 
     from ._context import TriggerContext
     from ._results import Cancellation
@@ -50,7 +50,7 @@ class ControllerHost(Protocol):
     """What a controller needs of its host (``actors.ActorHost`` is one)."""
 
     @property
-    def store(self) -> LedgerStore: ...
+    def store(self) -> Store: ...
 
     @property
     def poll_interval(self) -> float: ...

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from ledger import JSON, Committed, Event, IndexDB, LedgerError, LedgerStore, LedgerTx
+from ledger import JSON, Committed, Directory, Event, LedgerError, LedgerTx, Store
 
 from ._abort import AbortController
 from ._context import ClaimLostError, TriggerContext
@@ -98,7 +98,7 @@ class Scheduler:
 
     def __init__(
         self,
-        store: LedgerStore,
+        store: Store,
         registry: TriggerRegistry,
         *,
         host_id: str,
@@ -292,7 +292,7 @@ class Scheduler:
         # and come up, earliest first, in a later poll.
         limit = 4 * self.config.max_concurrency + 256
 
-        def read(index: IndexDB) -> list[tuple[str, int]]:
+        def read(index: Directory) -> list[tuple[str, int]]:
             return index.due_before(horizon, limit)
 
         try:
@@ -551,7 +551,7 @@ class _Backend:
 
     __slots__ = ("_store",)
 
-    def __init__(self, store: LedgerStore) -> None:
+    def __init__(self, store: Store) -> None:
         self._store = store
 
     def now_ms(self) -> int:
