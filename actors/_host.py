@@ -16,6 +16,7 @@ from ledger import (
     LedgerError,
     LedgerStore,
     ProcessInfo,
+    Store,
     ledger_relpath,
     system_clock,
 )
@@ -31,26 +32,35 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskGroup
 
+    from ._pgwake import NotifyWakeup
+
 _log = structlog.get_logger("actors")
 
 
 class ActorHost:
-    """Serves the actors of one actor class from ``data_dir``; an async context manager.
+    """Serves the actors of one actor class; an async context manager.
+
+    The ledgers live in SQLite files under ``data_dir`` (the embedded default), or in one
+    PostgreSQL database at ``database_url`` (hosts on any number of machines). Give exactly
+    one of the two.
 
     With ``run_scheduler=True`` (the default) it claims and runs due work; with
     ``run_scheduler=False`` it is a client that enqueues, cancels and reads. Any number of
-    hosts and clients may share one data directory, in one process or many.
+    hosts and clients may share one data directory or database, in one process or many.
 
     Args:
         spec: the actor class, from ``define_agent_do``.
-        data_dir: where the ledgers live (created if missing).
+        data_dir: where the SQLite ledgers live (created if missing).
+        database_url: a ``postgresql://`` URL; needs the ``postgres`` extra (asyncpg).
         run_scheduler: run the trigger scheduler in this process.
         synchronous: SQLite durability: ``"NORMAL"`` (default; a commit survives a process
             crash, and the OS crash window is the last moments of writes) or ``"FULL"``
             (every commit is flushed to disk before it returns).
         config: scheduler tuning (concurrency, lease, poll interval, shutdown grace...).
-        max_open_ledgers: most ledger files kept open; idle actors beyond it hibernate.
-        shards: ledger worker threads.
+        max_open_ledgers: most ledger files kept open; idle actors beyond it hibernate
+            (SQLite).
+        shards: ledger worker threads (SQLite) or database connections running batches
+            side by side (PostgreSQL; default 2).
         clock: epoch-millisecond time source.
         idempotency_retention: how long an ended intent keeps its idempotency key.
         lock_timeout: seconds to wait for a ledger locked by another process.
@@ -60,12 +70,13 @@ class ActorHost:
         self,
         spec: AgentSpec,
         *,
-        data_dir: str | Path,
+        data_dir: str | Path | None = None,
+        database_url: str | None = None,
         run_scheduler: bool = True,
         synchronous: str = "NORMAL",
         config: SchedulerConfig | None = None,
         max_open_ledgers: int = 512,
-        shards: int = 1,
+        shards: int | None = None,
         clock: Clock = system_clock,
         idempotency_retention: timedelta = timedelta(days=1),
         lock_timeout: float = 10.0,
@@ -77,18 +88,36 @@ class ActorHost:
         self.spec = spec
         self.config = config or SchedulerConfig()
         self.run_scheduler = run_scheduler
-        self.store = LedgerStore(
-            data_dir,
-            projections=spec.projections,
-            synchronous="FULL" if synchronous == "FULL" else "NORMAL",
-            max_open=max_open_ledgers,
-            shards=shards,
-            clock=clock,
-            lock_timeout=lock_timeout,
-        )
+        if (data_dir is None) == (database_url is None):
+            raise TypeError("give exactly one of data_dir= and database_url=")
+        self.store: Store
+        if database_url is not None:
+            if not isinstance(database_url, str) or not database_url.startswith(
+                ("postgresql://", "postgres://")
+            ):
+                raise ValueError("database_url must be a postgresql:// URL")
+            from ledger.postgres import PostgresStore
+
+            self.store = PostgresStore(
+                database_url,
+                projections=spec.projections,
+                shards=2 if shards is None else shards,
+                clock=clock,
+            )
+        else:
+            assert data_dir is not None
+            self.store = LedgerStore(
+                data_dir,
+                projections=spec.projections,
+                synchronous="FULL" if synchronous == "FULL" else "NORMAL",
+                max_open=max_open_ledgers,
+                shards=1 if shards is None else shards,
+                clock=clock,
+                lock_timeout=lock_timeout,
+            )
         self.key_retention_ms = round(idempotency_retention.total_seconds() * 1000)
         self.scheduler: Scheduler | None = None
-        self._wake: WakeupSocket | None = None
+        self._wake: WakeupSocket | NotifyWakeup | None = None
         self._peers: list[ProcessInfo] = []
         self._dead: set[str] = set()
         self._tg: TaskGroup | None = None
@@ -96,8 +125,19 @@ class ActorHost:
 
     @property
     def data_dir(self) -> Path:
-        """The data directory (absolute)."""
+        """The data directory (absolute).
+
+        Raises:
+            AttributeError: the host keeps its ledgers in PostgreSQL.
+        """
+        if not isinstance(self.store, LedgerStore):
+            raise AttributeError("this host keeps its ledgers in PostgreSQL: no data_dir")
         return self.store.data_dir
+
+    @property
+    def location(self) -> str:
+        """Where the ledgers live: the data directory, or the database URL (no password)."""
+        return self.store.location
 
     @property
     def poll_interval(self) -> float:
@@ -147,7 +187,19 @@ class ActorHost:
         await stack.__aenter__()
         try:
             await stack.enter_async_context(self.store)
-            self._wake = wake = WakeupSocket(scheduler=self.run_scheduler)
+            wake: WakeupSocket | NotifyWakeup
+            if isinstance(self.store, LedgerStore):
+                wake = WakeupSocket(scheduler=self.run_scheduler)
+            else:
+                from ledger.postgres import PostgresStore
+
+                from ._pgwake import NotifyWakeup
+
+                assert isinstance(self.store, PostgresStore)
+                wake = NotifyWakeup(self.store.url, scheduler=self.run_scheduler)
+                await wake.open()
+                stack.push_async_callback(wake.aclose)
+            self._wake = wake
             stack.callback(wake.close)
             info = wake.info(self.store.clock())
             await self.store.run_index(lambda index: index.register_process(info))

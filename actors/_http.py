@@ -186,12 +186,12 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
     async def on_ledger_error(request: Request, exc: LedgerError) -> JSONResponse:
         return _error_response(503, "ledger_unavailable", str(exc))
 
-    def agent_of(actor: str, *, must_exist: bool = True) -> Agent:
+    async def agent_of(actor: str, *, must_exist: bool = True) -> Agent:
         try:
-            relpath = ledger_relpath(actor)
+            ledger_relpath(actor)
         except (TypeError, ValueError) as exc:
             raise HttpError(422, "invalid_actor", str(exc)) from None
-        if must_exist and not (host.data_dir / relpath).exists():
+        if must_exist and not await host.store.exists(actor):
             raise HttpError(404, "unknown_actor", f"no actor named {actor!r}")
         return host.get(actor)
 
@@ -233,7 +233,7 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
         """Record an intent (the actor is created if it has no ledger yet)."""
         body = body or EnqueueBody()
         check_kind(kind)
-        agent = agent_of(actor, must_exist=False)
+        agent = await agent_of(actor, must_exist=False)
         try:
             event = await agent.enqueue_trigger(
                 trigger_kind=kind,
@@ -260,7 +260,7 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
         """Cancel an intent; the answer is one of the five ``cancel_trigger`` statuses."""
         body = body or CancelBody()
         check_kind(kind)
-        agent = agent_of(actor)
+        agent = await agent_of(actor)
         return await agent.cancel_trigger(
             trigger_kind=kind,
             intent_event_id=intent_event_id,
@@ -276,7 +276,7 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[IntentState]:
         """The actor's intents in id order, optionally only those in ``status``."""
-        agent = agent_of(actor)
+        agent = await agent_of(actor)
         return await agent.intents(
             status=None if status is None else status.value, after=after, limit=limit
         )
@@ -286,7 +286,7 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
     )
     async def read_intent(actor: Actor, intent_event_id: IntentId) -> IntentState:
         """One intent's current state."""
-        agent = agent_of(actor)
+        agent = await agent_of(actor)
         try:
             return await agent.intent(intent_event_id)
         except IntentNotFoundError as exc:
@@ -301,7 +301,7 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[Event]:
         """Events with ``id > after`` in id order."""
-        agent = agent_of(actor)
+        agent = await agent_of(actor)
         return await agent.events(
             after=after, kinds=kinds, intent_event_id=intent_event_id, limit=limit
         )
@@ -319,7 +319,7 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
     ) -> StreamingResponse:
         """Server-sent events: each event with ``id > after`` as it is recorded (``event:
         ledger``, ``id`` the event id), resumable with ``Last-Event-ID``."""
-        agent = agent_of(actor)
+        agent = await agent_of(actor)
         start = _resume(last_event_id, after)
 
         async def frames() -> AsyncIterator[tuple[int, str, str]]:
@@ -342,7 +342,7 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
         """Server-sent events: the intent's attached output chunks (``event: chunk``, ``id``
         the chunk index) until it ends (``event: end`` with its state); resumable with
         ``Last-Event-ID``."""
-        agent = agent_of(actor)
+        agent = await agent_of(actor)
         try:
             await agent.intent(intent_event_id)
         except IntentNotFoundError as exc:
@@ -364,7 +364,7 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
         """Abort the distributed abort controller ``id`` (created if missing, so the abort is
         never lost); idempotent."""
         body = body or AbortBody()
-        agent_of(id, must_exist=False)
+        await agent_of(id, must_exist=False)
         controller = await DistributedAbortController.create(id, host=host)
         await controller.abort(body.reason or "Cancelled via API")
         return Aborted(id=id, run_id=controller.run_id)

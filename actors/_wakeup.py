@@ -46,13 +46,14 @@ class Message:
     hello: bool = False
     """A process just registered: receivers re-read the registry to learn its address."""
 
-    def encode(self) -> bytes:
+    def encode(self, limit: int = _MAX_DATAGRAM) -> bytes:
+        """The wire form; "everything changed" when longer than ``limit`` bytes."""
         if self.hello:
             return b'{"h":1}'
         data = json.dumps(
             {"d": self.due, "c": self.changed, "x": self.cancels}, separators=(",", ":")
         ).encode()
-        if len(data) > _MAX_DATAGRAM:
+        if len(data) > limit:
             return b'{"all":1}'
         return data
 

@@ -32,18 +32,27 @@ class LedgerBusyError(LedgerError):
         self.path = Path(path)
         self.waited_s = waited_s
         super().__init__(
-            f"ledger file {self.path} stayed locked by another process for {waited_s:.1f}s; "
+            f"{_where(path)} stayed locked by another process for {waited_s:.1f}s; "
             "nothing was written. Retry later or find the process holding the lock."
         )
 
 
 class LedgerWriteError(LedgerError):
-    """SQLite refused a write (disk full, read-only file, I/O error); nothing was written."""
+    """The storage refused a write (disk full, read-only file, I/O error, lost database
+    connection); nothing was written unless the message says the outcome is unknown."""
 
     def __init__(self, path: Path | str, detail: str) -> None:
         self.path = Path(path)
         self.detail = detail
-        super().__init__(f"could not write ledger file {self.path}: {detail}; nothing was written")
+        super().__init__(f"could not write {_where(path)}: {detail}; nothing was written")
+
+
+def _where(path: Path | str) -> str:
+    """``ledger file PATH``, or ``ledger database URL`` for a database URL."""
+    text = str(path)
+    if "://" in text:
+        return f"ledger database {text}"
+    return f"ledger file {Path(path)}"
 
 
 class PayloadError(LedgerError, ValueError):

@@ -35,6 +35,9 @@ TERMINAL_KINDS = (DONE, CANCELLED, FAILED)
 
 Acquire = Callable[[JSON, TriggerContext], Awaitable[JSON]]
 
+DATABASE_URL: str | None = None
+"""Set by ``tests/conftest.py`` while a contract test runs on PostgreSQL."""
+
 
 class ManualClock:
     """An injectable epoch-ms clock that moves only when told."""
@@ -141,10 +144,17 @@ async def open_host(
     spec: AgentSpec | None = None,
     **options: Any,
 ) -> AsyncIterator[ActorHost]:
-    """An ``ActorHost`` over ``data_dir`` running the given triggers (fast test config)."""
+    """An ``ActorHost`` running the given triggers (fast test config), over ``data_dir``, or
+    over the test's PostgreSQL database when a contract test runs on that backend."""
     options.setdefault("config", fast_config())
     spec = spec or define_agent_do(triggers=list(triggers))
-    async with ActorHost(spec, data_dir=data_dir, **options) as host:
+    place: dict[str, Any] = {"data_dir": data_dir}
+    if DATABASE_URL is not None:
+        place = {"database_url": DATABASE_URL}
+        options.pop("synchronous", None)
+        options.pop("max_open_ledgers", None)
+        options.pop("lock_timeout", None)
+    async with ActorHost(spec, **place, **options) as host:
         yield host
 
 

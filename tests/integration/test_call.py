@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from actors import Agent
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.contract]
 
 KIND = "test.work"
 LATER = datetime(2100, 1, 1, tzinfo=UTC)
@@ -398,6 +398,7 @@ async def test_host_closing_during_the_record_keeps_the_id(tmp_path: Path) -> No
         assert [i.intent_event_id for i in await host.get("a").intents()] == [intent_id]
 
 
+@pytest.mark.sqlite_only
 async def test_a_locked_ledger_delays_the_cancel_but_does_not_lose_it(tmp_path: Path) -> None:
     """While another process holds the actor's ledger locked, the external abort's cancel
     fails with LedgerBusyError; the handle retries it and, once the lock is gone, the intent

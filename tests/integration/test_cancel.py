@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from ledger import JSON, Event
     from triggers import TriggerDef
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.contract]
 
 KIND = "test.work"
 

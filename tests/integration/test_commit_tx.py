@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from ledger import JSON
     from triggers import TriggerContext, Tx
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.contract]
 
 
 def chaining_commit(fail_after_enqueue: bool = False, kind: str = "test.next") -> Any:

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
     from actors import ActorHost
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.contract]
 
 ABORTED = "trigger.abort_controller.aborted"
 
@@ -137,6 +137,7 @@ async def test_grace_keeps_a_fired_controller_findable(tmp_path: Path) -> None:
         assert not fresh.signal.aborted
 
 
+@pytest.mark.sqlite_only
 async def test_broken_ledger_aborts_the_signal(tmp_path: Path) -> None:
     """If the controller's ledger cannot be read, its signal aborts with the error's message
     instead of never firing."""

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from actors import ActorHost, Agent
     from ledger import JSON, Event, IntentState
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.contract]
 
 KIND = "test.work"
 

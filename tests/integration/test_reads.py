@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from actors import Agent
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.contract]
 
 REQUESTED = "test.work.requested"
 LATER = datetime(2100, 1, 1, tzinfo=UTC)
@@ -91,7 +91,8 @@ async def test_reading_an_unused_actor_is_empty_and_creates_nothing(tmp_path: Pa
             await agent.intent(1)
         result = await agent.cancel_trigger(trigger_kind="test.work", intent_event_id=1)
         assert result.status == CancelStatus.NOT_FOUND
-        assert not (host.data_dir / ledger_relpath("nobody")).exists()
+        assert not await host.store.exists("nobody")
+        assert await host.actors() == []
 
 
 async def test_intent_reads(tmp_path: Path) -> None:
@@ -286,6 +287,7 @@ async def assert_projections_match(agent: Agent) -> None:
     assert await agent.projection("ids") == [e.id for e in events]
 
 
+@pytest.mark.sqlite_only
 async def test_projection_is_kept_in_the_writing_transaction(tmp_path: Path) -> None:
     """Projections fold every event once, in id order, and are stored by the transaction
     that writes the events (visible in the file at once)."""
@@ -338,6 +340,7 @@ async def test_failing_projection_fails_the_write(tmp_path: Path) -> None:
         assert await host.get("a").projection("n") == 1
 
 
+@pytest.mark.sqlite_only
 async def test_projection_rebuild_after_tampering(tmp_path: Path) -> None:
     """rebuild_projection recomputes a tampered projection from the events."""
     spec = define_agent_do(triggers=[make_trigger()], projections=PROJECTIONS)
@@ -361,6 +364,7 @@ async def test_projection_rebuild_after_tampering(tmp_path: Path) -> None:
         assert stored_projections(host, "a")["count"] == (6, 6)
 
 
+@pytest.mark.sqlite_only
 async def test_projection_rebuild_after_deleting_its_row(tmp_path: Path) -> None:
     """A projection whose stored row was deleted is caught up from the first event."""
     spec = define_agent_do(triggers=[make_trigger()], projections=PROJECTIONS)
@@ -378,6 +382,7 @@ async def test_projection_rebuild_after_deleting_its_row(tmp_path: Path) -> None
         await assert_projections_match(agent)
 
 
+@pytest.mark.sqlite_only
 async def test_projection_catches_up_with_writers_that_lack_it(tmp_path: Path) -> None:
     """Events appended by a host whose actor class lacks the projection are folded in."""
     with_projection = define_agent_do(triggers=[make_trigger()], projections=PROJECTIONS)

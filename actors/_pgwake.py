@@ -1,0 +1,155 @@
+"""Wake-ups between processes sharing a PostgreSQL database: LISTEN/NOTIFY.
+
+Each process listens on a channel of its own (its address in the registry) over a dedicated
+connection, and sends the same messages the Unix-socket wake-ups carry (``_wakeup.Message``)
+with ``pg_notify``. As with datagrams, a notification is a hint: receivers re-read the ledger
+before acting. When the connection drops, notifications sent meanwhile are lost, so after
+reconnecting (and listening again) the process treats it as "everything may have changed":
+its scheduler rescans and its waiters re-read.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import structlog
+
+from ledger import LedgerError, ProcessInfo
+from ledger._index import machine_id, process_started
+from ledger._pg import connect
+
+from ._wakeup import Message
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    import asyncpg
+
+_log = structlog.get_logger("actors")
+_MAX_PAYLOAD = 7_900  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
+
+
+class NotifyWakeup:
+    """This process's wake-up endpoint on PostgreSQL."""
+
+    def __init__(self, url: str, *, scheduler: bool) -> None:
+        self.url = url
+        self.process_id = uuid.uuid4().hex[:16]
+        self.scheduler = scheduler
+        self.machine = machine_id()
+        self.address: str | None = f"dt_{self.process_id}"
+        self._conn: asyncpg.Connection | None = None
+        self._outbox: list[tuple[str, str]] = []
+        self._ready = anyio.Event()
+        self._handle: Callable[[Message], Any] | None = None
+        self._inbox: list[Message] = []
+        self._closed = False
+
+    def info(self, now_ms: int) -> ProcessInfo:
+        """This process's registry row."""
+        return ProcessInfo(
+            id=self.process_id,
+            pid=os.getpid(),
+            machine=self.machine,
+            started=process_started(os.getpid()),
+            address=self.address,
+            scheduler=self.scheduler,
+            heartbeat_at=now_ms,
+        )
+
+    async def open(self) -> None:
+        """Connect and listen, so peers' notifications reach us from now on.
+
+        Raises:
+            LedgerWriteError: the database cannot be reached.
+        """
+        self._conn = await self._listen()
+
+    async def _listen(self) -> asyncpg.Connection:
+        conn = await connect(self.url)
+        assert self.address is not None
+        await conn.add_listener(self.address, self._on_notify)
+        return conn
+
+    def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
+        try:
+            message = Message.decode(payload.encode())
+        except (ValueError, TypeError, KeyError):
+            _log.warning("wakeup_garbled", size=len(payload))
+            return
+        if self._handle is None:
+            self._inbox.append(message)
+        else:
+            self._handle(message)
+
+    def send(self, address: str, message: Message) -> bool:
+        """Queue a notification for ``address``; sent by ``receive_forever``'s task."""
+        if self._closed:
+            return False
+        self._outbox.append((address, message.encode(limit=_MAX_PAYLOAD).decode()))
+        self._ready.set()
+        return True
+
+    async def receive_forever(self, handle: Callable[[Message], Any]) -> None:
+        """Deliver notifications to ``handle`` and send queued ones, until cancelled; after a
+        lost connection, reconnect, listen again and report ``everything`` changed."""
+        self._handle = handle
+        for message in self._inbox:
+            handle(message)
+        self._inbox.clear()
+        while True:
+            conn = self._conn
+            if conn is None or conn.is_closed():
+                conn = await self._reconnect()
+                handle(Message(everything=True))
+            try:
+                await self._send_loop(conn)
+            except (OSError, LedgerError) as exc:
+                _log.warning("wakeup_connection_lost", error=str(exc))
+            except Exception as exc:
+                if not conn.is_closed():
+                    raise
+                _log.warning("wakeup_connection_lost", error=str(exc))
+            self._conn = None
+
+    async def _reconnect(self) -> asyncpg.Connection:
+        delay = 0.05
+        while True:
+            try:
+                self._conn = await self._listen()
+                return self._conn
+            except (OSError, LedgerError) as exc:
+                _log.warning("wakeup_reconnect_failed", error=str(exc))
+                await anyio.sleep(delay)
+                delay = min(2.0, delay * 2)
+
+    async def _send_loop(self, conn: asyncpg.Connection) -> None:
+        while True:
+            if not self._outbox:
+                self._ready = anyio.Event()
+                with anyio.move_on_after(1.0):  # also notices a dead connection
+                    await self._ready.wait()
+                if conn.is_closed():
+                    return
+                continue
+            batch, self._outbox = self._outbox, []
+            await conn.executemany("SELECT pg_notify($1, $2)", batch)
+
+    async def aclose(self) -> None:
+        """Stop listening and close the connection."""
+        self._closed = True
+        conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                with anyio.move_on_after(2, shield=True):
+                    await conn.close()
+            except Exception as exc:  # closing a broken connection: nothing to keep
+                _log.debug("wakeup_close_failed", error=str(exc))
+
+    def close(self) -> None:
+        """Forget queued notifications (``aclose`` closes the connection)."""
+        self._closed = True
+        self._outbox.clear()

@@ -1,0 +1,598 @@
+"""PostgreSQL storage: every actor's ledger in one database, for hosts on many machines.
+
+The ledger's statements (``_tx.py``) are written once. Here they run against views that show
+one actor's rows of tables keyed by ``(actor_id, ...)``: each batch sets ``dt.actor`` for the
+actor it works on, and the views filter by it (inserts take it as the default ``actor_id``).
+Every table leads with ``actor_id``, so the schema can be distributed by actor unchanged.
+
+Writers of one actor are serialized by a row lock on its ``actor_ledgers`` row, held to the
+end of the transaction (readers take a share lock): event ids grow in commit order across
+any number of hosts, and a claim or a terminal transition can never race another host's.
+Locks are taken in actor-name order, so two batches never deadlock.
+
+A batch of operations (many actors) is one transaction: group commit, as on SQLite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+
+from ._bridge import run_bridged, wait_for
+from ._errors import LedgerBusyError, LedgerError, LedgerNotFoundError, LedgerWriteError
+from ._index import ProcessInfo
+from ._store import Clock, Committed, LedgerClosedError, Store, _Request, _Shard, system_clock
+from ._tx import LedgerTx, TxEffects
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Sequence
+
+    import asyncpg
+
+    from ._index import Directory
+    from ._models import Projection
+
+T = TypeVar("T")
+
+SCHEMA = "durable_triggers"
+"""The PostgreSQL schema holding every table of the store."""
+
+_MIGRATION_LOCK = 0x64745F6D6967  # pg_advisory_lock key: one migrator at a time
+_LOCK_TIMEOUT = "10s"
+_RECONNECT_S = 10.0
+
+# Each entry upgrades from version (index) to version (index + 1).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE actor_ledgers (
+        actor_id   text   PRIMARY KEY,
+        created_at bigint NOT NULL
+    );
+    CREATE TABLE all_events (
+        actor_id        text   NOT NULL DEFAULT current_setting('dt.actor', true),
+        id              bigint NOT NULL,
+        ts              bigint NOT NULL,
+        kind            text   NOT NULL,
+        payload         text   NOT NULL,
+        intent_event_id bigint,
+        PRIMARY KEY (actor_id, id)
+    );
+    CREATE INDEX all_events_by_intent ON all_events (actor_id, intent_event_id)
+        WHERE intent_event_id IS NOT NULL;
+    CREATE TABLE all_intents (
+        actor_id            text    NOT NULL DEFAULT current_setting('dt.actor', true),
+        id                  bigint  NOT NULL,
+        trigger_kind        text    NOT NULL,
+        status              text    NOT NULL,
+        due_at              bigint  NOT NULL,
+        created_at          bigint  NOT NULL,
+        attempts            integer NOT NULL DEFAULT 0,
+        redrives            integer NOT NULL DEFAULT 0,
+        redrive             integer NOT NULL DEFAULT 0,
+        claim_token         text,
+        claimed_by          text,
+        lease_until         bigint,
+        cancel_requested_at bigint,
+        cancel_reason       text,
+        cancel_requested_by text,
+        idempotency_key     text,
+        finished_at         bigint,
+        terminal_event_ids  text,
+        PRIMARY KEY (actor_id, id)
+    );
+    CREATE INDEX all_intents_pending ON all_intents (actor_id, due_at, id)
+        WHERE status = 'pending';
+    CREATE INDEX all_intents_running ON all_intents (actor_id, lease_until)
+        WHERE status = 'running';
+    CREATE INDEX all_intents_due ON all_intents (due_at) WHERE status = 'pending';
+    CREATE INDEX all_intents_leases ON all_intents (lease_until) WHERE status = 'running';
+    CREATE UNIQUE INDEX all_intents_by_key ON all_intents (actor_id, idempotency_key)
+        WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE all_projections (
+        actor_id      text   NOT NULL DEFAULT current_setting('dt.actor', true),
+        name          text   NOT NULL,
+        state         text   NOT NULL,
+        last_event_id bigint NOT NULL,
+        PRIMARY KEY (actor_id, name)
+    );
+    CREATE TABLE all_stream_chunks (
+        actor_id        text   NOT NULL DEFAULT current_setting('dt.actor', true),
+        intent_event_id bigint NOT NULL,
+        seq             bigint NOT NULL,
+        data            text   NOT NULL,
+        PRIMARY KEY (actor_id, intent_event_id, seq)
+    );
+    CREATE TABLE processes (
+        id           text    PRIMARY KEY,
+        pid          integer NOT NULL,
+        machine      text    NOT NULL,
+        started      text    NOT NULL,
+        address      text,
+        scheduler    boolean NOT NULL,
+        heartbeat_at bigint  NOT NULL
+    );
+    CREATE VIEW events AS
+        SELECT id, ts, kind, payload, intent_event_id FROM all_events
+        WHERE actor_id = current_setting('dt.actor', true);
+    CREATE VIEW intents AS
+        SELECT id, trigger_kind, status, due_at, created_at, attempts, redrives, redrive,
+               claim_token, claimed_by, lease_until, cancel_requested_at, cancel_reason,
+               cancel_requested_by, idempotency_key, finished_at, terminal_event_ids
+        FROM all_intents WHERE actor_id = current_setting('dt.actor', true);
+    CREATE VIEW projections AS
+        SELECT name, state, last_event_id FROM all_projections
+        WHERE actor_id = current_setting('dt.actor', true);
+    CREATE VIEW stream_chunks AS
+        SELECT intent_event_id, seq, data FROM all_stream_chunks
+        WHERE actor_id = current_setting('dt.actor', true);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_PARAM = re.compile(r"\?")
+_translated: dict[str, str] = {}
+_ROWS = ("SELECT", "WITH")
+
+
+def _translate(sql: str) -> str:
+    """SQLite's ``?`` parameters to PostgreSQL's ``$n``."""
+    text = _translated.get(sql)
+    if text is None:
+        counter = iter(range(1, 1 << 16))
+        text = _PARAM.sub(lambda _: f"${next(counter)}", sql)
+        if len(_translated) < 4096:
+            _translated[sql] = text
+    return text
+
+
+class _Result:
+    """The rows and row count of one statement, shaped like a ``sqlite3.Cursor``."""
+
+    __slots__ = ("_rows", "rowcount")
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        self._rows = rows
+        self.rowcount = rowcount
+
+    def fetchone(self) -> Any:
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list[Any]:
+        return list(self._rows)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._rows)
+
+
+class PgConnection:
+    """An asyncpg connection with the synchronous face the ledger's statements use.
+
+    Only usable under ``run_bridged``: each statement is awaited by the bridging coroutine.
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: asyncpg.Connection) -> None:
+        self.raw = raw
+
+    def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> _Result:
+        text = _translate(sql)
+        if sql.lstrip()[:6].upper() in _ROWS or " RETURNING " in sql:
+            rows = wait_for(self.raw.fetch(text, *parameters))
+            return _Result(rows, len(rows))
+        if parameters:
+            status = wait_for(self.raw.execute(text, *parameters))
+        else:
+            status = wait_for(self.raw.execute(text))
+        tail = status.rsplit(" ", 1)[-1]
+        return _Result([], int(tail) if tail.isdigit() else -1)
+
+    def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> None:
+        wait_for(self.raw.executemany(_translate(sql), list(parameters)))
+
+
+class _Scope:
+    """One actor's ledger inside a batch transaction (``dt.actor`` set to it)."""
+
+    __slots__ = ("actor_id", "conn", "next_id")
+
+    def __init__(self, actor_id: str, conn: PgConnection) -> None:
+        self.actor_id = actor_id
+        self.conn = conn
+        self.next_id: int | None = None
+
+    def integrity_check(self) -> list[str]:
+        """PostgreSQL checks its own pages; this checks the ledger's own rules."""
+        problems = [
+            f"intent {row[0]} is {row[1]} without its intent event"
+            for row in self.conn.execute(
+                "SELECT i.id, i.status FROM intents i LEFT JOIN events e ON e.id = i.id"
+                " WHERE e.id IS NULL"
+            )
+        ]
+        return problems or ["ok"]
+
+
+class PgDirectory:
+    """The ``Directory`` of a PostgreSQL store: due times are read from the intents."""
+
+    def __init__(self, conn: PgConnection, location: str) -> None:
+        self.conn = conn
+        self.location = location
+
+    def due_before(self, before_ms: int, limit: int) -> list[tuple[str, int]]:
+        rows = self.conn.execute(
+            "SELECT actor_id, min(t) AS due FROM ("
+            " SELECT actor_id, due_at AS t FROM all_intents"
+            "  WHERE status = 'pending' AND due_at <= ?"
+            " UNION ALL SELECT actor_id, lease_until FROM all_intents"
+            "  WHERE status = 'running' AND lease_until <= ?"
+            ") s GROUP BY actor_id ORDER BY due LIMIT ?",
+            (before_ms, before_ms, limit),
+        )
+        return [(row[0], int(row[1])) for row in rows]
+
+    def actors(self, *, after: str = "", limit: int = 1000) -> list[tuple[str, str, int | None]]:
+        rows = self.conn.execute(
+            "SELECT a.actor_id, (SELECT min(t) FROM ("
+            "  SELECT min(due_at) AS t FROM all_intents i"
+            "   WHERE i.actor_id = a.actor_id AND status = 'pending'"
+            "  UNION ALL SELECT min(lease_until) FROM all_intents i"
+            "   WHERE i.actor_id = a.actor_id AND status = 'running') s)"
+            " FROM actor_ledgers a WHERE a.actor_id > ? ORDER BY a.actor_id LIMIT ?",
+            (after, limit),
+        )
+        return [(row[0], self.location, None if row[1] is None else int(row[1])) for row in rows]
+
+    def register_process(self, info: ProcessInfo) -> None:
+        self.conn.execute(
+            "INSERT INTO processes (id, pid, machine, started, address, scheduler, heartbeat_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+            " pid = excluded.pid, machine = excluded.machine, started = excluded.started,"
+            " address = excluded.address, scheduler = excluded.scheduler,"
+            " heartbeat_at = excluded.heartbeat_at",
+            (
+                info.id,
+                info.pid,
+                info.machine,
+                info.started,
+                info.address,
+                info.scheduler,
+                info.heartbeat_at,
+            ),
+        )
+
+    def heartbeat(self, process_id: str, now_ms: int) -> None:
+        self.conn.execute(
+            "UPDATE processes SET heartbeat_at = ? WHERE id = ?", (now_ms, process_id)
+        )
+
+    def unregister_process(self, process_id: str) -> None:
+        self.conn.execute("DELETE FROM processes WHERE id = ?", (process_id,))
+
+    def processes(self) -> list[ProcessInfo]:
+        return [
+            ProcessInfo(row[0], row[1], row[2], row[3], row[4], bool(row[5]), int(row[6]))
+            for row in self.conn.execute(
+                "SELECT id, pid, machine, started, address, scheduler, heartbeat_at FROM processes"
+            )
+        ]
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+
+
+async def connect(url: str, *, connect_timeout: float = 10.0) -> asyncpg.Connection:
+    """A connection to ``url`` with the store's schema first on the search path.
+
+    Raises:
+        LedgerWriteError: the server cannot be reached or refuses the connection.
+    """
+    import asyncpg
+
+    try:
+        return await asyncpg.connect(
+            url,
+            timeout=connect_timeout,
+            statement_cache_size=1024,
+            server_settings={
+                "search_path": SCHEMA,
+                "application_name": "durable-triggers",
+                "lock_timeout": _LOCK_TIMEOUT,
+            },
+        )
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        raise LedgerWriteError(redact(url), f"cannot connect: {exc}") from exc
+
+
+async def migrate(conn: asyncpg.Connection) -> int:
+    """Create or upgrade the schema; safe when many hosts start at once. Returns the version.
+
+    Raises:
+        LedgerError: the database holds a newer schema than this version understands.
+    """
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {SCHEMA}.schema_version (version integer NOT NULL)"
+        )
+        version = await conn.fetchval(f"SELECT max(version) FROM {SCHEMA}.schema_version")
+        version = int(version or 0)
+        if version > SCHEMA_VERSION:
+            raise LedgerError(
+                f"the database holds durable-triggers schema version {version}; this version"
+                f" understands up to {SCHEMA_VERSION}"
+            )
+        while version < SCHEMA_VERSION:
+            async with conn.transaction():
+                await conn.execute(MIGRATIONS[version])
+                version += 1
+                await conn.execute(
+                    f"INSERT INTO {SCHEMA}.schema_version (version) VALUES ($1)", version
+                )
+        return version
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+
+
+@dataclass(slots=True)
+class _Done:
+    """One actor's operations that ran in a batch, and what they changed."""
+
+    actor_id: str
+    requests: list[_Request[Any]]
+    effects: TxEffects
+
+
+@dataclass
+class _Lost(Exception):
+    """The connection broke; ``committing`` says whether COMMIT had been sent."""
+
+    committing: bool
+    message: str
+
+
+class PostgresStore(Store):
+    """Every actor's ledger in one PostgreSQL database; an async context manager.
+
+    Args:
+        url: a ``postgresql://`` URL (asyncpg's form).
+        projections: folds kept current in every write transaction.
+        shards: connections running batches side by side; actors are spread over them by
+            name.
+        clock: the time source, epoch milliseconds.
+        batch_actors: most actors in one batch transaction.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        projections: Sequence[Projection[Any]] = (),
+        shards: int = 2,
+        clock: Clock = system_clock,
+        batch_actors: int = 256,
+    ) -> None:
+        super().__init__(
+            projections=projections, shards=shards, clock=clock, batch_actors=batch_actors
+        )
+        self.url = url
+        self.location = redact(url)
+        self._conns: dict[int, PgConnection] = {}
+        self._index: PgConnection | None = None
+        self._index_lock = anyio.Lock()
+
+    async def __aenter__(self) -> PostgresStore:
+        first = await connect(self.url)
+        try:
+            await migrate(first)
+        except BaseException:
+            await first.close()
+            raise
+        self._index = PgConnection(first)
+        try:
+            for shard in self._shards:
+                self._conns[shard.number] = PgConnection(await connect(self.url))
+        except BaseException:
+            await self._close_connections()
+            raise
+        await self._start_pumps()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._stop_pumps()
+        with anyio.CancelScope(shield=True):
+            await self._close_connections()
+
+    async def _close_connections(self) -> None:
+        conns = [*self._conns.values(), *([self._index] if self._index else [])]
+        self._conns.clear()
+        self._index = None
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                await conn.raw.close(timeout=2)
+
+    async def exists(self, actor_id: str) -> bool:
+        def read(directory: Directory) -> bool:
+            assert isinstance(directory, PgDirectory)
+            row = directory.conn.execute(
+                "SELECT 1 FROM actor_ledgers WHERE actor_id = ?", (actor_id,)
+            ).fetchone()
+            return row is not None
+
+        return await self.run_index(read)
+
+    async def run_index(self, fn: Callable[[Directory], T]) -> T:
+        async with self._index_lock:
+            if self._index is None:
+                raise LedgerClosedError
+            for attempt in range(2):
+                conn = self._index
+                try:
+                    with anyio.CancelScope(shield=True):
+                        return await run_bridged(fn, PgDirectory(conn, self.location))
+                except Exception as exc:
+                    if not conn.raw.is_closed() or attempt:
+                        raise self._wrap(exc) from exc
+                    self._index = await self._reconnect()
+            raise AssertionError("unreachable")
+
+    async def _reconnect(self) -> PgConnection:
+        with anyio.fail_after(_RECONNECT_S + 1):
+            while True:
+                try:
+                    return PgConnection(await connect(self.url, connect_timeout=2))
+                except LedgerWriteError:
+                    await anyio.sleep(0.1)
+
+    def _wrap(self, exc: BaseException) -> BaseException:
+        import asyncpg
+
+        if isinstance(exc, LedgerError):
+            return exc
+        if isinstance(exc, asyncpg.exceptions.LockNotAvailableError):
+            return LedgerBusyError(self.location, 10.0)
+        if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+            return LedgerWriteError(self.location, str(exc))
+        return exc
+
+    async def _run_batch(
+        self, shard: _Shard, batch: list[_Request[Any]]
+    ) -> tuple[list[Committed], list[_Request[Any]], bool]:
+        with anyio.CancelScope(shield=True):
+            for attempt in range(2):
+                conn = self._conns[shard.number]
+                for request in batch:
+                    request.result, request.error = None, None
+                try:
+                    committed = await run_bridged(self._execute, conn, batch)
+                    return committed, [], False
+                except _Lost as lost:
+                    try:
+                        self._conns[shard.number] = await self._reconnect()
+                    except (TimeoutError, LedgerError):
+                        lost.committing = True  # no retry possible: report the failure
+                    if lost.committing or attempt:
+                        message = lost.message
+                        if lost.committing:
+                            message += " (the connection broke during COMMIT: outcome unknown)"
+                        error = LedgerWriteError(self.location, message)
+                        for request in batch:
+                            request.result, request.error = None, error
+                        return [], [], False
+        raise AssertionError("unreachable")
+
+    def _execute(self, conn: PgConnection, batch: list[_Request[Any]]) -> list[Committed]:
+        """Run one batch as one transaction (bridged: statements await asyncpg)."""
+        now_ms = self.clock()
+        groups: dict[str, list[_Request[Any]]] = {}
+        for request in batch:
+            groups.setdefault(request.actor_id, []).append(request)
+        opened: list[_Done] = []
+        committing = False
+        try:
+            conn.execute("BEGIN")
+            for actor_id in sorted(groups):  # one lock order for every batch: no deadlocks
+                state = self._run_actor(conn, actor_id, groups[actor_id], now_ms)
+                if state is not None:
+                    opened.append(state)
+            if conn.raw.is_closed():
+                raise _Lost(False, "the connection to PostgreSQL was lost")
+            committing = True
+            conn.execute("COMMIT")
+        except _Lost:
+            raise
+        except BaseException as exc:
+            if conn.raw.is_closed():
+                raise _Lost(committing, str(exc) or "the connection was lost") from exc
+            with contextlib.suppress(Exception):
+                conn.execute("ROLLBACK")
+            error = self._wrap(exc)
+            for request in batch:
+                request.result, request.error = None, error
+            if not isinstance(exc, Exception):
+                raise
+            return []
+        return [
+            Committed(state.actor_id, state.effects, None) for state in opened if state.requests
+        ]
+
+    def _run_actor(
+        self, conn: PgConnection, actor_id: str, requests: list[_Request[Any]], now_ms: int
+    ) -> _Done | None:
+        """Lock one actor, then run its operations, each in a savepoint."""
+        write = any(r.write for r in requests)
+        create = any(r.create for r in requests)
+        conn.execute("SAVEPOINT actor")
+        try:
+            found = self._enter(conn, actor_id, write, create, now_ms)
+        except Exception as exc:
+            if conn.raw.is_closed():
+                raise
+            conn.execute("ROLLBACK TO actor")
+            conn.execute("RELEASE actor")
+            error = self._wrap(exc)
+            for request in requests:
+                request.error = error
+            return None
+        if not found:
+            conn.execute("RELEASE actor")
+            for request in requests:
+                request.error = LedgerNotFoundError(actor_id)
+            return None
+        scope = _Scope(actor_id, conn)
+        state = _Done(actor_id, [], TxEffects())
+        single = len(requests) == 1
+        for request in requests:
+            tx = LedgerTx(scope, now_ms, self.projections)
+            if not single:
+                conn.execute("SAVEPOINT op")
+            try:
+                request.result = request.fn(tx)
+                tx.flush_projections()
+            except Exception as exc:
+                if conn.raw.is_closed():
+                    raise
+                conn.execute("ROLLBACK TO actor" if single else "ROLLBACK TO op")
+                if not single:
+                    conn.execute("RELEASE op")
+                scope.next_id = None
+                request.result, request.error = None, self._wrap(exc)
+                continue
+            if not single:
+                conn.execute("RELEASE op")
+            state.requests.append(request)
+            state.effects.merge(tx.effects)
+        conn.execute("RELEASE actor")
+        return state
+
+    def _enter(
+        self, conn: PgConnection, actor_id: str, write: bool, create: bool, now_ms: int
+    ) -> bool:
+        """Lock the actor's row (creating it if asked) and point the views at it."""
+        lock = "SELECT set_config('dt.actor', ?, true) FROM actor_ledgers WHERE actor_id = ?" + (
+            " FOR UPDATE" if write else " FOR SHARE"
+        )
+        if conn.execute(lock, (actor_id, actor_id)).fetchone() is not None:
+            return True
+        if not create:
+            return False
+        conn.execute(
+            "INSERT INTO actor_ledgers (actor_id, created_at) VALUES (?, ?)"
+            " ON CONFLICT (actor_id) DO NOTHING",
+            (actor_id, now_ms),
+        )
+        return conn.execute(lock, (actor_id, actor_id)).fetchone() is not None
