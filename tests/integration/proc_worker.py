@@ -73,6 +73,13 @@ TERMINAL_KINDS = (DONE, CANCELLED, FAILED)
 _releases: dict[tuple[str, int], anyio.Event] = {}
 
 
+def place(where: str) -> dict[str, Any]:
+    """``ActorHost`` options for ``--data-dir``: a directory, or a ``postgresql://`` URL."""
+    if where.startswith("postgresql://"):
+        return {"database_url": where}
+    return {"data_dir": where}
+
+
 def emit(record: dict[str, Any]) -> None:
     """One JSON line on stdout, flushed: the tests synchronize on these."""
     sys.stdout.write(json.dumps(record, separators=(",", ":")) + "\n")
@@ -241,7 +248,7 @@ async def run_host(args: argparse.Namespace) -> None:
         shutdown_grace=args.shutdown_grace,
         max_redrives=args.max_redrives,
     )
-    async with ActorHost(AgentDO, data_dir=args.data_dir, config=config) as host:
+    async with ActorHost(AgentDO, **place(args.data_dir), config=config) as host:
         emit({"event": "ready", "role": "host", "pid": os.getpid(), "process_id": host.process_id})
         async for command in read_commands():
             if command.get("op") == "release":
@@ -293,7 +300,7 @@ async def distributed_abort(host: ActorHost, command: dict[str, Any], tg: TaskGr
 async def run_client(args: argparse.Namespace) -> None:
     config = SchedulerConfig(lease=args.lease, poll_interval=args.poll_interval)
     async with (
-        ActorHost(AgentDO, data_dir=args.data_dir, run_scheduler=False, config=config) as c,
+        ActorHost(AgentDO, **place(args.data_dir), run_scheduler=False, config=config) as c,
         anyio.create_task_group() as tg,
     ):
         emit({"event": "ready", "role": "client", "pid": os.getpid(), "process_id": c.process_id})
@@ -328,7 +335,7 @@ async def run_client(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--data-dir", required=True)
+    parser.add_argument("--data-dir", required=True, help="a directory or a postgresql:// URL")
     parser.add_argument("--role", choices=("host", "client"), required=True)
     parser.add_argument("--lease", type=float, default=3.0, help="claim lease, seconds")
     parser.add_argument("--poll-interval", type=float, default=0.2, help="fallback poll, seconds")

@@ -26,6 +26,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from actors import ActorHost
 from ledger import LedgerBusyError, datetime_to_ms, ledger_relpath
+from tests import helpers
 from tests.helpers import fast_config
 from tests.integration.proc_worker import (
     CANCELLED,
@@ -48,7 +49,7 @@ if TYPE_CHECKING:
     from actors import Agent
     from ledger import Event, IntentState
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.contract]
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().with_name("proc_worker.py")
@@ -154,7 +155,7 @@ class Worker:
 class Processes:
     """Starts workers and guarantees every one is killed and reaped at the end."""
 
-    def __init__(self, tmp_path: Path, data_dir: Path, tg: TaskGroup) -> None:
+    def __init__(self, tmp_path: Path, data_dir: str, tg: TaskGroup) -> None:
         self.tmp_path = tmp_path
         self.data_dir = data_dir
         self.workers: list[Worker] = []
@@ -200,7 +201,7 @@ class Processes:
 @asynccontextmanager
 async def processes(tmp_path: Path) -> AsyncIterator[Processes]:
     async with anyio.create_task_group() as tg:
-        procs = Processes(tmp_path, tmp_path / "data", tg)
+        procs = Processes(tmp_path, place(tmp_path), tg)
         try:
             yield procs
         finally:
@@ -208,11 +209,23 @@ async def processes(tmp_path: Path) -> AsyncIterator[Processes]:
             tg.cancel_scope.cancel()
 
 
+def place(tmp_path: Path) -> str:
+    """Where the workers keep their ledgers: ``tmp_path/data``, or the test's database."""
+    return helpers.DATABASE_URL or str(tmp_path / "data")
+
+
+def place_options(tmp_path: Path) -> dict[str, Any]:
+    """``ActorHost`` options naming the workers' ledgers."""
+    if helpers.DATABASE_URL is not None:
+        return {"database_url": helpers.DATABASE_URL}
+    return {"data_dir": tmp_path / "data"}
+
+
 @asynccontextmanager
 async def open_client(tmp_path: Path) -> AsyncIterator[ActorHost]:
-    """This test process as a client of the workers' data directory."""
+    """This test process as a client of the workers' ledgers."""
     async with ActorHost(
-        AgentDO, data_dir=tmp_path / "data", run_scheduler=False, config=fast_config()
+        AgentDO, **place_options(tmp_path), run_scheduler=False, config=fast_config()
     ) as client:
         yield client
 
@@ -323,7 +336,7 @@ async def test_call_handle_across_three_processes(tmp_path):
         await canceller.expect("ready")
         slow = fast_config(poll_interval=30)
         async with ActorHost(
-            AgentDO, data_dir=tmp_path / "data", run_scheduler=False, config=slow
+            AgentDO, **place_options(tmp_path), run_scheduler=False, config=slow
         ) as client:
             agent = client.get("job:9")
             handle = agent.call(trigger_kind=WAIT, payload={})
@@ -586,6 +599,7 @@ conn.execute("ROLLBACK")
 """
 
 
+@pytest.mark.sqlite_only
 async def test_enqueue_while_another_process_holds_the_ledger_lock(tmp_path):
     """While another process holds an actor's ledger write-locked past the lock timeout, an
     enqueue raises LedgerBusyError; it never returns (or fails with) a missing result."""
@@ -783,7 +797,8 @@ async def crash_loop(tmp_path: Path, *, kills: int, actors: int, seed: int) -> C
             )
             assert facts[key][0].payload["reason"] == first, (key, calls)
             assert states[key].cancel_reason == first
-    assert integrity_problems(tmp_path / "data") == {}
+    if helpers.DATABASE_URL is None:
+        assert integrity_problems(tmp_path / "data") == {}
     seen: Counter[str] = Counter(kills=killed, intents=len(states))
     seen.update(f"answer:{result.status}" for calls in answers.values() for _, result in calls)
     seen.update(f"state:{state.status}" for state in states.values())
