@@ -391,6 +391,8 @@ class ActorHost:
         if message.everything:
             if scheduler is not None and self._tg is not None:
                 self._tg.start_soon(scheduler.rescan, 0.0)
+                # Cancels sent while we could not hear them (a lost database connection).
+                self._tg.start_soon(self._poll_cancels, scheduler)
             store.notify_all()
             return
         if scheduler is not None:

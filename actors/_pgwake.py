@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 _log = structlog.get_logger("actors")
 _MAX_PAYLOAD = 7_900  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
+_PROBE_S = 1.0
+"""Seconds between liveness probes of an idle listening connection."""
 
 
 class NotifyWakeup:
@@ -72,7 +74,11 @@ class NotifyWakeup:
         conn = await connect(self.url)
         assert self.address is not None
         await conn.add_listener(self.address, self._on_notify)
+        conn.add_termination_listener(self._on_terminated)
         return conn
+
+    def _on_terminated(self, _conn: object) -> None:
+        self._ready.set()  # the send loop looks at the connection at once
 
     def _on_notify(self, _conn: object, _pid: int, _channel: str, payload: str) -> None:
         try:
@@ -104,7 +110,7 @@ class NotifyWakeup:
             conn = self._conn
             if conn is None or conn.is_closed():
                 conn = await self._reconnect()
-                handle(Message(everything=True))
+                self._handle(Message(everything=True))
             try:
                 await self._send_loop(conn)
             except (OSError, LedgerError) as exc:
@@ -130,13 +136,20 @@ class NotifyWakeup:
         while True:
             if not self._outbox:
                 self._ready = anyio.Event()
-                with anyio.move_on_after(1.0):  # also notices a dead connection
+                with anyio.move_on_after(_PROBE_S):
                     await self._ready.wait()
                 if conn.is_closed():
                     return
+                if not self._ready.is_set():
+                    # Idle: a connection the server dropped may still look open until used.
+                    await conn.execute("SELECT 1")
                 continue
             batch, self._outbox = self._outbox, []
-            await conn.executemany("SELECT pg_notify($1, $2)", batch)
+            try:
+                await conn.executemany("SELECT pg_notify($1, $2)", batch)
+            except BaseException:
+                self._outbox[:0] = batch  # resent once the connection is back
+                raise
 
     async def aclose(self) -> None:
         """Stop listening and close the connection."""

@@ -111,7 +111,10 @@ class PostgresServer:
 
     def restart(self) -> None:
         """Stop (fast: connections are cut) and start again on the same port."""
-        self._run(self.bindir / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "restart")
+        self._run(
+            self.bindir / "pg_ctl", "-D", self.data, "-l", self.root / "log", "-m", "fast", "-w",
+            "restart",
+        )  # fmt: skip
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"

@@ -1,0 +1,212 @@
+"""What only the PostgreSQL backend has: its schema, migrations, ordering across hosts, and
+surviving a server restart. The shared semantics are the ``contract`` suites'."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import asyncpg
+import pytest
+
+from actors import ActorHost, define_agent_do
+from actors._pgwake import NotifyWakeup
+from ledger import LedgerError, LedgerWriteError
+from ledger.postgres import SCHEMA, SCHEMA_VERSION, PostgresStore
+from tests.helpers import CANCELLED, DONE, TERMINAL_KINDS, Gate, fast_config, make_trigger
+
+if TYPE_CHECKING:
+    from ledger import LedgerTx
+    from tests.postgres import PostgresServer
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_host_takes_exactly_one_place(tmp_path: Any) -> None:
+    """Neither or both of data_dir= and database_url= is a TypeError; a URL of another
+    scheme is a ValueError. Nothing is created."""
+    spec = define_agent_do(triggers=[make_trigger()])
+    with pytest.raises(TypeError, match="exactly one"):
+        ActorHost(spec)
+    with pytest.raises(TypeError, match="exactly one"):
+        ActorHost(spec, data_dir=tmp_path, database_url="postgresql://x/y")
+    with pytest.raises(ValueError, match="postgresql://"):
+        ActorHost(spec, database_url="mysql://x/y")
+    assert list(tmp_path.iterdir()) == []
+
+
+async def test_unreachable_database_names_it_without_the_password(
+    postgres_server: PostgresServer,
+) -> None:
+    """A server that is not there fails entering the store with LedgerWriteError naming the
+    URL, the password masked."""
+    url = f"postgresql://postgres:s3cret@127.0.0.1:{postgres_server.port + 1}/none"
+    with pytest.raises(LedgerWriteError) as caught:
+        async with PostgresStore(url):
+            pass
+    assert "s3cret" not in str(caught.value)
+    assert "postgres:***@127.0.0.1" in str(caught.value)
+
+
+async def test_every_table_leads_with_the_actor(database_url: str) -> None:
+    """Every ledger table's primary key starts with actor_id: the partition key a sharded
+    deployment distributes by."""
+    async with PostgresStore(database_url):
+        pass
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            """
+            SELECT c.relname, a.attname
+            FROM pg_index i
+            JOIN pg_class c ON c.oid = i.indrelid
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = i.indkey[0]
+            WHERE i.indisprimary AND n.nspname = $1
+            """,
+            SCHEMA,
+        )
+    finally:
+        await conn.close()
+    first = {row["relname"]: row["attname"] for row in rows}
+    ledger_tables = {"all_events", "all_intents", "all_projections", "all_stream_chunks"}
+    assert ledger_tables <= set(first)
+    assert {first[name] for name in ledger_tables | {"actor_ledgers"}} == {"actor_id"}
+
+
+async def test_hosts_starting_together_migrate_once(database_url: str) -> None:
+    """Eight stores entering a fresh database at once all succeed, and the schema is
+    migrated exactly once."""
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+
+            async def enter() -> None:
+                async with PostgresStore(database_url) as store:
+                    await store.run("a", lambda tx: tx.insert_event("x", {}))
+
+            tg.start_soon(enter)
+    conn = await asyncpg.connect(database_url)
+    try:
+        versions = await conn.fetch(f"SELECT version FROM {SCHEMA}.schema_version")
+        count = await conn.fetchval(f"SELECT count(*) FROM {SCHEMA}.all_events")
+    finally:
+        await conn.close()
+    assert [row["version"] for row in versions] == list(range(1, SCHEMA_VERSION + 1))
+    assert count == 8
+
+
+async def test_a_newer_schema_is_refused(database_url: str) -> None:
+    """A database migrated by a newer version is refused with a clear error, untouched."""
+    async with PostgresStore(database_url):
+        pass
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute(f"INSERT INTO {SCHEMA}.schema_version VALUES (99)")
+    finally:
+        await conn.close()
+    with pytest.raises(LedgerError, match="schema version 99"):
+        async with PostgresStore(database_url):
+            pass
+
+
+async def test_event_ids_follow_commit_order_across_stores(database_url: str) -> None:
+    """Two stores (two hosts) appending to one actor at once: ids are 1..N with no gap, and
+    a reader following ``after=`` the last id it saw never misses one (an id is never
+    committed after a larger one)."""
+    writes = 300
+    seen: list[int] = []
+    done = anyio.Event()
+
+    def append(tx: LedgerTx) -> int:
+        return tx.insert_event("x", {}).id
+
+    def read_after(after: int) -> Any:
+        return lambda tx: [e.id for e in tx.events(after=after)]
+
+    async with (
+        PostgresStore(database_url) as one,
+        PostgresStore(database_url) as two,
+        PostgresStore(database_url) as reader,
+    ):
+
+        async def follow() -> None:
+            last = 0
+            while True:
+                finished = done.is_set()
+                new = await reader.run("shared", read_after(last), write=False)
+                seen.extend(new)
+                if new:
+                    last = new[-1]
+                if finished:
+                    return
+                await anyio.lowlevel.checkpoint()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(follow)
+            async with anyio.create_task_group() as writers:
+                for n in range(writes):
+                    writers.start_soon((one if n % 2 else two).run, "shared", append)
+            done.set()
+    assert seen == list(range(1, writes + 1))
+
+
+async def test_a_server_restart_is_survived(postgres_server: PostgresServer) -> None:
+    """The server restarts (every connection cut) while an attempt runs: the host reconnects,
+    listens again, and a cancel sent afterwards by another process's client (a NOTIFY, with
+    the cancel-poll fallback off) still stops the attempt; new work completes. Each intent
+    ends with exactly one terminal fact."""
+    url = postgres_server.create_database()
+    gate = Gate()
+    spec = define_agent_do(triggers=[make_trigger("test.work", gate.acquire)])
+    config = fast_config(poll_interval=30, lease=60)
+    async with (
+        ActorHost(spec, database_url=url, config=config) as host,
+        ActorHost(spec, database_url=url, run_scheduler=False, config=config) as client,
+    ):
+
+        async def no_poll(_scheduler: Any) -> None:
+            """Only a notification can deliver the cancel."""
+
+        host._poll_cancels = no_poll  # type: ignore[method-assign, assignment]
+        agent = client.get("chat")
+        running = await agent.enqueue_trigger(trigger_kind="test.work")
+        await gate.wait_started(running.id)
+
+        wake = host._wake
+        assert isinstance(wake, NotifyWakeup)
+        assert wake._handle is not None
+        heard_again = anyio.Event()
+        handle = wake._handle
+
+        def spy(message: Any) -> None:
+            if message.everything:  # sent to itself once listening on a new connection
+                heard_again.set()
+            handle(message)
+
+        wake._handle = spy
+        postgres_server.restart()
+        with anyio.fail_after(20):
+            await heard_again.wait()
+        result = None
+        with anyio.fail_after(20):
+            while result is None:
+                try:
+                    result = await agent.cancel_trigger(
+                        trigger_kind="test.work", intent_event_id=running.id, reason="stop"
+                    )
+                except LedgerWriteError:
+                    await anyio.sleep(0.05)  # the client's own connection is reconnecting
+        assert result.status == "requested"
+        with anyio.fail_after(20):
+            state = await agent.wait_for_intent(running.id)
+        assert state.status == "cancelled"
+
+        fresh = await agent.enqueue_trigger(trigger_kind="test.work")
+        gate.open(fresh.id)
+        with anyio.fail_after(20):
+            assert (await agent.wait_for_intent(fresh.id)).status == "completed"
+        facts = await agent.events(kinds=TERMINAL_KINDS)
+    assert sorted((f.intent_event_id, f.kind) for f in facts) == [
+        (running.id, CANCELLED),
+        (fresh.id, DONE),
+    ]
