@@ -197,6 +197,7 @@ class ActorHost:
 
                 assert isinstance(self.store, PostgresStore)
                 wake = NotifyWakeup(self.store.url, scheduler=self.run_scheduler)
+                self.store.process_id = wake.process_id
                 await wake.open()
                 stack.push_async_callback(wake.aclose)
             self._wake = wake
@@ -345,6 +346,8 @@ class ActorHost:
                 for intent_event_id, owner, reason in item.effects.cancels or ()
                 if owner is not None
             ]
+        if self.store.notifies_cancels:
+            remote = []  # the store told each owner in the committing transaction
         wake = self._wake
         if wake is None or (not self._peers and not remote):
             return
@@ -400,6 +403,10 @@ class ActorHost:
                 scheduler.hint(actor_id, due)
         for actor_id in message.changed:
             store.notify_changed(actor_id)
+        if message.verified and scheduler is not None:
+            for actor_id, intent_event_id, reason in message.cancels:
+                scheduler.deliver_cancel(actor_id, intent_event_id, reason)
+            return
         if message.cancels and self._tg is not None:
             by_actor: dict[str, list[int]] = {}
             for actor_id, intent_event_id, _ in message.cancels:

@@ -45,6 +45,8 @@ class Message:
     everything: bool = False
     hello: bool = False
     """A process just registered: receivers re-read the registry to learn its address."""
+    verified: bool = False
+    """The cancels are known to be committed (sent in their transaction): no re-read."""
 
     def encode(self, limit: int = _MAX_DATAGRAM) -> bytes:
         """The wire form; "everything changed" when longer than ``limit`` bytes."""
@@ -68,6 +70,7 @@ class Message:
             due=[(str(a), int(d)) for a, d in raw.get("d", [])],
             changed=[str(a) for a in raw.get("c", [])],
             cancels=[(str(a), int(i), r) for a, i, r in raw.get("x", [])],
+            verified=bool(raw.get("v")),
         )
 
 

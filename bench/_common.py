@@ -294,3 +294,33 @@ def one_trigger_spec(
         "commit_cancelled": commit_cancelled,
     }
     return define_agent_do(triggers=[trigger])
+
+
+def place_options(place: str | Path) -> dict[str, Any]:
+    """``ActorHost`` options for a place: a data directory, or a ``postgresql://`` URL."""
+    if isinstance(place, str) and place.startswith("postgresql://"):
+        return {"database_url": place}
+    return {"data_dir": place}
+
+
+@contextlib.contextmanager
+def postgres_url(given: str | None) -> Iterator[str]:
+    """``given``, or a fresh database on a throwaway server from the installed PostgreSQL
+    binaries (started here, stopped and removed on exit)."""
+    if given:
+        yield given
+        return
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.postgres import INSTALL, PostgresServer, find_bindir
+
+    bindir = find_bindir()
+    if bindir is None:
+        raise SystemExit(f"PostgreSQL server binaries are not installed ({INSTALL})")
+    server = PostgresServer(bindir)
+    try:
+        server.start()
+        yield server.create_database()
+    finally:
+        server.stop()

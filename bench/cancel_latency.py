@@ -3,7 +3,10 @@ seeing its signal abort; and the CPU an idle host burns.
 
     .venv/bin/python bench/cancel_latency.py [--samples 200] [--idle-seconds 5]
                                              [--skip-in-process] [--skip-cross-process]
-                                             [--skip-idle]
+                                             [--skip-idle] [--postgres [URL]]
+
+With ``--postgres`` every host and client uses PostgreSQL instead of SQLite files: the given
+database URL, or a throwaway server started from the installed binaries.
 
 (a) in-process: one host runs the trigger and the bench cancels it from the same event loop.
 (b) cross-process: a host subprocess runs the trigger and prints, on stdout, the
@@ -20,6 +23,7 @@ sample waits for the previous intent to settle, so samples do not overlap.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import os
 import subprocess
@@ -36,6 +40,8 @@ from _common import (
     loadavg,
     metric,
     one_trigger_spec,
+    place_options,
+    postgres_url,
     quiet_logs,
     summary_ms,
 )
@@ -112,13 +118,13 @@ class Probe:
         return self.fired_ns[intent_event_id]
 
 
-async def in_process(data_dir: Path, samples: int) -> tuple[list[float], list[float]]:
+async def in_process(data_dir: Path | str, samples: int) -> tuple[list[float], list[float]]:
     """Latencies (seconds) from the cancel's return and from its call, in one process."""
     probe = Probe()
     from_return: list[float] = []
     from_call: list[float] = []
     spec = make_spec(probe.on_started, probe.on_fired)
-    async with ActorHost(spec, data_dir=data_dir) as host:
+    async with ActorHost(spec, **place_options(data_dir)) as host:
         agent = host.get("bench-cancel")
         for i in range(samples + WARMUP):
             with anyio.fail_after(30):
@@ -145,7 +151,8 @@ async def in_process(data_dir: Path, samples: int) -> tuple[list[float], list[fl
 
 
 def child(data_dir: str) -> None:
-    """Subprocess mode: serve ``data_dir``, report on stdout, stop when stdin closes."""
+    """Subprocess mode: serve ``data_dir`` (or a database URL), report on stdout, stop when
+    stdin closes."""
     quiet_logs()
 
     def on_started(intent_event_id: int) -> None:
@@ -155,7 +162,7 @@ def child(data_dir: str) -> None:
         print(f"fired {intent_event_id} {at_ns}", flush=True)
 
     async def serve() -> None:
-        async with ActorHost(make_spec(on_started, on_fired), data_dir=data_dir):
+        async with ActorHost(make_spec(on_started, on_fired), **place_options(data_dir)):
             print("ready", flush=True)
             await anyio.to_thread.run_sync(sys.stdin.read)
 
@@ -189,7 +196,7 @@ class Child:
             raise SystemExit(f"host subprocess exited with {code}")
 
 
-async def start_child(data_dir: Path) -> Child:
+async def start_child(data_dir: Path | str) -> Child:
     process = await anyio.open_process(
         [sys.executable, str(Path(__file__).resolve()), "--child", str(data_dir)],
         stdin=subprocess.PIPE,
@@ -201,7 +208,7 @@ async def start_child(data_dir: Path) -> Child:
     return host
 
 
-async def cross_process(data_dir: Path, samples: int) -> tuple[list[float], list[float]]:
+async def cross_process(data_dir: Path | str, samples: int) -> tuple[list[float], list[float]]:
     """Latencies (seconds) from the cancel's return and from its call, across processes."""
     host = await start_child(data_dir)
     from_return: list[float] = []
@@ -212,7 +219,7 @@ async def cross_process(data_dir: Path, samples: int) -> tuple[list[float], list
 
     try:
         spec = make_spec(unused, unused)
-        async with ActorHost(spec, data_dir=data_dir, run_scheduler=False) as client:
+        async with ActorHost(spec, **place_options(data_dir), run_scheduler=False) as client:
             agent = client.get("bench-cancel")
             for i in range(samples + WARMUP):
                 with anyio.fail_after(30):
@@ -239,7 +246,7 @@ async def cross_process(data_dir: Path, samples: int) -> tuple[list[float], list
     return from_return, from_call
 
 
-async def idle_cpu(data_dir: Path, seconds: float) -> tuple[float, float]:
+async def idle_cpu(data_dir: Path | str, seconds: float) -> tuple[float, float]:
     """(% of one core used by an idle host over ``seconds``, the window's wall seconds)."""
     host = await start_child(data_dir)
     try:
@@ -265,6 +272,13 @@ def main() -> None:
     parser.add_argument("--skip-in-process", action="store_true")
     parser.add_argument("--skip-cross-process", action="store_true")
     parser.add_argument("--skip-idle", action="store_true")
+    parser.add_argument(
+        "--postgres",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="use PostgreSQL (this URL, or a throwaway server) instead of SQLite",
+    )
     parser.add_argument("--child", metavar="DATA_DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -272,18 +286,23 @@ def main() -> None:
         return
     quiet_logs()
     metric("environment", environment())
-    with tempfile.TemporaryDirectory(prefix="bench-cancel-") as tmp:
-        root = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-cancel-")))
+        places: dict[str, Path | str] = {name: root / name for name in "abc"}
+        if args.postgres is not None:
+            url = stack.enter_context(postgres_url(args.postgres or None))
+            places = dict.fromkeys("abc", url)
+            metric("backend", "postgresql (every host and client on one database)")
         if not args.skip_in_process:
-            ret, call = anyio.run(functools.partial(in_process, root / "a", args.samples))
+            ret, call = anyio.run(functools.partial(in_process, places["a"], args.samples))
             metric("in_process_from_return", signed_summary(ret) + "  (target p99 <= 1 ms)")
             metric("in_process_from_call", signed_summary(call))
         if not args.skip_cross_process:
-            ret, call = anyio.run(functools.partial(cross_process, root / "b", args.samples))
+            ret, call = anyio.run(functools.partial(cross_process, places["b"], args.samples))
             metric("cross_process_from_return", signed_summary(ret) + "  (target p99 <= 5 ms)")
             metric("cross_process_from_call", signed_summary(call))
         if not args.skip_idle:
-            percent, window = anyio.run(functools.partial(idle_cpu, root / "c", args.idle_seconds))
+            percent, window = anyio.run(functools.partial(idle_cpu, places["c"], args.idle_seconds))
             tick = 100 / (os.sysconf("SC_CLK_TCK") * window)
             metric("idle_host_cpu", f"{percent:.2f} % of one core over {window:.1f} s "
                    f"(resolution {tick:.2f} %; target <= 2 %)")  # fmt: skip

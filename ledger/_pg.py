@@ -16,6 +16,7 @@ A batch of operations (many actors) is one transaction: group commit, as on SQLi
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -45,6 +46,7 @@ SCHEMA = "durable_triggers"
 _MIGRATION_LOCK = 0x64745F6D6967  # pg_advisory_lock key: one migrator at a time
 _LOCK_TIMEOUT = "10s"
 _RECONNECT_S = 10.0
+_MAX_NOTIFY = 7_900  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
 
 # Each entry upgrades from version (index) to version (index + 1).
 MIGRATIONS: tuple[str, ...] = (
@@ -357,6 +359,10 @@ class _Done:
     effects: TxEffects
 
 
+class _Discard(Exception):
+    """Roll the batch back: its only operation failed (its error is already set)."""
+
+
 @dataclass
 class _Lost(Exception):
     """The connection broke; ``committing`` says whether COMMIT had been sent."""
@@ -367,6 +373,10 @@ class _Lost(Exception):
 
 class PostgresStore(Store):
     """Every actor's ledger in one PostgreSQL database; an async context manager.
+
+    Cancels are notified to the process holding the claim in the committing transaction
+    (``pg_notify`` on channel ``dt_<process id>``, payload ``{"x": [[actor, intent,
+    reason], ...], "v": 1}``): delivered only if the cancel committed.
 
     Args:
         url: a ``postgresql://`` URL (asyncpg's form).
@@ -391,9 +401,13 @@ class PostgresStore(Store):
         )
         self.url = url
         self.location = redact(url)
+        self.notifies_cancels = True
         self._conns: dict[int, PgConnection] = {}
         self._index: PgConnection | None = None
         self._index_lock = anyio.Lock()
+        self.process_id: str | None = None
+        """The registry id of the process using this store (set by its host): cancels of
+        its own attempts are delivered in-process, not notified."""
 
     async def __aenter__(self) -> PostgresStore:
         first = await connect(self.url)
@@ -501,20 +515,25 @@ class PostgresStore(Store):
         groups: dict[str, list[_Request[Any]]] = {}
         for request in batch:
             groups.setdefault(request.actor_id, []).append(request)
+        alone = len(groups) == 1
         opened: list[_Done] = []
         committing = False
         try:
             conn.execute("BEGIN")
             for actor_id in sorted(groups):  # one lock order for every batch: no deadlocks
-                state = self._run_actor(conn, actor_id, groups[actor_id], now_ms)
+                state = self._run_actor(conn, actor_id, groups[actor_id], now_ms, alone)
                 if state is not None:
                     opened.append(state)
             if conn.raw.is_closed():
                 raise _Lost(False, "the connection to PostgreSQL was lost")
+            self._notify_cancels(conn, opened)
             committing = True
             conn.execute("COMMIT")
         except _Lost:
             raise
+        except _Discard:
+            conn.execute("ROLLBACK")  # the batch's only work failed; its errors are set
+            return []
         except BaseException as exc:
             if conn.raw.is_closed():
                 raise _Lost(committing, str(exc) or "the connection was lost") from exc
@@ -530,17 +549,51 @@ class PostgresStore(Store):
             Committed(state.actor_id, state.effects, None) for state in opened if state.requests
         ]
 
+    def _notify_cancels(self, conn: PgConnection, opened: list[_Done]) -> None:
+        """Tell each process holding a claim of a cancel recorded here, in the transaction.
+
+        PostgreSQL delivers a NOTIFY only if its transaction commits, so the receiver knows
+        the cancel is recorded and aborts the attempt without re-reading the ledger.
+        """
+        by_owner: dict[str, list[tuple[str, int, str | None]]] = {}
+        for state in opened:
+            for intent_event_id, owner, reason in state.effects.cancels or ():
+                if owner is not None and owner != self.process_id:
+                    by_owner.setdefault(owner, []).append((state.actor_id, intent_event_id, reason))
+        if not by_owner:
+            return
+        channels = [f"dt_{owner}" for owner in by_owner]
+        payloads = [
+            json.dumps({"x": cancels, "v": 1}, separators=(",", ":"))
+            for cancels in by_owner.values()
+        ]
+        payloads = [p if len(p) < _MAX_NOTIFY else '{"all":1}' for p in payloads]
+        conn.execute(
+            "SELECT pg_notify(c, p) FROM unnest(?::text[], ?::text[]) AS n(c, p)",
+            (channels, payloads),
+        )
+
     def _run_actor(
-        self, conn: PgConnection, actor_id: str, requests: list[_Request[Any]], now_ms: int
+        self,
+        conn: PgConnection,
+        actor_id: str,
+        requests: list[_Request[Any]],
+        now_ms: int,
+        alone: bool,
     ) -> _Done | None:
-        """Lock one actor, then run its operations, each in a savepoint."""
+        """Lock one actor, then run its operations, each in a savepoint.
+
+        ``alone``: the actor is the batch's only one, so its failures can roll back the
+        whole transaction (``_Discard``) instead of a savepoint: fewer round trips.
+        """
         write = any(r.write for r in requests)
         create = any(r.create for r in requests)
-        conn.execute("SAVEPOINT actor")
+        if not alone:
+            conn.execute("SAVEPOINT actor")
         try:
             found = self._enter(conn, actor_id, write, create, now_ms)
         except Exception as exc:
-            if conn.raw.is_closed():
+            if alone or conn.raw.is_closed():
                 raise
             conn.execute("ROLLBACK TO actor")
             conn.execute("RELEASE actor")
@@ -549,9 +602,11 @@ class PostgresStore(Store):
                 request.error = error
             return None
         if not found:
-            conn.execute("RELEASE actor")
             for request in requests:
                 request.error = LedgerNotFoundError(actor_id)
+            if alone:
+                raise _Discard
+            conn.execute("RELEASE actor")
             return None
         scope = _Scope(actor_id, conn)
         state = _Done(actor_id, [], TxEffects())
@@ -566,17 +621,20 @@ class PostgresStore(Store):
             except Exception as exc:
                 if conn.raw.is_closed():
                     raise
+                request.result, request.error = None, self._wrap(exc)
+                if single and alone:
+                    raise _Discard from exc
                 conn.execute("ROLLBACK TO actor" if single else "ROLLBACK TO op")
                 if not single:
                     conn.execute("RELEASE op")
                 scope.next_id = None
-                request.result, request.error = None, self._wrap(exc)
                 continue
             if not single:
                 conn.execute("RELEASE op")
             state.requests.append(request)
             state.effects.merge(tx.effects)
-        conn.execute("RELEASE actor")
+        if not alone:
+            conn.execute("RELEASE actor")
         return state
 
     def _enter(

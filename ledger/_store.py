@@ -134,6 +134,9 @@ class Store:
 
     location: str
     """Where the ledgers live, for messages: a directory, or a database URL without password."""
+    notifies_cancels = False
+    """True if the store itself tells the claim's owner of each cancel it commits (so the
+    host does not forward them)."""
 
     def __init__(
         self,
