@@ -52,8 +52,9 @@ _MAX_NOTIFY = 7_900  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
 MIGRATIONS: tuple[str, ...] = (
     """
     CREATE TABLE actor_ledgers (
-        actor_id   text   PRIMARY KEY,
-        created_at bigint NOT NULL
+        actor_id      text   PRIMARY KEY,
+        created_at    bigint NOT NULL,
+        last_event_id bigint NOT NULL DEFAULT 0
     );
     CREATE TABLE all_events (
         actor_id        text   NOT NULL DEFAULT current_setting('dt.actor', true),
@@ -66,6 +67,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX all_events_by_intent ON all_events (actor_id, intent_event_id)
         WHERE intent_event_id IS NOT NULL;
+    -- The actor's row carries its last event id: a writer locking the row reads it fresh
+    -- (a row version committed after the writer's snapshot is re-read under the lock).
+    CREATE FUNCTION note_event() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE actor_ledgers SET last_event_id = NEW.id
+        WHERE actor_id = NEW.actor_id AND last_event_id < NEW.id;
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER all_events_note AFTER INSERT ON all_events
+        FOR EACH ROW EXECUTE FUNCTION note_event();
     CREATE TABLE all_intents (
         actor_id            text    NOT NULL DEFAULT current_setting('dt.actor', true),
         id                  bigint  NOT NULL,
@@ -175,27 +186,89 @@ class PgConnection:
     """An asyncpg connection with the synchronous face the ledger's statements use.
 
     Only usable under ``run_bridged``: each statement is awaited by the bridging coroutine.
+
+    Savepoints cost a round trip each, so they are lazy: ``SAVEPOINT x`` is sent only just
+    before the first write after it (several at once, in one round trip), and a ``ROLLBACK
+    TO`` or ``RELEASE`` of one never sent is dropped (nothing was written since). A failed
+    statement not undone by a real ``ROLLBACK TO`` leaves the transaction aborted;
+    ``commit()`` then raises instead of letting PostgreSQL quietly roll back.
     """
 
-    __slots__ = ("raw",)
+    __slots__ = ("_pending", "aborted", "raw")
 
     def __init__(self, raw: asyncpg.Connection) -> None:
         self.raw = raw
+        self._pending: list[str] = []
+        self.aborted = False
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> _Result:
+        head = sql.lstrip()[:9].upper()
+        if head.startswith(("SAVEPOINT", "ROLLBACK ", "RELEASE ")):
+            self._savepoint_command(sql)
+            return _Result([], -1)
         text = _translate(sql)
-        if sql.lstrip()[:6].upper() in _ROWS or " RETURNING " in sql:
-            rows = wait_for(self.raw.fetch(text, *parameters))
-            return _Result(rows, len(rows))
-        if parameters:
-            status = wait_for(self.raw.execute(text, *parameters))
-        else:
-            status = wait_for(self.raw.execute(text))
+        try:
+            if head[:6] in _ROWS or " RETURNING " in sql:
+                rows = wait_for(self.raw.fetch(text, *parameters))
+                return _Result(rows, len(rows))
+            if self._pending:
+                self._flush_savepoints()
+            if parameters:
+                status = wait_for(self.raw.execute(text, *parameters))
+            else:
+                status = wait_for(self.raw.execute(text))
+        except Exception:
+            self.aborted = True
+            raise
         tail = status.rsplit(" ", 1)[-1]
         return _Result([], int(tail) if tail.isdigit() else -1)
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> None:
-        wait_for(self.raw.executemany(_translate(sql), list(parameters)))
+        if self._pending:
+            self._flush_savepoints()
+        try:
+            wait_for(self.raw.executemany(_translate(sql), list(parameters)))
+        except Exception:
+            self.aborted = True
+            raise
+
+    def _savepoint_command(self, sql: str) -> None:
+        words = sql.split()
+        name = words[-1]
+        if words[0].upper() == "SAVEPOINT":
+            self._pending.append(name)
+            return
+        if name in self._pending:  # never sent: nothing to undo or release
+            del self._pending[self._pending.index(name) :]
+            return
+        if words[0].upper() == "RELEASE":
+            return  # released with the transaction; a later SAVEPOINT of the name shadows it
+        wait_for(self.raw.execute(f"ROLLBACK TO SAVEPOINT {name}"))
+        self.aborted = False
+
+    def _flush_savepoints(self) -> None:
+        names, self._pending = self._pending, []
+        wait_for(self.raw.execute("; ".join(f"SAVEPOINT {n}" for n in names)))
+
+    def begin(self) -> None:
+        """Start a transaction."""
+        self._pending.clear()
+        self.aborted = False
+        wait_for(self.raw.execute("BEGIN"))
+
+    def commit(self) -> None:
+        """Commit, or raise if a failed statement left the transaction aborted."""
+        if self.aborted:
+            raise LedgerWriteError("postgresql", "a statement failed; the batch was rolled back")
+        status = wait_for(self.raw.execute("COMMIT"))
+        if status != "COMMIT":
+            raise LedgerWriteError("postgresql", f"COMMIT answered {status}")
+
+    def rollback(self) -> None:
+        """Roll the transaction back."""
+        self._pending.clear()
+        self.aborted = False
+        wait_for(self.raw.execute("ROLLBACK"))
 
 
 class _Scope:
@@ -515,11 +588,11 @@ class PostgresStore(Store):
         groups: dict[str, list[_Request[Any]]] = {}
         for request in batch:
             groups.setdefault(request.actor_id, []).append(request)
-        alone = len(groups) == 1
+        alone = len(batch) == 1
         opened: list[_Done] = []
         committing = False
         try:
-            conn.execute("BEGIN")
+            conn.begin()
             for actor_id in sorted(groups):  # one lock order for every batch: no deadlocks
                 state = self._run_actor(conn, actor_id, groups[actor_id], now_ms, alone)
                 if state is not None:
@@ -528,17 +601,17 @@ class PostgresStore(Store):
                 raise _Lost(False, "the connection to PostgreSQL was lost")
             self._notify_cancels(conn, opened)
             committing = True
-            conn.execute("COMMIT")
+            conn.commit()
         except _Lost:
             raise
         except _Discard:
-            conn.execute("ROLLBACK")  # the batch's only work failed; its errors are set
+            conn.rollback()  # the batch's only operation failed; its error is set
             return []
         except BaseException as exc:
             if conn.raw.is_closed():
                 raise _Lost(committing, str(exc) or "the connection was lost") from exc
             with contextlib.suppress(Exception):
-                conn.execute("ROLLBACK")
+                conn.rollback()
             error = self._wrap(exc)
             for request in batch:
                 request.result, request.error = None, error
@@ -581,39 +654,24 @@ class PostgresStore(Store):
         now_ms: int,
         alone: bool,
     ) -> _Done | None:
-        """Lock one actor, then run its operations, each in a savepoint.
+        """Lock one actor, then run its operations, each in a (lazy) savepoint.
 
-        ``alone``: the actor is the batch's only one, so its failures can roll back the
-        whole transaction (``_Discard``) instead of a savepoint: fewer round trips.
+        A failure to lock (the lock timeout) fails the whole batch. ``alone``: this is the
+        batch's only operation, so a failure rolls the whole transaction back instead.
         """
         write = any(r.write for r in requests)
         create = any(r.create for r in requests)
-        if not alone:
-            conn.execute("SAVEPOINT actor")
-        try:
-            found = self._enter(conn, actor_id, write, create, now_ms)
-        except Exception as exc:
-            if alone or conn.raw.is_closed():
-                raise
-            conn.execute("ROLLBACK TO actor")
-            conn.execute("RELEASE actor")
-            error = self._wrap(exc)
-            for request in requests:
-                request.error = error
-            return None
-        if not found:
+        scope = _Scope(actor_id, conn)
+        if not self._enter(conn, scope, write, create, now_ms):
             for request in requests:
                 request.error = LedgerNotFoundError(actor_id)
             if alone:
                 raise _Discard
-            conn.execute("RELEASE actor")
             return None
-        scope = _Scope(actor_id, conn)
         state = _Done(actor_id, [], TxEffects())
-        single = len(requests) == 1
         for request in requests:
             tx = LedgerTx(scope, now_ms, self.projections)
-            if not single:
+            if not alone:
                 conn.execute("SAVEPOINT op")
             try:
                 request.result = request.fn(tx)
@@ -622,35 +680,45 @@ class PostgresStore(Store):
                 if conn.raw.is_closed():
                     raise
                 request.result, request.error = None, self._wrap(exc)
-                if single and alone:
+                if alone:
                     raise _Discard from exc
-                conn.execute("ROLLBACK TO actor" if single else "ROLLBACK TO op")
-                if not single:
-                    conn.execute("RELEASE op")
+                conn.execute("ROLLBACK TO op")
                 scope.next_id = None
                 continue
-            if not single:
+            if not alone:
                 conn.execute("RELEASE op")
             state.requests.append(request)
             state.effects.merge(tx.effects)
-        if not alone:
-            conn.execute("RELEASE actor")
         return state
 
     def _enter(
-        self, conn: PgConnection, actor_id: str, write: bool, create: bool, now_ms: int
+        self, conn: PgConnection, scope: _Scope, write: bool, create: bool, now_ms: int
     ) -> bool:
-        """Lock the actor's row (creating it if asked) and point the views at it."""
-        lock = "SELECT set_config('dt.actor', ?, true) FROM actor_ledgers WHERE actor_id = ?" + (
-            " FOR UPDATE" if write else " FOR SHARE"
-        )
-        if conn.execute(lock, (actor_id, actor_id)).fetchone() is not None:
-            return True
-        if not create:
+        """Lock the actor's row (creating it if asked) and point the views at it; a writer
+        also learns the next event id in the same round trip."""
+        actor_id = scope.actor_id
+        if write:
+            lock = (
+                "SELECT set_config('dt.actor', ?, true), last_event_id"
+                " FROM actor_ledgers WHERE actor_id = ? FOR UPDATE"
+            )
+            params: tuple[str, ...] = (actor_id, actor_id)
+        else:
+            lock = (
+                "SELECT set_config('dt.actor', ?, true) FROM actor_ledgers"
+                " WHERE actor_id = ? FOR SHARE"
+            )
+            params = (actor_id, actor_id)
+        row = conn.execute(lock, params).fetchone()
+        if row is None and create:
+            conn.execute(
+                "INSERT INTO actor_ledgers (actor_id, created_at) VALUES (?, ?)"
+                " ON CONFLICT (actor_id) DO NOTHING",
+                (actor_id, now_ms),
+            )
+            row = conn.execute(lock, params).fetchone()
+        if row is None:
             return False
-        conn.execute(
-            "INSERT INTO actor_ledgers (actor_id, created_at) VALUES (?, ?)"
-            " ON CONFLICT (actor_id) DO NOTHING",
-            (actor_id, now_ms),
-        )
-        return conn.execute(lock, (actor_id, actor_id)).fetchone() is not None
+        if write:
+            scope.next_id = int(row[1] or 0) + 1
+        return True

@@ -654,8 +654,14 @@ async def test_sigkilled_host_not_yet_reaped_counts_as_dead(tmp_path):
             agent = client.get("chat:zombie")
             intent = await agent.enqueue_trigger(trigger_kind=WAIT, payload={"seconds": 3600})
             await parent.expect("started", intent=intent.id)
-            os.kill(host_a_pid, signal.SIGKILL)
-            await parent.wait_eof()  # the stdout pipe closes when host A has died
+            pidfd = os.pidfd_open(host_a_pid)
+            try:
+                os.kill(host_a_pid, signal.SIGKILL)
+                with anyio.fail_after(20):
+                    await anyio.wait_readable(pidfd)  # readable once host A has exited
+            finally:
+                os.close(pidfd)
+            await parent.wait_eof()
             state = Path(f"/proc/{host_a_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
             assert state == "Z"  # dead, not reaped
 
