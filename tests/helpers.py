@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from actors import ActorHost, AgentSpec, define_agent_do
-from ledger import JSON, system_clock
+from ledger import JSON, LedgerStore, Store, system_clock
 from triggers import (
     Cancellation,
     DurableTrigger,
@@ -156,6 +156,16 @@ async def open_host(
         options.pop("lock_timeout", None)
     async with ActorHost(spec, **place, **options) as host:
         yield host
+
+
+def open_store(data_dir: Path, **options: Any) -> Store:
+    """A ledger store over ``data_dir``, or over the test's PostgreSQL database when a
+    contract test runs on that backend; enter it with ``async with``."""
+    if DATABASE_URL is not None:
+        from ledger.postgres import PostgresStore
+
+        return PostgresStore(DATABASE_URL, **options)
+    return LedgerStore(data_dir, **options)
 
 
 async def wait_until(

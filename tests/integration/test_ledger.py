@@ -23,13 +23,14 @@ from ledger import (
     LedgerError,
     LedgerStore,
     LedgerTx,
+    Store,
     datetime_to_ms,
     ledger_relpath,
     ms_to_datetime,
 )
 from ledger._index import IndexDB
 from ledger._schema import FORMAT, SCHEMA_VERSION
-from tests.helpers import DONE, Gate, fast_config, make_trigger, open_host
+from tests.helpers import DONE, Gate, fast_config, make_trigger, open_host, open_store
 from triggers import RetryPolicy, TriggerContext
 
 if TYPE_CHECKING:
@@ -113,6 +114,7 @@ async def test_file_is_wal_versioned_and_names_its_actor(tmp_path: Path) -> None
             conn.close()
 
 
+@pytest.mark.contract
 async def test_events_order_ts_and_payloads(tmp_path: Path) -> None:
     """Ids grow in commit order, ts is the injected clock, payloads round-trip, and intent
     ids link an intent's events."""
@@ -145,9 +147,10 @@ async def test_events_order_ts_and_payloads(tmp_path: Path) -> None:
     assert events[1].payload == payload  # the default acquire returns its intent
 
 
+@pytest.mark.contract
 async def test_ids_increase_in_commit_order_under_concurrency(tmp_path: Path) -> None:
     """Concurrent writers get distinct ids; every round's ids exceed all earlier ones."""
-    async with LedgerStore(tmp_path) as store:
+    async with open_store(tmp_path) as store:
         seen_max = 0
         for round_ in range(5):
             ids: list[int] = []
@@ -173,6 +176,7 @@ class Boom(Exception):
     pass
 
 
+@pytest.mark.contract
 async def test_failing_op_writes_nothing(tmp_path: Path) -> None:
     """An operation that inserts events and then raises leaves no trace."""
 
@@ -181,7 +185,7 @@ async def test_failing_op_writes_nothing(tmp_path: Path) -> None:
         tx.insert_event("doomed", {"n": 2})
         raise Boom
 
-    async with LedgerStore(tmp_path) as store:
+    async with open_store(tmp_path) as store:
         with pytest.raises(Boom):
             await store.run("a", op)
         assert await store.run("a", read_all, write=False) == []
@@ -189,6 +193,7 @@ async def test_failing_op_writes_nothing(tmp_path: Path) -> None:
         assert event.id == 1
 
 
+@pytest.mark.contract
 async def test_failing_op_in_a_batch_rolls_back_alone(tmp_path: Path) -> None:
     """In one batch transaction, only the failing operation's writes are missing."""
     clock = TickingClock()
@@ -206,13 +211,13 @@ async def test_failing_op_in_a_batch_rolls_back_alone(tmp_path: Path) -> None:
 
         return op
 
-    async def submit(store: LedgerStore, i: int) -> None:
+    async def submit(store: Store, i: int) -> None:
         try:
             outcomes[i] = await store.run("a", make_op(i))
         except Boom as exc:
             outcomes[i] = exc
 
-    async with LedgerStore(tmp_path, clock=clock) as store:
+    async with open_store(tmp_path, clock=clock) as store:
         async with anyio.create_task_group() as tg:
             for i in range(5):
                 tg.start_soon(submit, store, i)
@@ -225,6 +230,7 @@ async def test_failing_op_in_a_batch_rolls_back_alone(tmp_path: Path) -> None:
     assert [e.id for e in events] == list(range(1, 9))
 
 
+@pytest.mark.contract
 async def test_failing_op_on_another_actor_does_not_touch_this_one(tmp_path: Path) -> None:
     """A failing operation on one actor does not roll back another actor in the batch."""
 
@@ -232,11 +238,11 @@ async def test_failing_op_on_another_actor_does_not_touch_this_one(tmp_path: Pat
         tx.insert_event("doomed", None)
         raise Boom
 
-    async def attempt_fail(store: LedgerStore) -> None:
+    async def attempt_fail(store: Store) -> None:
         with pytest.raises(Boom):
             await store.run("b", fail)
 
-    async with LedgerStore(tmp_path) as store:
+    async with open_store(tmp_path) as store:
         async with anyio.create_task_group() as tg:
             tg.start_soon(attempt_fail, store)
             tg.start_soon(store.run, "a", insert("kept"))
@@ -708,6 +714,7 @@ async def test_index_due_survives_racing_hosts(tmp_path: Path) -> None:
 # -- idempotency keys ------------------------------------------------------------------------
 
 
+@pytest.mark.contract
 async def test_idempotency_key_returns_the_live_intent(tmp_path: Path) -> None:
     """A second enqueue with the same key returns the live intent instead of a new one."""
     gate = Gate()
@@ -740,6 +747,7 @@ async def test_idempotency_key_returns_the_live_intent(tmp_path: Path) -> None:
         assert (await agent.intent(first.id)).idempotency_key == "k"
 
 
+@pytest.mark.contract
 async def test_idempotency_retention_follows_the_clock(tmp_path: Path) -> None:
     """After the retention has passed on the host clock, the key makes a new intent."""
     clock = FakeClock()
@@ -767,6 +775,7 @@ async def test_idempotency_retention_follows_the_clock(tmp_path: Path) -> None:
         ]
 
 
+@pytest.mark.contract
 async def test_zero_retention_reuses_the_key_after_the_end(tmp_path: Path) -> None:
     """With idempotency_retention=0 an enqueue after the intent ended creates a new one."""
     async with open_host(tmp_path, make_trigger(), idempotency_retention=timedelta(0)) as host:
@@ -782,6 +791,7 @@ async def test_zero_retention_reuses_the_key_after_the_end(tmp_path: Path) -> No
         assert third.id not in (first.id, second.id)
 
 
+@pytest.mark.contract
 async def test_zero_retention_still_dedupes_live_intents(tmp_path: Path) -> None:
     """Even with zero retention, a live intent keeps its key."""
     async with open_host(
@@ -793,6 +803,7 @@ async def test_zero_retention_still_dedupes_live_intents(tmp_path: Path) -> None
         assert again.id == first.id
 
 
+@pytest.mark.contract
 async def test_concurrent_enqueues_with_one_key_make_one_intent(tmp_path: Path) -> None:
     """Concurrent enqueues with one key from two hosts on one data_dir yield one intent."""
     async with (
