@@ -158,6 +158,14 @@ async def open_host(
         yield host
 
 
+def place(data_dir: Path) -> dict[str, Any]:
+    """``ActorHost`` options for ``data_dir``, or for the test's PostgreSQL database when a
+    contract test runs on that backend."""
+    if DATABASE_URL is not None:
+        return {"database_url": DATABASE_URL}
+    return {"data_dir": data_dir}
+
+
 def open_store(data_dir: Path, **options: Any) -> Store:
     """A ledger store over ``data_dir``, or over the test's PostgreSQL database when a
     contract test runs on that backend; enter it with ``async with``."""

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ledger import JSON, Event, IntentState, IntentStatus
 
+from ._engine import CANCEL_REQUESTED
 from ._errors import IntentRejectedError, UnknownTriggerError
-from ._results import Failure
+from ._results import CancelResult, CancelStatus, Failure
 from ._workflow import (
     RUN_COMPLETED,
     WORKFLOW_KIND,
@@ -17,10 +19,13 @@ from ._workflow import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Sequence
+    from collections.abc import AsyncIterator, Callable
+
+    from ledger import LedgerTx
 
     from ._abort import AbortSignal
-    from ._results import CancelResult
+
+T = TypeVar("T")
 
 __all__ = ["Run", "RunFailedError", "get_run", "start"]
 
@@ -33,10 +38,6 @@ class WorkflowActor(Protocol):
 
     async def enqueue_trigger(self, *, trigger_kind: str, payload: JSON = None) -> Event: ...
 
-    async def cancel_trigger(
-        self, *, trigger_kind: str, intent_event_id: int, reason: str | None = None
-    ) -> CancelResult: ...
-
     async def intent(self, intent_event_id: int) -> IntentState: ...
 
     async def wait_for_intent(self, intent_event_id: int) -> IntentState: ...
@@ -48,6 +49,10 @@ class WorkflowActor(Protocol):
     async def events(
         self, *, kinds: Sequence[str] | None = None, intent_event_id: int | None = None
     ) -> list[Event]: ...
+
+    async def _ledger_op(self, fn: Callable[[LedgerTx], T], *, write: bool = True) -> T | None:
+        """Run a ledger operation on the actor (None if it has no ledger)."""
+        ...
 
 
 class RunFailedError(WorkflowError):
@@ -117,13 +122,52 @@ class Run:
         return self._actor.stream(self.run_id, start=start)
 
     async def cancel(self, reason: str | None = None) -> CancelResult:
-        """Cancel the run: ``cancelled`` if it was waiting (asleep or not started),
-        ``requested`` if it is running (it stops at its next step call or sleep, after its
-        running step), ``already_completed`` (with ``terminal_status``) if it had ended.
-        Cancelling twice is harmless."""
-        return await self._actor.cancel_trigger(
-            trigger_kind=WORKFLOW_KIND, intent_event_id=self.run_id, reason=reason
-        )
+        """Cancel the run; the answer is ``requested`` unless it had ended
+        (``already_completed``, with ``terminal_status``). Cancelling twice is harmless.
+
+        A running run stops at its next call that would start new work or wait (its running
+        steps finish first). A run that waits (asleep, on a hook, in a retry backoff) is
+        resumed at once: its body is replayed to where it waits, which raises
+        ``RunCancelledError``, so its ``finally`` blocks run, cleanup steps included. Either
+        way ``result()`` then raises ``RunCancelledError``. A run that never started ends
+        without running its body.
+
+        (``cancel_trigger`` on the actor ends a waiting run at once, without its ``finally``
+        blocks.)
+
+        Raises:
+            TypeError: ``reason`` is not a str or None.
+        """
+        if reason is not None and not isinstance(reason, str):
+            raise TypeError("reason must be a str or None")
+        run_id = self.run_id
+
+        # As cancel_trigger does, except for a waiting run: cancel_trigger would settle it in
+        # this transaction, never running its body again; it is woken instead.
+        def op(tx: LedgerTx) -> CancelResult:
+            row = tx.intent_row(run_id)
+            if row is None or row.trigger_kind != WORKFLOW_KIND:
+                return CancelResult(status=CancelStatus.NOT_FOUND, intent_event_id=run_id)
+            status = IntentStatus(row.status)
+            if status.terminal:
+                return CancelResult(
+                    status=CancelStatus.ALREADY_COMPLETED,
+                    intent_event_id=run_id,
+                    terminal_status=status,
+                )
+            first = tx.request_cancel(run_id, reason=reason, requested_by=None)
+            if first:
+                fact = {"reason": reason, "requested_at": tx.now_ms, "requested_by": None}
+                tx.insert_event(CANCEL_REQUESTED, fact, run_id)
+            if status is IntentStatus.RUNNING:
+                tx.note_cancel(run_id, row.claimed_by, reason if first else row.cancel_reason)
+            else:
+                # Waiting: its next attempt, now, starts cancelled and ends where it waits.
+                tx.wake(run_id, tx.now_ms)
+            return CancelResult(status=CancelStatus.REQUESTED, intent_event_id=run_id)
+
+        found = await self._actor._ledger_op(op)
+        return found or CancelResult(status=CancelStatus.NOT_FOUND, intent_event_id=run_id)
 
 
 async def start(
@@ -135,11 +179,13 @@ async def start(
 ) -> Run:
     """Start a run of ``wf`` with ``args`` in the ledger of ``actor``.
 
-    ``signal``, if given, cancels the run (durably, through ``Run.cancel``) when it aborts,
-    for as long as this process runs; a hook is the durable way to cancel from elsewhere. An
-    already aborted signal raises before anything is written.
+    ``signal``, if given, cancels the run (durably, through the actor's ``cancel_trigger``)
+    when it aborts, for as long as this process runs: a waiting run then ends at once, without
+    its ``finally`` blocks (``Run.cancel`` runs them). A hook is the durable way to cancel
+    from elsewhere. An already aborted signal raises before anything is written.
 
     Raises:
+        TypeError: ``args`` is not a list (or tuple) of arguments: ``start(wf, ["x"])``.
         AbortError: ``signal`` is already aborted; nothing was written.
         WorkflowError: ``wf`` is not registered on the actor's class
             (``define_agent_do(workflows=[...])``).
@@ -147,6 +193,8 @@ async def start(
     """
     if not isinstance(wf, Workflow):
         raise TypeError(f"start() needs a @workflow function, not {wf!r}")
+    if isinstance(args, str | bytes) or not isinstance(args, Sequence):
+        raise TypeError(f"start() takes the body's arguments as a list, not {args!r}")
     payload = {"workflow": wf.name, "args": list(args)}
     try:
         if signal is None:

@@ -4,13 +4,16 @@ A run is an intent of the built-in ``trigger.workflow`` trigger. Its body runs i
 and is resumed by replay: every step result and every sleep is a ledger fact of the run,
 recorded as it happens (token-checked, so only the attempt holding the claim records), and a
 replay answers completed steps and elapsed sleeps from those facts instead of running them
-again. Calls are matched to facts by their order in the body (``seq``), so a body must call
-its steps and sleeps in a deterministic order.
+again. Calls are matched to facts by their order in the body (their *place*, ``seq``), so a
+body must make its calls in a deterministic order; each fact also says what kind of call made
+it, so a replay that calls something else at a recorded place fails with
+``ReplayDivergenceError``.
 
 A sleep that has not elapsed ends the attempt: the run is rescheduled to wake at the sleep's
-end (a due time; nothing waits in memory). Cancelling a run is ``cancel_trigger``: a sleeping
-run is cancelled at once; a running one stops at its next step call or sleep (``finally``
-blocks run), and a step already running finishes first.
+end (a due time; nothing waits in memory). A step's retry backoff is such a wait too. A cancel
+reaches the body at its next call that would start new work or wait (``RunCancelledError``);
+a step already running finishes first, and a waiting run is resumed by replay to the place
+where it waits, so its ``finally`` blocks run, cleanup steps included.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from ledger import JSON, LedgerError, LedgerTx, dump_json, ms_to_datetime
 
 from ._abort import AbortError, AbortSignal
 from ._context import ClaimLostError, StreamWriter, TriggerContext
+from ._engine import CANCEL_REQUESTED
 from ._errors import FatalError, TriggerError
 from ._spec import RetryPolicy
 
@@ -60,6 +64,7 @@ WORKFLOW_KIND = "trigger.workflow"
 RUN_STARTED = "trigger.workflow.started"
 STEP_COMPLETED = "trigger.workflow.step_completed"
 STEP_FAILED = "trigger.workflow.step_failed"
+STEP_ATTEMPT_FAILED = "trigger.workflow.step_attempt_failed"
 WAIT_CREATED = "trigger.workflow.wait_created"
 WAIT_COMPLETED = "trigger.workflow.wait_completed"
 RUN_COMPLETED = "trigger.workflow.run_completed"
@@ -67,12 +72,22 @@ RUN_CANCELLED = "trigger.workflow.run_cancelled"
 HOOK_CREATED = "trigger.workflow.hook_created"
 HOOK_RECEIVED = "trigger.workflow.hook_received"
 HOOK_DISPOSED = "trigger.workflow.hook_disposed"
+HOOK_CONFLICT = "trigger.workflow.hook_conflict"
 RACE_WON = "trigger.workflow.race_won"
 CONTROLLER_ABORTED = "trigger.workflow.controller_aborted"
-REPLAY_KINDS = (STEP_COMPLETED, STEP_FAILED, WAIT_CREATED, WAIT_COMPLETED, HOOK_CREATED,
-                HOOK_RECEIVED, HOOK_DISPOSED, RACE_WON, CONTROLLER_ABORTED)  # fmt: skip
+STREAM_WRITTEN = "trigger.workflow.stream_written"
+REPLAY_KINDS = (STEP_COMPLETED, STEP_FAILED, STEP_ATTEMPT_FAILED, WAIT_CREATED, WAIT_COMPLETED,
+                HOOK_CREATED, HOOK_RECEIVED, HOOK_DISPOSED, HOOK_CONFLICT, RACE_WON,
+                CONTROLLER_ABORTED, STREAM_WRITTEN)  # fmt: skip
+_PLACE_KINDS = {STEP_COMPLETED: "step", STEP_FAILED: "step", STEP_ATTEMPT_FAILED: "step",
+                WAIT_CREATED: "sleep", WAIT_COMPLETED: "sleep", HOOK_CREATED: "hook",
+                HOOK_CONFLICT: "hook", RACE_WON: "race", CONTROLLER_ABORTED: "AbortController",
+                STREAM_WRITTEN: "stream write"}  # fmt: skip
+"""What kind of call made each fact that has a place (``seq``) in the run."""
 FOREVER_MS = 253_402_300_799_000
 """9999-12-31: the due time of a run that waits for a hook and nothing else."""
+MAX_SLEEP_MS = 100 * 366 * 86_400_000
+"""The longest sleep: about a century (a longer one is surely a unit mistake)."""
 
 _HOOK_POLL_S = 1.0
 """How often a group re-reads its awaited hooks when no wake-up came (lost wake-ups)."""
@@ -146,14 +161,16 @@ class HookConflictError(WorkflowError):
 
 
 class ReplayDivergenceError(WorkflowError):
-    """A replay made a different call than the run's first execution at the same place: the
-    body is not deterministic (a clock, a random number, I/O or a plain coroutine decided
-    which steps to call).
+    """A replay made a different call than the run's first execution at the same place (a
+    step where a sleep was recorded, another step, ...): the body is not deterministic (a
+    clock, a random number, I/O or a plain coroutine decided which calls to make).
+
+    Raised at the call; the run fails with it even if the body catches it.
 
     Attributes:
         seq: the place in the run.
-        recorded: the step recorded there.
-        called: the step the replay called there.
+        recorded: the call recorded there (``"step 'fetch'"``, ``"sleep"``, ``"hook"``, ...).
+        called: the call the replay made there.
     """
 
     def __init__(self, seq: int, recorded: str, called: str) -> None:
@@ -161,8 +178,8 @@ class ReplayDivergenceError(WorkflowError):
         self.recorded = recorded
         self.called = called
         super().__init__(
-            f"call {seq} of the run replayed as step {called!r}, but the run recorded step "
-            f"{recorded!r} there: the workflow body must make the same calls in the same order"
+            f"call {seq} of the run replayed as {called}, but the run recorded {recorded} "
+            "there: the workflow body must make the same calls in the same order"
         )
 
 
@@ -243,7 +260,9 @@ def step(
     Called inside a workflow, the call is recorded: its result (any JSON value) becomes a
     ledger fact, and a replay returns that result without running the step again. A step
     that raises is retried per ``retry``; ``FatalError`` and abort errors are never retried.
-    Called outside a workflow, it is a plain call.
+    Each failed attempt is a fact too, so a restart continues the attempt count, and the
+    backoff before the next attempt is a durable wait (as a ``sleep``). Called outside a
+    workflow, or inside another step, it is a plain call.
 
     Raises:
         TypeError: ``fn`` is not an ``async def`` function.
@@ -257,11 +276,11 @@ def step(
         @functools.wraps(body)
         def call(*args: P.args, **kwargs: P.kwargs) -> Awaitable[R]:
             run = _current.get(None)
-            if run is None or _in_step.get():
+            if run is None or _step_place.get():
                 return body(*args, **kwargs)  # outside a run, or inside a step: a plain call
             # The call's place in the run is taken now, in the order of the body's calls, so
             # calls awaited together (gather, race) replay onto the same facts.
-            seq = run._next()
+            seq = run._next(f"step {step_name!r}")
             call = functools.partial(body, *args, **kwargs)
             return _Pending(lambda: run.step(seq, step_name, retry, call))
 
@@ -274,17 +293,19 @@ def sleep(duration: str | float | timedelta) -> Awaitable[None]:
     """Sleep durably inside a workflow: survives restarts, fires once, holds no task.
 
     ``duration`` is seconds, a ``timedelta``, or a string such as ``"30s"``, ``"5min"``,
-    ``"2h"``, ``"1d"``, ``"250ms"``. A sleeping run is cancelled at once by a cancel.
+    ``"2h"``, ``"1d"``, ``"250ms"``. Cancelling a sleeping run resumes it: the sleep raises
+    ``RunCancelledError`` (so ``finally`` blocks run) and the run ends cancelled.
 
     Raises:
-        RuntimeError: called outside a workflow (use ``anyio.sleep`` there).
-        ValueError: the duration is negative or not understood.
+        RuntimeError: called outside a workflow body, or inside a step (steps are plain code:
+            use ``anyio.sleep`` there).
+        ValueError: the duration is negative, longer than a century, or not understood.
     """
-    run = _current.get(None)
-    if run is None:
-        raise RuntimeError("workflows.sleep() is for workflow bodies; use anyio.sleep elsewhere")
+    run = _body_run("workflows.sleep()", "use anyio.sleep elsewhere")
     ms = parse_duration(duration)
-    seq = run._next()
+    if ms > MAX_SLEEP_MS:
+        raise ValueError(f"a workflow sleep lasts at most a century, not {duration!r}")
+    seq = run._next("sleep")
     return _Pending(lambda: run.sleep(seq, ms))
 
 
@@ -317,8 +338,12 @@ def parse_duration(duration: str | float | timedelta) -> int:
 def get_writable() -> StreamWriter:
     """The run's output stream, from inside a step or a workflow body: ``await
     get_writable().write(chunk)`` appends any JSON value. Readers (``run.get_readable()``)
-    replay it from the start and follow it until the run ends. Chunks are transport, not
-    facts: a step that runs again after a crash writes its chunks again.
+    replay it from the start and follow it until the run ends.
+
+    A write from the body takes a place in the run, like a step, and is written once: a
+    replay skips the writes it already made (a crash between a write and its record may
+    repeat that one chunk). A step's chunks are transport: a step that runs again after a
+    crash writes its chunks again.
 
     Raises:
         RuntimeError: called outside a workflow run.
@@ -326,7 +351,24 @@ def get_writable() -> StreamWriter:
     run = _current.get(None)
     if run is None:
         raise RuntimeError("get_writable() is for workflow bodies and their steps")
-    return run.ctx.stream
+    return _BodyStream(run)
+
+
+class _BodyStream(StreamWriter):
+    """The run's stream as the body writes it: each write is recorded at its place."""
+
+    __slots__ = ("_run",)
+
+    def __init__(self, run: _Run) -> None:
+        ctx = run.ctx
+        super().__init__(ctx._backend, ctx.actor_id, ctx.intent_event_id)
+        self._run = run
+
+    async def write(self, chunk: JSON) -> int:
+        """Append one chunk once (see ``get_writable``); returns its index."""
+        if _step_place.get():  # a step that was handed the body's writer: a plain write
+            return await super().write(chunk)
+        return await self._run.write(self._run._next("stream write"), chunk)
 
 
 # -- awaiting several calls at once -------------------------------------------------------------
@@ -349,12 +391,12 @@ class _Pending(Generic[R]):
 
 
 class _Group:
-    """Calls awaited together, and which of them are still at work (not waiting for a sleep
-    or a hook).
+    """Calls awaited together, and which of them are still at work (not waiting for a sleep,
+    a hook or a retry backoff).
 
-    A call whose sleep has not ended, or whose hook has not been resumed, waits for it in the
-    attempt while another call of the group is still at work (that attempt runs anyway);
-    once none is, the run itself waits, holding nothing. A cancel of the run ends the waits.
+    A call that waits does so in the attempt while another call of the group is still at
+    work (that attempt runs anyway); once none is, the run itself waits, holding nothing. A
+    cancel of the run ends the waits.
     """
 
     def __init__(self, run: _Run, size: int) -> None:
@@ -377,8 +419,7 @@ class _Group:
         self._set(index, False)
 
     async def await_patiently(self, index: int, call: Awaitable[Any]) -> Any:
-        """Await ``call``; a sleep or hook it waits for is waited for here while another
-        call works.
+        """Await ``call``; what it waits for is waited for here while another call works.
 
         Raises:
             _Suspend: the call waits for something this attempt will not wait for.
@@ -401,7 +442,7 @@ class _Group:
     async def _wait_until(self, until_ms: int) -> bool:
         backend = self.run.ctx._backend
         while self.working:
-            self.run._check_cancel()
+            await self.run._check_cancel()
             delay = (until_ms - backend.now_ms()) / 1000
             if delay <= 0:
                 return True
@@ -412,7 +453,7 @@ class _Group:
         ctx = self.run.ctx
         backend = ctx._backend
         while self.working:
-            self.run._check_cancel()
+            await self.run._check_cancel()
             version = backend.version(ctx.actor_id)
             for event in await ctx.events(
                 intent_event_id=ctx.intent_event_id, kinds=[HOOK_RECEIVED]
@@ -440,21 +481,31 @@ class _Group:
                 tg.start_soon(until, ctx.signal.wait)
 
 
-async def gather(*calls: Awaitable[Any]) -> list[Any]:
-    """Await step calls, sleeps and hooks together (like ``Promise.all``); results in order.
+def gather(*calls: Awaitable[Any]) -> Awaitable[list[Any]]:
+    """Await step calls, sleeps, hooks, races and gathers together (like ``Promise.all``);
+    results in order.
 
     Pass the calls themselves (``gather(fetch(a), fetch(b), sleep("1s"))``): their places in
     the run are taken when they are made, so a replay matches them to the same facts. The
     first error (after all calls have ended) is raised. A sleep is waited for in the attempt
     while other calls still work; once all that is left waits for sleeps or hooks, the run
-    waits, holding nothing, with the finished calls recorded.
+    waits, holding nothing, with the finished calls recorded. A cancel of the run lets the
+    steps already running finish, then raises ``RunCancelledError``.
+
+    Raises:
+        RuntimeError: called outside a workflow body, or inside a step.
+        TypeError: a call is not a step call, sleep, hook, race or gather.
     """
-    run = _current_run("gather")
+    run = _body_run("gather()", "use an anyio task group elsewhere")
     _check_calls("gather", calls)
+    return _Pending(lambda: _gather(run, calls))
+
+
+async def _gather(run: _Run, calls: Sequence[Awaitable[Any]]) -> list[Any]:
     run._check_unwinding()
     group = _Group(run, len(calls))
     results: list[Any] = [None] * len(calls)
-    errors: list[BaseException | None] = [None] * len(calls)
+    errors: list[Exception | None] = [None] * len(calls)
     suspends: list[_Suspend] = []
 
     async def one(index: int, call: Awaitable[Any]) -> None:
@@ -470,31 +521,50 @@ async def gather(*calls: Awaitable[Any]) -> list[Any]:
     async with anyio.create_task_group() as tg:
         for index, call in enumerate(calls):
             tg.start_soon(one, index, call)
-    for error in errors:
-        if error is not None:
-            raise error
+    # The first error in the order of the calls (so a replay raises the same one), a cancel
+    # before all: the body must see it, not an error it might catch and carry on after.
+    raised = [error for error in errors if error is not None]
+    raised.sort(key=lambda error: not isinstance(error, RunCancelledError))
+    if raised:
+        raise raised[0]
     if suspends:
         raise run._suspend(_merge(suspends))
     return results
 
 
-async def race(*calls: Awaitable[Any]) -> Any:
-    """Await step calls, sleeps and hooks together; the first to end wins (like
-    ``Promise.race``): its result is returned (or its error raised), the others are stopped.
+def race(*calls: Awaitable[Any]) -> Awaitable[Any]:
+    """Await step calls, sleeps, hooks, gathers and races together; the first to end wins
+    (like ``Promise.race``): its result is returned (or its error raised), the others are
+    stopped.
 
     The winner is recorded, so a replay returns the same winner without running the losers
     (a losing sleep or hook is disposed of, not left pending). Pass the calls themselves, as
-    for ``gather``. A hook resumed while another call still works is seen once that call ends.
+    for ``gather``; ``race(gather(a(), b()), sleep("1h"))`` is "all of these, or time out".
+    A hook resumed while another call still works is seen once that call ends. A cancel of
+    the run is no winner: the steps already running finish, then ``RunCancelledError`` is
+    raised.
+
+    Raises:
+        RuntimeError: called outside a workflow body, or inside a step.
+        TypeError: a call is not a step call, sleep, hook, race or gather.
+        ValueError: no calls (a race of nothing would never end).
     """
-    run = _current_run("race")
+    run = _body_run("race()", "use an anyio task group elsewhere")
+    if not calls:
+        raise ValueError("race() needs at least one call")
     _check_calls("race", calls)
-    seq = run._next()
+    seq = run._next("race")
+    return _Pending(lambda: _race(run, seq, calls))
+
+
+async def _race(run: _Run, seq: int, calls: Sequence[Awaitable[Any]]) -> Any:
+    run._check_unwinding()
     if seq in run.races:
         return await calls[run.races[seq]]
-    run._check_cancel()
     group = _Group(run, len(calls))
-    outcome: list[tuple[int, Any, BaseException | None]] = []
+    outcome: list[tuple[int, Any, Exception | None]] = []
     suspends: list[_Suspend] = []
+    cancelled: list[RunCancelledError] = []
 
     async with anyio.create_task_group() as tg:
 
@@ -506,19 +576,25 @@ async def race(*calls: Awaitable[Any]) -> Any:
                 suspends.append(suspend)
                 group.done(index)
                 return
+            except RunCancelledError as exc:
+                # The run's cancel wins nothing and stops no step: the running ones finish.
+                cancelled.append(exc)
+                group.done(index)
+                return
             except Exception as exc:
                 outcome.append((index, None, exc))
             else:
                 outcome.append((index, value, None))
-            tg.cancel_scope.cancel()
+            if not cancelled:
+                tg.cancel_scope.cancel()
 
         for index, call in enumerate(calls):
             tg.start_soon(one, index, call)
+    if cancelled:
+        raise cancelled[0]
     if not outcome:
         raise run._suspend(_merge(suspends))
     index, value, error = outcome[0]
-    if isinstance(error, RunCancelledError):
-        raise error  # the run was cancelled: nothing won
     await run.ctx._record(RACE_WON, {"seq": seq, "index": index})
     run.races[seq] = index
     for loser, call in enumerate(calls):
@@ -549,15 +625,24 @@ def _check_calls(what: str, calls: Sequence[Awaitable[Any]]) -> None:
             if inspect.iscoroutine(call):
                 call.close()
             raise TypeError(
-                f"{what}() takes step calls, sleeps and hooks, not {call!r}: make the function "
-                "a @step, or await its calls one after another"
+                f"{what}() takes step calls, sleeps, hooks, races and gathers, not {call!r}: "
+                "make the function a @step, or await its calls one after another"
             )
 
 
-def _current_run(what: str) -> _Run:
+def _body_run(what: str, instead: str) -> _Run:
+    """The run whose body is calling ``what``.
+
+    Raises:
+        RuntimeError: outside a workflow run, or inside a step (``instead`` says what to do
+            there).
+    """
     run = _current.get(None)
     if run is None:
-        raise RuntimeError(f"{what}() is for workflow bodies")
+        raise RuntimeError(f"{what} is for workflow bodies: {instead}")
+    if _step_place.get():
+        raise RuntimeError(f"{what} is for workflow bodies, not steps (a step is plain code): "
+                           f"{instead}")  # fmt: skip
     return run
 
 
@@ -582,14 +667,19 @@ class AbortController:
     __slots__ = ("_run", "_seq", "_signal")
 
     def __init__(self) -> None:
-        """Create the controller (inside a workflow body only).
+        """Create the controller (inside a workflow body only: it takes a place in the run).
 
         Raises:
-            RuntimeError: called outside a workflow body.
+            RuntimeError: called outside a workflow body, or inside a step (use
+                ``triggers.AbortController`` there).
         """
-        run = _current_run("AbortController")
+        run = _body_run(
+            "workflows.AbortController()",
+            "use triggers.AbortController elsewhere (a step-local controller), or pass the "
+            "step the body's controller",
+        )
         self._run = run
-        self._seq = run._next()
+        self._seq = run._next("AbortController")
         self._signal = AbortSignal()
         run.controllers[self._seq] = self
 
@@ -615,7 +705,9 @@ class AbortController:
         if self._signal.aborted:
             return
         self._signal._abort(reason)  # steps stop now; the fact follows
-        at = run.seq
+        # A replay applies the abort once the aborting step (or the body's last call) is
+        # answered, so the body sees it at the same point as the first time.
+        at = _step_place.get() or run.seq
         await run.ctx._record(CONTROLLER_ABORTED, {"seq": self._seq, "reason": reason, "at": at})
         run.aborts[self._seq] = (reason, at)
 
@@ -637,11 +729,9 @@ class Hook(Generic[T]):
     __slots__ = ("_hook_id", "_parse", "_run", "_seq", "_token", "_wanted")
 
     def __init__(self, token: str | None, parse: Callable[[JSON], T]) -> None:
-        run = _current.get(None)
-        if run is None:
-            raise RuntimeError("hooks are created inside workflow bodies")
+        run = _body_run("create_hook()", "create hooks in the body; resume one by its token")
         self._run = run
-        self._seq = run._next()
+        self._seq = run._next("hook")
         self._wanted = token
         self._token: str | None = None
         self._hook_id = 0
@@ -668,21 +758,32 @@ class Hook(Generic[T]):
         await self._ensure()
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        if self._token is None or (
-            exc_type is not None
-            and issubclass(exc_type, _Suspend | AbortError | ClaimLostError | LedgerError)
-        ):
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, _: object
+    ) -> None:
+        if self._token is None or _keeps_hooks(exc):
             return  # waiting, cancelled or storage trouble: the hook lives on (or dies with it)
         await self._run.dispose_hook(self._token, self._hook_id)
+
+
+_INTERRUPTIONS = (_Suspend, AbortError, ClaimLostError, LedgerError)
+
+
+def _keeps_hooks(exc: BaseException | None) -> bool:
+    """True if ``exc`` leaving a hook's block is the run waiting, cancelled or in storage
+    trouble, alone or grouped by the body's own task group: not the end of the hook."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(_INTERRUPTIONS)[1] is None
+    return isinstance(exc, _INTERRUPTIONS)
 
 
 def create_hook(*, token: str | None = None) -> Hook[JSON]:
     """A hook whose resume payload is any JSON value (see ``Hook``).
 
     Raises:
-        RuntimeError: called outside a workflow body.
-        HookConflictError: (when first used) another active hook holds ``token``.
+        RuntimeError: called outside a workflow body, or inside a step.
+        HookConflictError: (when first used) another active hook holds ``token``. The
+            conflict is recorded: a replay raises it again at the same place.
     """
     return Hook(token, _identity)
 
@@ -775,36 +876,55 @@ _rng = random.Random()
 _in_group: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "durable_triggers_in_group", default=False
 )
-_in_step: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "durable_triggers_in_step", default=False
+_step_place: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "durable_triggers_step_place", default=0
 )
+"""The place of the step running in this context, 0 outside steps (places start at 1)."""
 _current: contextvars.ContextVar[_Run] = contextvars.ContextVar("durable_triggers_workflow_run")
 
 
 @dataclass
 class _Run:
-    """One attempt's view of a run: the recorded facts and the next call's sequence number."""
+    """One attempt's view of a run: the recorded facts and the next call's place."""
 
     ctx: TriggerContext
+    places: dict[int, str] = field(default_factory=dict)
+    """What kind of call each recorded place is (``"step 'fetch'"``, ``"sleep"``, ...)."""
     completed: dict[int, JSON] = field(default_factory=dict)
-    step_names: dict[int, str] = field(default_factory=dict)
     failed: dict[int, dict[str, Any]] = field(default_factory=dict)
+    attempts: dict[int, tuple[int, int]] = field(default_factory=dict)
+    """A retrying step's failed attempts so far, and when the next may start (epoch ms)."""
     waits: dict[int, int] = field(default_factory=dict)
     woke: set[int] = field(default_factory=set)
     hooks_created: dict[int, tuple[str, int]] = field(default_factory=dict)
+    conflicts: dict[int, tuple[str, int]] = field(default_factory=dict)
     received: dict[int, JSON] = field(default_factory=dict)
     disposed: set[int] = field(default_factory=set)
     races: dict[int, int] = field(default_factory=dict)
     aborts: dict[int, tuple[str | None, int]] = field(default_factory=dict)
     controllers: dict[int, AbortController] = field(default_factory=dict)
+    written: dict[int, int] = field(default_factory=dict)
     unwinding: _Suspend | None = None
     """Set once the body unwinds to wait (a sleep or hook): calls made meanwhile, from
     ``finally`` blocks, do not run; they rejoin the wait."""
+    cancelled_at: int | None = None
+    """The last place taken when the run's cancel reached the body: calls made after it
+    (cleanup in ``finally`` blocks) still run, waits do not."""
+    diverged: ReplayDivergenceError | None = None
     seq: int = 0
 
-    def _next(self) -> int:
+    def _next(self, call: str) -> int:
+        """Take the next place, for ``call``; it must be what the run recorded there.
+
+        Raises:
+            ReplayDivergenceError: the run recorded another kind of call there.
+        """
         self._replay_aborts(self.seq)
         self.seq += 1
+        recorded = self.places.get(self.seq)
+        if recorded is not None and recorded != call:
+            self.diverged = ReplayDivergenceError(self.seq, recorded, call)
+            raise self.diverged
         return self.seq
 
     def _replay_aborts(self, upto: int) -> None:
@@ -825,49 +945,108 @@ class _Run:
         if self.unwinding is not None:
             raise self.unwinding
 
-    def _check_cancel(self) -> None:
+    async def _check_cancel(self, place: int | None = None) -> None:
+        """Raise ``RunCancelledError`` if the run's signal has aborted.
+
+        A cancel reaches the body once, at the first call checked after it; a call made
+        after that (its ``place`` is past the cancel's: cleanup in a ``finally`` block) runs,
+        a wait (``place`` None) does not. A signal aborted with no cancel requested (the host
+        is stopping) stops every call: nothing new is recorded.
+        """
         self._check_unwinding()
         signal = self.ctx.signal
-        if signal.aborted:
-            raise RunCancelledError(_reason_of(signal.reason))
+        if not signal.aborted:
+            return
+        if self.cancelled_at is None:
+            if await self._cancel_requested():
+                self.cancelled_at = self.seq
+        elif place is not None and place > self.cancelled_at:
+            return
+        raise RunCancelledError(_reason_of(signal.reason))
 
-    def _check_replay(self, seq: int, name: str) -> None:
-        recorded = self.step_names.get(seq)
-        if recorded is not None and recorded != name:
-            raise ReplayDivergenceError(seq, recorded, name)
+    async def _cancel_requested(self) -> bool:
+        ctx = self.ctx
+        kinds = [CANCEL_REQUESTED]
+        return bool(await ctx.events(intent_event_id=ctx.intent_event_id, kinds=kinds, limit=1))
+
+    async def execute(self, fn: Callable[..., Awaitable[JSON]], args: Sequence[JSON]) -> JSON:
+        """Run the body (replaying what is recorded) in this attempt; returns its result.
+
+        Raises:
+            _Suspend: the body waits (a sleep, a hook, a retry backoff).
+            RunCancelledError: the run was cancelled (or its host is stopping).
+            FatalError: the body failed, or its replay diverged.
+        """
+        token = _current.set(self)
+        try:
+            if not self.places:
+                await self._check_cancel()  # cancelled before it began: the body never runs
+            result = await fn(*args)
+        except BaseExceptionGroup as group:
+            # The body's own task group carried a suspension (or a cancel) out.
+            suspended, rest = group.split(_Suspend)
+            if suspended is None or rest is not None:
+                raise
+            self._check_diverged()
+            raise _merge(_leaves(suspended)) from None
+        except _Suspend:
+            self._check_diverged()
+            raise
+        except (AbortError, LedgerError, ClaimLostError):
+            raise  # cancelled or storage trouble: not the body's failure
+        except Exception as exc:
+            # The body failed: a run failure, not something to retry by running it again.
+            self._check_diverged()
+            raise FatalError(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            _current.reset(token)
+        self._check_diverged()
+        return result
+
+    def _check_diverged(self) -> None:
+        """A divergence fails the run even if the body caught it."""
+        if self.diverged is not None:
+            error = self.diverged
+            raise FatalError(f"{type(error).__name__}: {error}") from error
 
     async def step(
         self, seq: int, name: str, retry: RetryPolicy, call: Callable[[], Awaitable[R]]
     ) -> R:
         self._check_unwinding()
         if seq in self.completed:
-            self._check_replay(seq, name)
             recorded: R = self.completed[seq]
             self._replay_aborts(seq)
             return recorded
         if seq in self.failed:
-            self._check_replay(seq, name)
+            self._replay_aborts(seq)
             fact = self.failed[seq]
             raise StepFailedError(name, fact["error_type"], fact["message"], fact["attempts"])
-        self._check_cancel()
-        attempt = 0
         while True:
-            attempt += 1
-            token = _in_step.set(True)
+            await self._check_cancel(seq)
+            failures, retry_at = self.attempts.get(seq, (0, 0))
+            backoff_ms = retry_at - self.ctx._backend.now_ms()
+            if backoff_ms > 0:
+                if self.cancelled_at is None:
+                    raise self._suspend(_Suspend(retry_at))  # a durable wait, as a sleep
+                await anyio.sleep(backoff_ms / 1000)  # a cleanup step, once cancelled
+            attempt = failures + 1
+            token = _step_place.set(seq)
             try:
                 result = await call()
             except Exception as exc:
-                final = isinstance(exc, FatalError | AbortError) or attempt >= retry.max_attempts
-                if not final:
-                    await anyio.sleep(retry.backoff(attempt, _rng))
-                    self._check_cancel()
-                    continue
                 fact = {"seq": seq, "step": name, "error_type": type(exc).__name__,
                         "message": str(exc), "attempts": attempt}  # fmt: skip
-                await self.ctx._record(STEP_FAILED, fact)
-                raise StepFailedError(name, fact["error_type"], fact["message"], attempt) from exc
+                if isinstance(exc, FatalError | AbortError) or attempt >= retry.max_attempts:
+                    await self.ctx._record(STEP_FAILED, fact)
+                    self.failed[seq] = fact
+                    raise StepFailedError(name, type(exc).__name__, str(exc), attempt) from exc
+                # Each failed attempt is a fact: a restart continues the count and the backoff.
+                retry_at = self.ctx._backend.now_ms() + round(retry.backoff(attempt, _rng) * 1000)
+                await self.ctx._record(STEP_ATTEMPT_FAILED, {**fact, "retry_at": retry_at})
+                self.attempts[seq] = (attempt, retry_at)
+                continue
             finally:
-                _in_step.reset(token)
+                _step_place.reset(token)
             await self.ctx._record(STEP_COMPLETED, {"seq": seq, "step": name, "result": result})
             self.completed[seq] = result
             return result
@@ -876,7 +1055,7 @@ class _Run:
         self._check_unwinding()
         if seq in self.woke:
             return
-        self._check_cancel()
+        await self._check_cancel()
         until = self.waits.get(seq)
         if until is None:
             until = self.ctx._backend.now_ms() + ms
@@ -888,10 +1067,16 @@ class _Run:
         self.woke.add(seq)
 
     async def create_hook(self, seq: int, token: str | None) -> tuple[str, int]:
-        """The hook made at ``seq``: its token and its id (its creation fact's event id)."""
+        """The hook made at ``seq``: its token and its id (its creation fact's event id).
+
+        Raises:
+            HookConflictError: another active hook held the token (now, or when recorded).
+        """
         if seq in self.hooks_created:
             return self.hooks_created[seq]
-        self._check_cancel()
+        if seq in self.conflicts:
+            raise HookConflictError(*self.conflicts[seq])
+        await self._check_cancel(seq)
         chosen = token if token is not None else f"hook:{self.ctx.intent_event_id}:{seq}"
 
         def unique(tx: LedgerTx) -> None:
@@ -899,7 +1084,14 @@ class _Run:
             if holder is not None:
                 raise HookConflictError(chosen, holder)
 
-        event = await self.ctx._record(HOOK_CREATED, {"seq": seq, "token": chosen}, unique)
+        try:
+            event = await self.ctx._record(HOOK_CREATED, {"seq": seq, "token": chosen}, unique)
+        except HookConflictError as conflict:
+            # Recorded, so a replay takes the path the body took, even once the holder is gone.
+            fact = {"seq": seq, "token": chosen, "run_id": conflict.run_id}
+            await self.ctx._record(HOOK_CONFLICT, fact)
+            self.conflicts[seq] = (chosen, conflict.run_id)
+            raise
         self.hooks_created[seq] = (chosen, event.id)
         return chosen, event.id
 
@@ -907,7 +1099,7 @@ class _Run:
         self._check_unwinding()
         if hook_id in self.received:
             return self.received[hook_id]
-        self._check_cancel()
+        await self._check_cancel()
         # It may have arrived since this attempt read the run's facts.
         for event in await self.ctx.events(
             intent_event_id=self.ctx.intent_event_id, kinds=[HOOK_RECEIVED]
@@ -923,6 +1115,16 @@ class _Run:
             return
         await self.ctx._record(HOOK_DISPOSED, {"token": token, "hook": hook_id})
         self.disposed.add(hook_id)
+
+    async def write(self, seq: int, chunk: JSON) -> int:
+        """The body's write at ``seq``: appended once, then answered from its fact."""
+        self._check_unwinding()
+        if seq in self.written:
+            return self.written[seq]
+        index = await self.ctx.stream.write(chunk)
+        await self.ctx._record(STREAM_WRITTEN, {"seq": seq, "index": index})
+        self.written[seq] = index
+        return index
 
 
 def active_hook_id(tx: LedgerTx, token: str) -> tuple[int, int] | None:
@@ -961,18 +1163,25 @@ async def _replay_facts(ctx: TriggerContext) -> _Run:
         fact = event.payload
         assert isinstance(fact, dict)
         seq = int(fact.get("seq", 0))
+        if event.kind in _PLACE_KINDS:
+            place = _PLACE_KINDS[event.kind]
+            if place == "step":
+                place = f"step {fact.get('step')!r}"
+            run.places.setdefault(seq, place)
         if event.kind == STEP_COMPLETED:
             run.completed.setdefault(seq, fact.get("result"))
-            run.step_names.setdefault(seq, str(fact.get("step")))
         elif event.kind == STEP_FAILED:
             run.failed.setdefault(seq, fact)
-            run.step_names.setdefault(seq, str(fact.get("step")))
+        elif event.kind == STEP_ATTEMPT_FAILED:
+            run.attempts[seq] = (int(fact["attempts"]), int(fact["retry_at"]))
         elif event.kind == WAIT_CREATED:
             run.waits.setdefault(seq, int(fact["until"]))
         elif event.kind == WAIT_COMPLETED:
             run.woke.add(seq)
         elif event.kind == HOOK_CREATED:
             run.hooks_created.setdefault(seq, (str(fact["token"]), event.id))
+        elif event.kind == HOOK_CONFLICT:
+            run.conflicts.setdefault(seq, (str(fact["token"]), int(fact["run_id"])))
         elif event.kind == HOOK_RECEIVED:
             run.received.setdefault(int(fact["hook"]), fact.get("payload"))
         elif event.kind == RACE_WON:
@@ -981,6 +1190,8 @@ async def _replay_facts(ctx: TriggerContext) -> _Run:
             reason = fact.get("reason")
             recorded = (reason if isinstance(reason, str) else None, int(fact["at"]))
             run.aborts.setdefault(seq, recorded)
+        elif event.kind == STREAM_WRITTEN:
+            run.written.setdefault(seq, int(fact["index"]))
         else:
             run.disposed.add(int(fact["hook"]))
     return run
@@ -1022,30 +1233,16 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> DurableTrigger[
 
     async def acquire(intent: Mapping[str, Any], ctx: TriggerContext) -> JSON:
         wf = by_name[intent["workflow"]]
-        run = await _replay_facts(ctx)
-        token = _current.set(run)
-        try:
-            run._check_cancel()
+        for _ in range(2):
+            run = await _replay_facts(ctx)
             try:
-                result = await wf.fn(*intent.get("args", []))
-            except BaseExceptionGroup as group:
-                # The body's own task group carried a suspension (or a cancel) out.
-                suspended, _rest = group.split(_Suspend)
-                if suspended is not None and _rest is None:
-                    raise _merge(list(_leaves(suspended))) from None
-                raise
-            except (AbortError, _Suspend, LedgerError, ClaimLostError):
-                raise  # cancelled, waiting, or storage trouble: not the body's failure
-            except Exception as exc:
-                # The body failed: a run failure, not something to retry by running it again.
-                raise FatalError(f"{type(exc).__name__}: {exc}") from exc
-        except _Suspend as suspend:
-            if ctx.signal.aborted:  # cancelled while suspending: end now, not at the due time
-                raise RunCancelledError(_reason_of(ctx.signal.reason)) from None
-            return {"suspend_until": suspend.until_ms, "hooks": list(suspend.hooks)}
-        finally:
-            _current.reset(token)
-        return {"result": result}
+                return {"result": await run.execute(wf.fn, intent.get("args", []))}
+            except _Suspend as suspend:
+                if not ctx.signal.aborted:
+                    return {"suspend_until": suspend.until_ms, "hooks": list(suspend.hooks)}
+            # Cancelled while it suspended: replay it again, so that the cancel reaches the
+            # body where it waits and its finally blocks run (cleanup steps included).
+        raise RunCancelledError(_reason_of(ctx.signal.reason))
 
     def commit(outcome: Mapping[str, Any], tx: Tx) -> None:
         if "suspend_until" in outcome:

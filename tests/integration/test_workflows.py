@@ -13,7 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from actors import ActorHost, define_agent_do
 from ledger import IntentStatus
-from tests.helpers import fast_config, wait_until
+from tests.helpers import fast_config, place, wait_until
 from triggers import AbortController, AbortError, AbortSignal, CancelStatus, FatalError, RetryPolicy
 from triggers._workflow import RUN_CANCELLED, STEP_COMPLETED, parse_duration
 from triggers.workflows import AbortController as WorkflowAbortController
@@ -41,7 +41,7 @@ from triggers.workflows import (
 if TYPE_CHECKING:
     from pathlib import Path
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.contract]
 
 calls: Counter[str] = Counter()
 gates: dict[str, anyio.Event] = {}
@@ -153,7 +153,7 @@ AgentDO = define_agent_do(workflows=ALL)
 
 def host(tmp_path: Path, **options: Any) -> ActorHost:
     options.setdefault("config", fast_config())
-    return ActorHost(AgentDO, data_dir=tmp_path, **options)
+    return ActorHost(AgentDO, **place(tmp_path), **options)
 
 
 async def result_of(run: Any) -> Any:
@@ -221,9 +221,10 @@ async def test_sleep_survives_a_restart_and_holds_nothing(tmp_path: Path) -> Non
     assert calls["add"] == 1
 
 
-async def test_cancel_while_asleep_is_immediate(tmp_path: Path) -> None:
-    """Cancelling a sleeping run answers cancelled and records run_cancelled; result() raises
-    RunCancelledError with the reason; a second cancel says it had ended."""
+async def test_cancel_while_asleep_resumes_the_run_to_end_it(tmp_path: Path) -> None:
+    """Cancelling a sleeping run answers requested and resumes it at once (not at the sleep's
+    end): it records run_cancelled; result() raises RunCancelledError with the reason; a
+    second cancel says it had ended."""
     async with host(tmp_path) as h:
         run = await start(long_sleep, actor=h.get("u:1"))
 
@@ -232,7 +233,7 @@ async def test_cancel_while_asleep_is_immediate(tmp_path: Path) -> None:
 
         await wait_until(h.get("u:1"), settled)
         result = await run.cancel("not needed any more")
-        assert result.status is CancelStatus.CANCELLED
+        assert result.status is CancelStatus.REQUESTED
         with pytest.raises(RunCancelledError) as caught:
             await result_of(run)
         assert caught.value.reason == "not needed any more"
@@ -342,7 +343,7 @@ HookDO = define_agent_do(workflows=ALL)
 
 def hook_host(tmp_path: Path, **options: Any) -> ActorHost:
     options.setdefault("config", fast_config())
-    return ActorHost(HookDO, data_dir=tmp_path, **options)
+    return ActorHost(HookDO, **place(tmp_path), **options)
 
 
 async def wait_hook(agent: Any, token: str) -> int:
@@ -432,7 +433,8 @@ async def test_resume_landing_while_the_attempt_suspends_is_not_lost(
 
 
 async def test_cancel_a_run_waiting_on_a_hook(tmp_path: Path) -> None:
-    """Cancelling a run that waits on a hook cancels it at once and frees the token."""
+    """Cancelling a run that waits on a hook resumes it at once to end it cancelled; its
+    token is then free."""
     async with hook_host(tmp_path) as h:
         agent = h.get("u:x")
         run = await start(raw_hook, actor=agent)
@@ -442,7 +444,7 @@ async def test_cancel_a_run_waiting_on_a_hook(tmp_path: Path) -> None:
             return not (await run.status() is not IntentStatus.PENDING)
 
         await wait_until(agent, settled)
-        assert (await run.cancel("user cancelled")).status is CancelStatus.CANCELLED
+        assert (await run.cancel("user cancelled")).status is CancelStatus.REQUESTED
         with pytest.raises(RunCancelledError):
             await result_of(run)
         with pytest.raises(HookNotFoundError):
@@ -473,7 +475,7 @@ StreamDO = define_agent_do(workflows=[storyteller])
 async def test_run_stream_replays_and_ends_with_the_run(tmp_path: Path) -> None:
     """Chunks written with get_writable() in steps and in the body are read with
     run.get_readable() from the start, and the reader ends when the run does."""
-    async with ActorHost(StreamDO, data_dir=tmp_path, config=fast_config()) as h:
+    async with ActorHost(StreamDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(storyteller, [["once", "upon"]], actor=h.get("u:s"))
         assert await result_of(run) == 2
         with anyio.fail_after(20):
@@ -513,7 +515,7 @@ RaceDO = define_agent_do(workflows=[fan_out, timeout_pattern, first_responder])
 async def test_gather_runs_each_step_once_and_replays_in_order(tmp_path: Path) -> None:
     """gather() returns results in argument order; the replay after a sleep matches each
     gathered call to its own recorded result, running none again."""
-    async with ActorHost(RaceDO, data_dir=tmp_path, config=fast_config()) as h:
+    async with ActorHost(RaceDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(fan_out, actor=h.get("u:g"))
         assert await result_of(run) == [2, 4, 6, 7]
         assert calls["add"] == 4
@@ -522,7 +524,7 @@ async def test_gather_runs_each_step_once_and_replays_in_order(tmp_path: Path) -
 async def test_race_timeout_pattern_records_the_winner(tmp_path: Path) -> None:
     """race(step, sleep) where the sleep ends first: it wins, the step is stopped, and the
     replay returns the same winner without running the step again."""
-    async with ActorHost(RaceDO, data_dir=tmp_path, config=fast_config()) as h:
+    async with ActorHost(RaceDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(timeout_pattern, actor=h.get("u:r"))
         assert await result_of(run) is None
         assert calls["held:slow"] == 1
@@ -534,7 +536,7 @@ async def test_race_timeout_pattern_records_the_winner(tmp_path: Path) -> None:
 async def test_race_winner_disposes_a_long_sleep(tmp_path: Path) -> None:
     """A step that beats a one-hour sleep ends the race at once: the run completes without
     waiting for the sleep."""
-    async with ActorHost(RaceDO, data_dir=tmp_path, config=fast_config()) as h:
+    async with ActorHost(RaceDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(first_responder, actor=h.get("u:f"))
         assert await result_of(run) == 42
 
@@ -587,7 +589,7 @@ async def test_step_initiated_abort_stops_the_other_step(tmp_path: Path) -> None
     """A watchdog step aborts the workflow's controller: the step working with its signal
     stops at once (fatal, not retried), the abort is one recorded fact, and the replay after
     a sleep sees the same outcome."""
-    async with ActorHost(ControllerDO, data_dir=tmp_path, config=fast_config()) as h:
+    async with ActorHost(ControllerDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(watched, actor=h.get("u:w"))
         assert await result_of(run) == [
             "work_until_aborted stopped: aborted: quota exceeded", True, "quota exceeded",
@@ -599,7 +601,7 @@ async def test_step_initiated_abort_stops_the_other_step(tmp_path: Path) -> None
 
 async def test_replay_applies_the_abort_where_it_happened(tmp_path: Path) -> None:
     """On replay the controller is not aborted before the point where the body aborted it."""
-    async with ActorHost(ControllerDO, data_dir=tmp_path, config=fast_config()) as h:
+    async with ActorHost(ControllerDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(abort_in_order, actor=h.get("u:o"))
         assert await result_of(run) == [False, True, True]
 
@@ -641,7 +643,7 @@ async def test_a_hook_resumed_while_a_step_runs_wins_the_race(tmp_path: Path) ->
     """race(step, hook): a resume from outside while the step runs wins at once (the attempt
     was woken by the resume, not by the step ending); the step is stopped, and the replay
     returns the same winner."""
-    async with ActorHost(StopDO, data_dir=tmp_path, config=fast_config(poll_interval=30)) as h:
+    async with ActorHost(StopDO, **place(tmp_path), config=fast_config(poll_interval=30)) as h:
         agent = h.get("u:stop")
         run = await start(stoppable_by_user, actor=agent)
         with anyio.fail_after(20):
@@ -699,7 +701,7 @@ RegressionDO = define_agent_do(
 async def test_a_step_inside_a_step_does_not_shift_the_replay(tmp_path: Path) -> None:
     """A step called from inside another step runs as a plain call: the replay after a sleep
     matches every later call to its own fact."""
-    async with ActorHost(RegressionDO, data_dir=tmp_path, config=fast_config()) as h:
+    async with ActorHost(RegressionDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(nested_steps, actor=h.get("u:n"))
         assert await result_of(run) == [31, 3]
 
@@ -707,7 +709,7 @@ async def test_a_step_inside_a_step_does_not_shift_the_replay(tmp_path: Path) ->
 async def test_a_long_sleep_in_a_group_does_not_hold_the_attempt(tmp_path: Path) -> None:
     """gather(short sleep, one-hour sleep, step): once the short sleep and the step are done,
     the run waits for the long sleep without an attempt (it is pending, not running)."""
-    async with ActorHost(RegressionDO, data_dir=tmp_path, config=fast_config()) as h:
+    async with ActorHost(RegressionDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(mixed_sleeps, actor=h.get("u:m"))
         agent = h.get("u:m")
 
@@ -718,13 +720,15 @@ async def test_a_long_sleep_in_a_group_does_not_hold_the_attempt(tmp_path: Path)
 
         await wait_until(agent, asleep_after_the_short_sleep)
         assert calls["add"] == 1
-        assert (await run.cancel("enough")).status is CancelStatus.CANCELLED
+        assert (await run.cancel("enough")).status is CancelStatus.REQUESTED
+        with pytest.raises(RunCancelledError, match="enough"):
+            await result_of(run)
 
 
 async def test_plain_coroutines_are_refused_by_gather(tmp_path: Path) -> None:
     """gather() refuses a plain coroutine (its calls could not replay in order): the run fails
     with a TypeError saying what to do."""
-    async with ActorHost(RegressionDO, data_dir=tmp_path, config=fast_config()) as h:
+    async with ActorHost(RegressionDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(plain_coroutine_in_gather, actor=h.get("u:p"))
         with pytest.raises(RunFailedError, match="TypeError"):
             await result_of(run)
@@ -733,7 +737,7 @@ async def test_plain_coroutines_are_refused_by_gather(tmp_path: Path) -> None:
 async def test_a_step_abort_is_replayed_right_after_that_step(tmp_path: Path) -> None:
     """An abort made inside a step is seen, on replay, as soon as that step's result is
     replayed, as it was the first time."""
-    async with ActorHost(RegressionDO, data_dir=tmp_path, config=fast_config()) as h:
+    async with ActorHost(RegressionDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(abort_seen_right_after, actor=h.get("u:a"))
         assert await result_of(run) == [True]
 
@@ -762,7 +766,7 @@ MoreDO = define_agent_do(workflows=[race_with_losing_hook, own_task_group])
 async def test_a_hook_that_loses_a_race_releases_its_token(tmp_path: Path) -> None:
     """When a step beats a hook in a race, the hook is disposed: its token is free while the
     run goes on."""
-    async with ActorHost(MoreDO, data_dir=tmp_path, config=fast_config()) as h:
+    async with ActorHost(MoreDO, **place(tmp_path), config=fast_config()) as h:
         agent = h.get("u:l")
         run = await start(race_with_losing_hook, actor=agent)
 
@@ -778,7 +782,7 @@ async def test_a_hook_that_loses_a_race_releases_its_token(tmp_path: Path) -> No
 
 async def test_a_sleep_inside_the_bodys_own_task_group(tmp_path: Path) -> None:
     """A sleep in a task group the body opens itself suspends the run like any other."""
-    async with ActorHost(MoreDO, data_dir=tmp_path, config=fast_config()) as h:
+    async with ActorHost(MoreDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(own_task_group, actor=h.get("u:t"))
         assert await result_of(run) == "woke"
 
@@ -801,7 +805,7 @@ async def test_a_replay_that_diverges_fails_the_run_clearly(tmp_path: Path) -> N
     """A body that calls a different step on replay fails with ReplayDivergenceError naming
     both steps, instead of returning another step's result."""
     flip.clear()
-    async with ActorHost(DivergeDO, data_dir=tmp_path, config=fast_config()) as h:
+    async with ActorHost(DivergeDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(nondeterministic, actor=h.get("u:d"))
         with pytest.raises(RunFailedError, match="ReplayDivergenceError") as caught:
             await result_of(run)
@@ -824,7 +828,7 @@ ReuseDO = define_agent_do(workflows=[reuses_a_token])
 async def test_a_token_used_again_after_disposal_gets_its_own_payload(tmp_path: Path) -> None:
     """A run that disposes a hook and creates another with the same token waits for a new
     resume: each hook gets its own payload."""
-    async with ActorHost(ReuseDO, data_dir=tmp_path, config=fast_config()) as h:
+    async with ActorHost(ReuseDO, **place(tmp_path), config=fast_config()) as h:
         agent = h.get("u:again")
         run = await start(reuses_a_token, actor=agent)
         await wait_hook(agent, "again")
@@ -859,7 +863,7 @@ async def test_a_cleanup_step_in_finally_runs_only_at_the_end(tmp_path: Path) ->
     """A step called from a finally block while the run unwinds to sleep does not run; it runs
     once, when the body really ends (plain code in finally runs at each suspension)."""
     plain_cleanups.clear()
-    async with ActorHost(CleanupDO, data_dir=tmp_path, config=fast_config()) as h:
+    async with ActorHost(CleanupDO, **place(tmp_path), config=fast_config()) as h:
         agent = h.get("u:c")
         run = await start(cleans_up_at_the_end, actor=agent)
         assert await result_of(run) == "done"
