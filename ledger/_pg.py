@@ -149,7 +149,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 _PARAM = re.compile(r"\?")
 _translated: dict[str, str] = {}
-_ROWS = ("SELECT", "WITH")
+_ROWS = ("SELECT", "WITH", "VALUES")
 
 
 def _translate(sql: str) -> str:
@@ -187,86 +187,123 @@ class PgConnection:
 
     Only usable under ``run_bridged``: each statement is awaited by the bridging coroutine.
 
-    Savepoints cost a round trip each, so they are lazy: ``SAVEPOINT x`` is sent only just
-    before the first write after it (several at once, in one round trip), and a ``ROLLBACK
-    TO`` or ``RELEASE`` of one never sent is dropped (nothing was written since). A failed
-    statement not undone by a real ``ROLLBACK TO`` leaves the transaction aborted;
-    ``commit()`` then raises instead of letting PostgreSQL quietly roll back.
+    Savepoint commands cost a round trip each, so they wait: ``SAVEPOINT`` and ``RELEASE``
+    are sent together, in one round trip, just before the next statement. A ``ROLLBACK TO``
+    a savepoint not sent yet is dropped with it (no statement ran since). After a failed
+    statement the connection asks the server whether the transaction is aborted (a client-side
+    error leaves it intact); ``commit()`` refuses an aborted transaction instead of letting
+    PostgreSQL quietly roll it back.
     """
 
-    __slots__ = ("_pending", "aborted", "raw")
+    __slots__ = ("_pending", "_savepoints", "aborted", "location", "raw")
 
-    def __init__(self, raw: asyncpg.Connection) -> None:
+    def __init__(self, raw: asyncpg.Connection, location: str) -> None:
         self.raw = raw
+        self.location = location
         self._pending: list[str] = []
+        """Savepoint commands waiting for the next statement."""
+        self._savepoints: list[list[Any]] = []
+        """``[name, sent]`` of the savepoints that exist, innermost last."""
         self.aborted = False
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> _Result:
-        head = sql.lstrip()[:9].upper()
-        if head.startswith(("SAVEPOINT", "ROLLBACK ", "RELEASE ")):
-            self._savepoint_command(sql)
+        head = sql.lstrip()[:10].upper()
+        if head.startswith(("SAVEPOINT", "RELEASE", "ROLLBACK ")):
+            self._savepoint_command(head.split()[0], sql.split()[-1])
             return _Result([], -1)
+        if self._pending:
+            self._flush()
         text = _translate(sql)
         try:
-            if head[:6] in _ROWS or " RETURNING " in sql:
+            if head.startswith(_ROWS) or " RETURNING " in sql:
                 rows = wait_for(self.raw.fetch(text, *parameters))
                 return _Result(rows, len(rows))
-            if self._pending:
-                self._flush_savepoints()
             if parameters:
                 status = wait_for(self.raw.execute(text, *parameters))
             else:
                 status = wait_for(self.raw.execute(text))
         except Exception:
-            self.aborted = True
+            self._check_aborted()
             raise
         tail = status.rsplit(" ", 1)[-1]
         return _Result([], int(tail) if tail.isdigit() else -1)
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> None:
         if self._pending:
-            self._flush_savepoints()
+            self._flush()
         try:
             wait_for(self.raw.executemany(_translate(sql), list(parameters)))
         except Exception:
-            self.aborted = True
+            self._check_aborted()
             raise
 
-    def _savepoint_command(self, sql: str) -> None:
-        words = sql.split()
-        name = words[-1]
-        if words[0].upper() == "SAVEPOINT":
-            self._pending.append(name)
+    def _savepoint_command(self, command: str, name: str) -> None:
+        stack = self._savepoints
+        found = next((i for i in range(len(stack) - 1, -1, -1) if stack[i][0] == name), None)
+        if command == "SAVEPOINT":
+            stack.append([name, False])
+            self._pending.append(f"SAVEPOINT {name}")
             return
-        if name in self._pending:  # never sent: nothing to undo or release
-            del self._pending[self._pending.index(name) :]
+        if found is None:
+            return  # released already, or rolled back past
+        sent = stack[found][1]
+        if not sent:
+            # Never sent: no statement ran since it was taken, so there is nothing to undo;
+            # its command and every later one are dropped (a rollback keeps the savepoint).
+            cut = len(self._pending) - 1 - self._pending[::-1].index(f"SAVEPOINT {name}")
+            keep = command != "RELEASE"
+            del self._pending[cut + keep :]
+            del stack[found + keep :]
             return
-        if words[0].upper() == "RELEASE":
-            return  # released with the transaction; a later SAVEPOINT of the name shadows it
-        wait_for(self.raw.execute(f"ROLLBACK TO SAVEPOINT {name}"))
+        if command == "RELEASE":
+            del stack[found:]
+            self._pending.append(f"RELEASE SAVEPOINT {name}")
+            return
+        del stack[found + 1 :]
+        self._pending.append(f"ROLLBACK TO SAVEPOINT {name}")
+        self._flush()
         self.aborted = False
 
-    def _flush_savepoints(self) -> None:
-        names, self._pending = self._pending, []
-        wait_for(self.raw.execute("; ".join(f"SAVEPOINT {n}" for n in names)))
+    def _flush(self) -> None:
+        commands, self._pending = self._pending, []
+        wait_for(self.raw.execute("; ".join(commands)))
+        for entry in self._savepoints:
+            entry[1] = True
+
+    def _check_aborted(self) -> None:
+        """After a failed statement: is the transaction aborted? (One round trip.)"""
+        import asyncpg
+
+        if self.raw.is_closed():
+            return
+        try:
+            wait_for(self.raw.fetchval("SELECT 1"))
+        except asyncpg.InFailedSQLTransactionError:
+            self.aborted = True
 
     def begin(self) -> None:
         """Start a transaction."""
         self._pending.clear()
+        self._savepoints.clear()
         self.aborted = False
         wait_for(self.raw.execute("BEGIN"))
 
     def commit(self) -> None:
         """Commit, or raise if a failed statement left the transaction aborted."""
+        self._pending.clear()  # savepoints end with the transaction
+        self._savepoints.clear()
         if self.aborted:
-            raise LedgerWriteError("postgresql", "a statement failed; the batch was rolled back")
+            raise LedgerWriteError(
+                self.location, "a statement failed and was not rolled back; nothing was written"
+            )
         status = wait_for(self.raw.execute("COMMIT"))
         if status != "COMMIT":
-            raise LedgerWriteError("postgresql", f"COMMIT answered {status}")
+            raise LedgerWriteError(self.location, f"COMMIT answered {status}")
 
     def rollback(self) -> None:
         """Roll the transaction back."""
         self._pending.clear()
+        self._savepoints.clear()
         self.aborted = False
         wait_for(self.raw.execute("ROLLBACK"))
 
@@ -436,12 +473,23 @@ class _Discard(Exception):
     """Roll the batch back: its only operation failed (its error is already set)."""
 
 
-@dataclass
-class _Lost(Exception):
-    """The connection broke; ``committing`` says whether COMMIT had been sent."""
+@dataclass(slots=True)
+class _Progress:
+    """How far a batch got: whether an operation ran, whether COMMIT was sent."""
 
-    committing: bool
-    message: str
+    ran: bool = False
+    committing: bool = False
+
+
+class _Lost(Exception):
+    """The connection broke. ``ran``: an operation had run (the batch must not run again);
+    ``committing``: COMMIT had been sent (the outcome is unknown)."""
+
+    def __init__(self, message: str, *, ran: bool, committing: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.ran = ran
+        self.committing = committing
 
 
 class PostgresStore(Store):
@@ -489,10 +537,10 @@ class PostgresStore(Store):
         except BaseException:
             await first.close()
             raise
-        self._index = PgConnection(first)
+        self._index = PgConnection(first, self.location)
         try:
             for shard in self._shards:
-                self._conns[shard.number] = PgConnection(await connect(self.url))
+                self._conns[shard.number] = PgConnection(await connect(self.url), self.location)
         except BaseException:
             await self._close_connections()
             raise
@@ -541,7 +589,7 @@ class PostgresStore(Store):
         with anyio.fail_after(_RECONNECT_S + 1):
             while True:
                 try:
-                    return PgConnection(await connect(self.url, connect_timeout=2))
+                    return PgConnection(await connect(self.url, connect_timeout=2), self.location)
                 except LedgerWriteError:
                     await anyio.sleep(0.1)
 
@@ -562,17 +610,15 @@ class PostgresStore(Store):
         with anyio.CancelScope(shield=True):
             for attempt in range(2):
                 conn = self._conns[shard.number]
-                for request in batch:
-                    request.result, request.error = None, None
                 try:
                     committed = await run_bridged(self._execute, conn, batch)
                     return committed, [], False
                 except _Lost as lost:
-                    try:
+                    with contextlib.suppress(TimeoutError, LedgerError):
                         self._conns[shard.number] = await self._reconnect()
-                    except (TimeoutError, LedgerError):
-                        lost.committing = True  # no retry possible: report the failure
-                    if lost.committing or attempt:
+                    # Operations run once, as on SQLite (they may keep state of their own, as
+                    # a claim's slots): a batch is retried only if none of them had run.
+                    if lost.ran or attempt:
                         message = lost.message
                         if lost.committing:
                             message += " (the connection broke during COMMIT: outcome unknown)"
@@ -590,26 +636,33 @@ class PostgresStore(Store):
             groups.setdefault(request.actor_id, []).append(request)
         alone = len(batch) == 1
         opened: list[_Done] = []
-        committing = False
+        progress = _Progress()
         try:
             conn.begin()
             for actor_id in sorted(groups):  # one lock order for every batch: no deadlocks
-                state = self._run_actor(conn, actor_id, groups[actor_id], now_ms, alone)
+                state = self._run_actor(conn, actor_id, groups[actor_id], now_ms, alone, progress)
                 if state is not None:
                     opened.append(state)
             if conn.raw.is_closed():
-                raise _Lost(False, "the connection to PostgreSQL was lost")
+                raise _Lost("the connection to PostgreSQL was lost", ran=progress.ran)
             self._notify_cancels(conn, opened)
-            committing = True
+            progress.committing = True
             conn.commit()
         except _Lost:
             raise
         except _Discard:
-            conn.rollback()  # the batch's only operation failed; its error is set
+            with contextlib.suppress(Exception):
+                conn.rollback()  # the batch's only operation failed; its error is set
+            if conn.raw.is_closed():
+                raise _Lost("the connection to PostgreSQL was lost", ran=True) from None
             return []
         except BaseException as exc:
             if conn.raw.is_closed():
-                raise _Lost(committing, str(exc) or "the connection was lost") from exc
+                raise _Lost(
+                    str(exc) or "the connection was lost",
+                    ran=progress.ran,
+                    committing=progress.committing,
+                ) from exc
             with contextlib.suppress(Exception):
                 conn.rollback()
             error = self._wrap(exc)
@@ -653,6 +706,7 @@ class PostgresStore(Store):
         requests: list[_Request[Any]],
         now_ms: int,
         alone: bool,
+        progress: _Progress,
     ) -> _Done | None:
         """Lock one actor, then run its operations, each in a (lazy) savepoint.
 
@@ -673,10 +727,11 @@ class PostgresStore(Store):
             tx = LedgerTx(scope, now_ms, self.projections)
             if not alone:
                 conn.execute("SAVEPOINT op")
+            progress.ran = True
             try:
                 request.result = request.fn(tx)
                 tx.flush_projections()
-            except Exception as exc:
+            except BaseException as exc:  # as on SQLite: the operation's error, not the pump's
                 if conn.raw.is_closed():
                     raise
                 request.result, request.error = None, self._wrap(exc)

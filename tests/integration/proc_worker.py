@@ -22,6 +22,7 @@ Triggers (the test process imports ``AgentDO`` from here to be a client of the s
 * ``proc.wait`` prints ``started`` (actor, intent, attempt, redrive, aborted_at_start, pid),
   then waits for its signal, a ``release`` command or ``payload["seconds"]``, whichever comes
   first. When the signal fires it prints ``aborted`` with the reason and raises AbortError.
+  Attempts up to ``payload["fail_attempts"]`` then raise RuntimeError (3 attempts at most).
 * ``proc.quick`` prints ``started`` and returns at once.
 * the workflow ``proc.pipeline(tag)`` runs step one (prints ``wf_step``), then step two (prints
   ``wf_step`` and holds until ``{"op": "release", "actor": "wf:<tag>", "intent": 0}``).
@@ -148,6 +149,8 @@ async def wait_acquire(intent: JSON, ctx: TriggerContext) -> JSON:
             }
         )
         ctx.signal.throw_if_aborted()
+    if isinstance(intent, dict) and intent.get("fail_attempts", 0) >= ctx.attempt:
+        raise RuntimeError(f"planned failure of attempt {ctx.attempt}")
     return {"pid": os.getpid(), "attempt": ctx.attempt}
 
 
