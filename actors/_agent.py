@@ -12,6 +12,7 @@ from ledger import (
     IntentNotFoundError,
     IntentRow,
     IntentState,
+    IntentStatus,
     LedgerNotFoundError,
     LedgerTx,
     Projection,
@@ -33,10 +34,26 @@ _PAGE = 500
 T = TypeVar("T")
 
 
-def _check_id(intent_event_id: object) -> int:
+_MAX_ID = (1 << 63) - 1
+"""Event ids are 64-bit signed integers in both backends."""
+
+
+def _check_position(value: object, name: str, *, optional: bool = False) -> None:
+    """``after``, ``limit`` and ``start``: ints from 0 to 2**63 - 1 (or None if optional)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= _MAX_ID:
+        raise ValueError(f"{name} must be between 0 and 2**63 - 1, not {value}")
+
+
+def _check_id(intent_event_id: object) -> bool:
+    """Refuse a non-int id; True if it can name an event (0 to 2**63 - 1), False for an int
+    no event can have (the caller answers "not found" without asking the ledger)."""
     if isinstance(intent_event_id, bool) or not isinstance(intent_event_id, int):
         raise TypeError(f"intent_event_id must be an int, not {type(intent_event_id).__name__}")
-    return intent_event_id
+    return 0 <= intent_event_id <= _MAX_ID
 
 
 class Agent:
@@ -164,13 +181,15 @@ class Agent:
             TypeError: ``intent_event_id`` is not an int, or ``reason`` not a str.
         """
         trigger = self._host.spec.registry.get(trigger_kind)
-        _check_id(intent_event_id)
+        storable = _check_id(intent_event_id)
         if reason is not None and not isinstance(reason, str):
             raise TypeError("reason must be a str or None")
         if trigger.cancellation == "ignored":
             return CancelResult(status=CancelStatus.IGNORED, intent_event_id=intent_event_id)
         op = cancel_op(self._host.spec.registry, trigger, intent_event_id, reason, requested_by)
         not_found = CancelResult(status=CancelStatus.NOT_FOUND, intent_event_id=intent_event_id)
+        if not storable:
+            return not_found
         return await self._read(op, not_found, write=True)
 
     async def _ledger_op(
@@ -201,10 +220,20 @@ class Agent:
         intent_event_id: int | None = None,
         limit: int | None = None,
     ) -> list[Event]:
-        """Events with ``id > after`` in id order, optionally by kinds and intent."""
+        """Events with ``id > after`` in id order, optionally by kinds and intent.
+
+        Raises:
+            TypeError, ValueError: ``after``, ``limit`` or ``intent_event_id`` is not an int
+                from 0 to 2**63 - 1, or a kind is not a str without NUL.
+        """
         kind_list = None if kinds is None else list(kinds)
-        if intent_event_id is not None:
-            _check_id(intent_event_id)
+        _check_position(after, "after")
+        _check_position(limit, "limit", optional=True)
+        for kind in kind_list or ():
+            if not isinstance(kind, str) or "\x00" in kind:
+                raise TypeError(f"kinds must be str without NUL, not {kind!r}")
+        if intent_event_id is not None and not _check_id(intent_event_id):
+            return []
 
         def op(tx: LedgerTx) -> list[Event]:
             return tx.events(
@@ -219,7 +248,8 @@ class Agent:
         Raises:
             IntentNotFoundError: no intent with that id in this actor.
         """
-        _check_id(intent_event_id)
+        if not _check_id(intent_event_id):
+            raise IntentNotFoundError(self.actor_id, intent_event_id)
         row = await self._read(lambda tx: tx.intent_row(intent_event_id), None)
         if row is None:
             raise IntentNotFoundError(self.actor_id, intent_event_id)
@@ -228,7 +258,16 @@ class Agent:
     async def intents(
         self, *, status: str | None = None, after: int = 0, limit: int | None = None
     ) -> list[IntentState]:
-        """Intents in id order, optionally only those in ``status``."""
+        """Intents in id order, optionally only those in ``status``.
+
+        Raises:
+            TypeError, ValueError: ``after`` or ``limit`` is not an int from 0 to 2**63 - 1,
+                or ``status`` is not an intent status.
+        """
+        _check_position(after, "after")
+        _check_position(limit, "limit", optional=True)
+        if status is not None:
+            IntentStatus(status)  # ValueError for anything else
         none: list[IntentRow] = []
         rows = await self._read(
             lambda tx: tx.intent_rows(status=status, after=after, limit=limit), none
@@ -290,7 +329,9 @@ class Agent:
         Raises:
             IntentNotFoundError: no intent with that id in this actor.
         """
-        _check_id(intent_event_id)
+        if not _check_id(intent_event_id):
+            raise IntentNotFoundError(self.actor_id, intent_event_id)
+        _check_position(start, "start")
         store = self._host.store
 
         def read(tx: LedgerTx) -> tuple[list[JSON], str | None]:

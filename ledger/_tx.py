@@ -84,6 +84,16 @@ def dump_json(value: JSON, *, what: str = "payload") -> str:
     return text
 
 
+def check_text(value: str | None, what: str) -> None:
+    """Refuse text a column cannot hold on every backend (PostgreSQL's text has no NUL).
+
+    Raises:
+        PayloadError: ``value`` holds a NUL character.
+    """
+    if value is not None and "\x00" in value:
+        raise PayloadError(f"{what} must not contain NUL characters")
+
+
 def _load(text: str) -> JSON:
     return json.loads(text)
 
@@ -202,6 +212,7 @@ class LedgerTx:
         """
         if not isinstance(kind, str) or not kind:
             raise ValueError("event kind must be a non-empty str")
+        check_text(kind, "event kind")
         if text is None:
             text = dump_json(payload)
         file = self._file
@@ -280,6 +291,8 @@ class LedgerTx:
         Returns:
             ``(intent_event, created)``.
         """
+        check_text(idempotency_key, "idempotency_key")
+        check_text(trigger_kind, "trigger kind")
         if idempotency_key is not None:
             existing = self._file.conn.execute(
                 "SELECT id, status, finished_at FROM intents WHERE idempotency_key = ?",
@@ -520,6 +533,8 @@ class LedgerTx:
         Returns:
             True if this call recorded the request, False if one was already recorded.
         """
+        check_text(reason, "cancel reason")
+        check_text(requested_by, "requested_by")
         cur = self._file.conn.execute(
             "UPDATE intents SET cancel_requested_at = ?, cancel_reason = ?,"
             " cancel_requested_by = ? WHERE id = ? AND cancel_requested_at IS NULL",
