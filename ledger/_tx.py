@@ -76,12 +76,36 @@ def dump_json(value: JSON, *, what: str = "payload") -> str:
             too deeply, or its JSON text exceeds ``MAX_PAYLOAD_BYTES``.
     """
     try:
+        _check_shape(value)
         text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
     except (TypeError, ValueError, RecursionError) as exc:
         raise PayloadError(f"{what} is not storable as JSON: {exc}") from None
     if len(text) > MAX_PAYLOAD_BYTES // 4 and len(text.encode()) > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"{what} is larger than {MAX_PAYLOAD_BYTES} bytes of JSON")
     return text
+
+
+MAX_DEPTH = 256
+"""Deepest nesting of arrays and objects accepted in a payload."""
+
+
+def _check_shape(value: object) -> None:
+    """Refuse nesting deeper than ``MAX_DEPTH``, and object keys that JSON would quietly turn
+    into strings (``{1: x}`` would come back as ``{"1": x}``, so a replay would see another
+    payload than the first run)."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"nested more than {MAX_DEPTH} levels deep")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"object keys must be str, not {type(key).__name__}")
+                if isinstance(child, dict | list | tuple):
+                    stack.append((child, depth + 1))
+        elif isinstance(item, list | tuple):
+            stack.extend((c, depth + 1) for c in item if isinstance(c, dict | list | tuple))
 
 
 def check_text(value: str | None, what: str) -> None:

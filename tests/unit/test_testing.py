@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 
+from ledger import PayloadError
 from tests.helpers import CANCELLED, DONE, FAILED, ManualClock, make_trigger
 from triggers import (
     AbortError,
@@ -247,5 +248,8 @@ async def test_acquire_sees_the_stored_json_form() -> None:
         seen.append(intent)
 
     env = TriggerEnvironment(make_trigger(KIND, acquire))
-    await env.acquire({1: (1, 2)})
+    await env.acquire({"1": (1, 2)})
     assert seen == [{"1": [1, 2]}]
+    # Keys JSON would quietly turn into strings are refused, as a host refuses them.
+    with pytest.raises(PayloadError, match="keys must be str"):
+        await env.acquire({1: "x"})
