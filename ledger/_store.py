@@ -626,7 +626,8 @@ class LedgerStore(Store):
                 request.result = request.fn(tx)
                 tx.flush_projections()
             except BaseException as exc:
-                conn.execute("ROLLBACK")
+                if conn.in_transaction:  # SQLite ends it itself on a full disk or I/O error
+                    conn.execute("ROLLBACK")
                 request.error = _wrap(file.path, exc) if isinstance(exc, sqlite3.Error) else exc
                 return None
             state.effects = tx.effects
@@ -638,10 +639,17 @@ class LedgerStore(Store):
                     request.result = request.fn(tx)
                     tx.flush_projections()
                 except BaseException as exc:
+                    error = _wrap(file.path, exc) if isinstance(exc, sqlite3.Error) else exc
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back (a full disk, an I/O
+                        # error): the operations before this one are undone too.
+                        for done in requests:
+                            done.result, done.error = None, error
+                        return None
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     file.next_id = None
-                    request.error = _wrap(file.path, exc) if isinstance(exc, sqlite3.Error) else exc
+                    request.error = error
                     request.result = None
                     continue
                 conn.execute("RELEASE op")

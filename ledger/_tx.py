@@ -466,10 +466,11 @@ class LedgerTx:
         try:
             yield
         except BaseException:
-            conn.execute("ROLLBACK TO nested")
-            conn.execute("RELEASE nested")
             self._file.next_id = None
             del self._pending_events[pending:]
+            if getattr(conn, "in_transaction", True):  # SQLite may have ended it (disk full)
+                conn.execute("ROLLBACK TO nested")
+                conn.execute("RELEASE nested")
             raise
         conn.execute("RELEASE nested")
 
