@@ -639,17 +639,17 @@ class LedgerStore(Store):
                     request.result = request.fn(tx)
                     tx.flush_projections()
                 except BaseException as exc:
-                    error = _wrap(file.path, exc) if isinstance(exc, sqlite3.Error) else exc
+                    failure = _wrap(file.path, exc) if isinstance(exc, sqlite3.Error) else exc
                     if not conn.in_transaction:
                         # SQLite rolled the whole transaction back (a full disk, an I/O
                         # error): the operations before this one are undone too.
                         for done in requests:
-                            done.result, done.error = None, error
+                            done.result, done.error = None, failure
                         return None
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     file.next_id = None
-                    request.error = error
+                    request.error = failure
                     request.result = None
                     continue
                 conn.execute("RELEASE op")
