@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx
 import pytest
+from fastapi.routing import APIRoute
+from starlette.routing import Route
 
 from actors.http import create_app
 from tests.helpers import CANCELLED, DONE, Gate, make_trigger, open_host
@@ -226,6 +228,39 @@ async def test_token_is_required_everywhere(tmp_path: Path, path: str) -> None:
             query = await anonymous.request(method, path, params={"token": "s3cret"})
             assert query.status_code in (200, 201), query.text
         assert (await client.request(method, path)).status_code in (200, 201)
+
+
+async def test_no_route_answers_without_the_token(tmp_path: Path) -> None:
+    """Every route the app has (read from the app itself, so a new route is covered the day it
+    is added), with every method it takes, with odd paths and encodings: 401 without the
+    token, and nothing written."""
+    samples = {"actor": "a", "kind": KIND, "intent_event_id": "1", "id": "x"}
+    async with open_host(tmp_path, make_trigger(KIND)) as host:
+        app = create_app(host, token="s3cret")
+        routes = [r for r in app.routes if isinstance(r, APIRoute | Route)]
+        assert len(routes) >= 10
+        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as anonymous:
+            tried = 0
+            for route in routes:
+                path = route.path
+                for name, value in samples.items():
+                    path = path.replace("{" + name + "}", value)
+                assert "{" not in path, f"no sample for a parameter of {route.path}"
+                for method in sorted(route.methods or {"GET"}):
+                    for variant in (path, path + "/", path.upper(), path.replace("/", "//")):
+                        answer = await anonymous.request(method, variant, json={})
+                        assert answer.status_code in (401, 404, 405), (method, variant)
+                        if answer.status_code != 401:
+                            # Not a route at all: still no data behind it.
+                            assert "intent" not in answer.text, (method, variant)
+                        tried += 1
+                    for header in ("Bearer", "Basic s3cret", "bearer s3cret x", "Bearer s3cre"):
+                        answer = await anonymous.request(
+                            method, path, json={}, headers={"Authorization": header}
+                        )
+                        assert answer.status_code == 401, (method, path, header)
+        assert tried > 40
+        assert await host.actors() == []
 
 
 async def test_tail_events_resumes_from_last_event_id(tmp_path: Path) -> None:
