@@ -125,12 +125,14 @@ class Run:
         """Cancel the run; the answer is ``requested`` unless it had ended
         (``already_completed``, with ``terminal_status``). Cancelling twice is harmless.
 
-        A running run stops at its next call that would start new work or wait (its running
-        steps finish first). A run that waits (asleep, on a hook, in a retry backoff) is
-        resumed at once: its body is replayed to where it waits, which raises
-        ``RunCancelledError``, so its ``finally`` blocks run, cleanup steps included. Either
-        way ``result()`` then raises ``RunCancelledError``. A run that never started ends
-        without running its body.
+        A running run gets ``RunCancelledError`` at the call its body awaits (a step already
+        running finishes and is recorded first) or, with none, at its next call. A run that
+        waits (asleep, on a hook, in a retry backoff) is resumed at once: its body is
+        replayed to where it waits, which raises ``RunCancelledError``. Either way its
+        ``finally`` blocks run, cleanup steps included, and ``result()`` then raises
+        ``RunCancelledError`` (unless the body catches it and returns: the run then ends
+        ``completed`` with that value). A run that never started ends without running its
+        body.
 
         (``cancel_trigger`` on the actor ends a waiting run at once, without its ``finally``
         blocks.)

@@ -11,9 +11,10 @@ it, so a replay that calls something else at a recorded place fails with
 
 A sleep that has not elapsed ends the attempt: the run is rescheduled to wake at the sleep's
 end (a due time; nothing waits in memory). A step's retry backoff is such a wait too. A cancel
-reaches the body at its next call that would start new work or wait (``RunCancelledError``);
-a step already running finishes first, and a waiting run is resumed by replay to the place
-where it waits, so its ``finally`` blocks run, cleanup steps included.
+reaches the body once (``RunCancelledError``): at the call it awaits (a step already running
+finishes and is recorded first), or at its next call; a waiting run is resumed by replay to
+the place where it waits. The place where it reached the body is a fact, so a replay raises
+it there again; calls made after it (in ``finally`` blocks) run as cleanup.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import inspect
 import math
 import random
 import re
-from collections.abc import Awaitable, Callable, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 import anyio
 from pydantic import BaseModel
 
-from ledger import JSON, LedgerError, LedgerTx, dump_json, ms_to_datetime
+from ledger import JSON, LedgerError, LedgerTx, PayloadError, dump_json, ms_to_datetime
 
 from ._abort import AbortError, AbortSignal
 from ._context import ClaimLostError, StreamWriter, TriggerContext
@@ -74,11 +75,12 @@ HOOK_RECEIVED = "trigger.workflow.hook_received"
 HOOK_DISPOSED = "trigger.workflow.hook_disposed"
 HOOK_CONFLICT = "trigger.workflow.hook_conflict"
 RACE_WON = "trigger.workflow.race_won"
+CANCEL_DELIVERED = "trigger.workflow.cancel_delivered"
 CONTROLLER_ABORTED = "trigger.workflow.controller_aborted"
 STREAM_WRITTEN = "trigger.workflow.stream_written"
 REPLAY_KINDS = (STEP_COMPLETED, STEP_FAILED, STEP_ATTEMPT_FAILED, WAIT_CREATED, WAIT_COMPLETED,
                 HOOK_CREATED, HOOK_RECEIVED, HOOK_DISPOSED, HOOK_CONFLICT, RACE_WON,
-                CONTROLLER_ABORTED, STREAM_WRITTEN)  # fmt: skip
+                CANCEL_DELIVERED, CONTROLLER_ABORTED, STREAM_WRITTEN)  # fmt: skip
 _PLACE_KINDS = {STEP_COMPLETED: "step", STEP_FAILED: "step", STEP_ATTEMPT_FAILED: "step",
                 WAIT_CREATED: "sleep", WAIT_COMPLETED: "sleep", HOOK_CREATED: "hook",
                 HOOK_CONFLICT: "hook", RACE_WON: "race", CONTROLLER_ABORTED: "AbortController",
@@ -381,12 +383,17 @@ class _Pending(Generic[R]):
     answers from the facts) and one never awaited (a race's loser on replay) leaves nothing.
     """
 
-    __slots__ = ("_start",)
+    __slots__ = ("_start", "calls")
 
-    def __init__(self, start: Callable[[], Awaitable[R]]) -> None:
+    def __init__(
+        self, start: Callable[[], Awaitable[R]], calls: Sequence[Awaitable[Any]] = ()
+    ) -> None:
         self._start = start
+        self.calls = calls
+        """The calls a gather or race awaits (to find the hooks of a losing branch)."""
 
     def __await__(self) -> Generator[Any, None, R]:
+        _refuse_in_step()
         return self._start().__await__()
 
 
@@ -396,7 +403,8 @@ class _Group:
 
     A call that waits does so in the attempt while another call of the group is still at
     work (that attempt runs anyway); once none is, the run itself waits, holding nothing. A
-    cancel of the run ends the waits.
+    cancel of the run ends the waits: the call is awaited again, and raises the cancel at its
+    own place.
     """
 
     def __init__(self, run: _Run, size: int) -> None:
@@ -423,7 +431,7 @@ class _Group:
 
         Raises:
             _Suspend: the call waits for something this attempt will not wait for.
-            RunCancelledError: the run was cancelled while the call waited.
+            RunCancelledError: the run was cancelled (the call raised it).
         """
         while True:
             try:
@@ -442,7 +450,8 @@ class _Group:
     async def _wait_until(self, until_ms: int) -> bool:
         backend = self.run.ctx._backend
         while self.working:
-            await self.run._check_cancel()
+            if self.run.ctx.signal.aborted:
+                return True
             delay = (until_ms - backend.now_ms()) / 1000
             if delay <= 0:
                 return True
@@ -453,7 +462,8 @@ class _Group:
         ctx = self.run.ctx
         backend = ctx._backend
         while self.working:
-            await self.run._check_cancel()
+            if ctx.signal.aborted:
+                return True
             version = backend.version(ctx.actor_id)
             for event in await ctx.events(
                 intent_event_id=ctx.intent_event_id, kinds=[HOOK_RECEIVED]
@@ -498,7 +508,7 @@ def gather(*calls: Awaitable[Any]) -> Awaitable[list[Any]]:
     """
     run = _body_run("gather()", "use an anyio task group elsewhere")
     _check_calls("gather", calls)
-    return _Pending(lambda: _gather(run, calls))
+    return _Pending(lambda: _gather(run, calls), calls)
 
 
 async def _gather(run: _Run, calls: Sequence[Awaitable[Any]]) -> list[Any]:
@@ -554,12 +564,13 @@ def race(*calls: Awaitable[Any]) -> Awaitable[Any]:
         raise ValueError("race() needs at least one call")
     _check_calls("race", calls)
     seq = run._next("race")
-    return _Pending(lambda: _race(run, seq, calls))
+    return _Pending(lambda: _race(run, seq, calls), calls)
 
 
 async def _race(run: _Run, seq: int, calls: Sequence[Awaitable[Any]]) -> Any:
-    run._check_unwinding()
+    run._replay_cancel(seq)
     if seq in run.races:
+        await _dispose_losers(run, calls, run.races[seq])  # if a crash came before
         return await calls[run.races[seq]]
     group = _Group(run, len(calls))
     outcome: list[tuple[int, Any, Exception | None]] = []
@@ -591,22 +602,46 @@ async def _race(run: _Run, seq: int, calls: Sequence[Awaitable[Any]]) -> Any:
         for index, call in enumerate(calls):
             tg.start_soon(one, index, call)
     if cancelled:
+        if run.cancelled_at is not None:
+            # The members raced: a replay raises the cancel at the race itself.
+            await run._record_cancel(seq)
         raise cancelled[0]
     if not outcome:
         raise run._suspend(_merge(suspends))
     index, value, error = outcome[0]
     await run.ctx._record(RACE_WON, {"seq": seq, "index": index})
     run.races[seq] = index
-    for loser, call in enumerate(calls):
-        if loser != index and isinstance(call, Hook) and call.token is not None:
-            await run.dispose_hook(call.token, call._hook_id)  # a losing hook frees its token
+    await _dispose_losers(run, calls, index)
     if error is not None:
         raise error
     return value
 
 
-def _leaves(group: BaseExceptionGroup[_Suspend]) -> list[_Suspend]:
-    found: list[_Suspend] = []
+async def _dispose_losers(run: _Run, calls: Sequence[Awaitable[Any]], winner: int) -> None:
+    """Free the tokens of the hooks that lost the race, those nested in losing gathers and
+    races included."""
+    for index, call in enumerate(calls):
+        if index == winner:
+            continue
+        for hook in _hooks_in(call):
+            created = run.hooks_created.get(hook._seq)
+            if created is not None:
+                await run.dispose_hook(*created)
+
+
+def _hooks_in(call: Awaitable[Any]) -> Iterator[Hook[Any]]:
+    if isinstance(call, Hook):
+        yield call
+    elif isinstance(call, _Pending):
+        for nested in call.calls:
+            yield from _hooks_in(nested)
+
+
+E = TypeVar("E", bound=BaseException)
+
+
+def _leaves(group: BaseExceptionGroup[E]) -> list[E]:
+    found: list[E] = []
     for exc in group.exceptions:
         if isinstance(exc, BaseExceptionGroup):
             found += _leaves(exc)
@@ -628,6 +663,20 @@ def _check_calls(what: str, calls: Sequence[Awaitable[Any]]) -> None:
                 f"{what}() takes step calls, sleeps, hooks, races and gathers, not {call!r}: "
                 "make the function a @step, or await its calls one after another"
             )
+
+
+def _refuse_in_step() -> None:
+    """A call made in the body is awaited in the body: inside a step it would suspend the
+    run, or record, in the middle of the step.
+
+    Raises:
+        RuntimeError: awaited inside a step.
+    """
+    if _step_place.get():
+        raise RuntimeError(
+            "a step call, sleep, hook, gather or race made in a workflow body must be awaited "
+            "in the body, not inside a step (a step is plain code: use anyio there)"
+        )
 
 
 def _body_run(what: str, instead: str) -> _Run:
@@ -749,12 +798,14 @@ class Hook(Generic[T]):
 
     async def _wait(self) -> T:
         hook_id = await self._ensure()
-        return self._parse(await self._run.wait_hook(hook_id))
+        return self._parse(await self._run.wait_hook(self._seq, hook_id))
 
     def __await__(self) -> Generator[Any, None, T]:
+        _refuse_in_step()
         return self._wait().__await__()
 
     async def __aenter__(self) -> Hook[T]:
+        _refuse_in_step()
         await self._ensure()
         return self
 
@@ -907,6 +958,8 @@ class _Run:
     unwinding: _Suspend | None = None
     """Set once the body unwinds to wait (a sleep or hook): calls made meanwhile, from
     ``finally`` blocks, do not run; they rejoin the wait."""
+    cancels: set[int] = field(default_factory=set)
+    """The places where the run's cancel reached the body: a replay raises it there again."""
     cancelled_at: int | None = None
     """The last place taken when the run's cancel reached the body: calls made after it
     (cleanup in ``finally`` blocks) still run, waits do not."""
@@ -945,24 +998,43 @@ class _Run:
         if self.unwinding is not None:
             raise self.unwinding
 
-    async def _check_cancel(self, place: int | None = None) -> None:
+    def _replay_cancel(self, place: int) -> None:
+        """Raise ``RunCancelledError`` if the run's cancel reached the body at ``place`` in
+        an earlier attempt: a replay takes the path the body took, whatever the ledger now
+        holds for the call there."""
+        self._check_unwinding()
+        if place in self.cancels:
+            if self.cancelled_at is None:
+                self.cancelled_at = self.seq
+            raise RunCancelledError(_reason_of(self.ctx.signal.reason))
+
+    async def _check_cancel(self, place: int, *, wait: bool = False) -> None:
         """Raise ``RunCancelledError`` if the run's signal has aborted.
 
-        A cancel reaches the body once, at the first call checked after it; a call made
-        after that (its ``place`` is past the cancel's: cleanup in a ``finally`` block) runs,
-        a wait (``place`` None) does not. A signal aborted with no cancel requested (the host
-        is stopping) stops every call: nothing new is recorded.
+        A cancel reaches the body once, at the first call checked after it (a step that was
+        running finishes, then raises it), and that place is recorded. A call made after
+        that (its ``place`` is past the cancel's: cleanup in a ``finally`` block) runs, unless
+        it is a wait (``wait``); a call made before it raises the cancel. A signal aborted
+        with no cancel requested (the host is stopping) stops every call: nothing new is
+        recorded.
         """
-        self._check_unwinding()
+        self._replay_cancel(place)
         signal = self.ctx.signal
         if not signal.aborted:
             return
         if self.cancelled_at is None:
             if await self._cancel_requested():
                 self.cancelled_at = self.seq
-        elif place is not None and place > self.cancelled_at:
+                await self._record_cancel(place)
+        elif not wait and place > self.cancelled_at:
             return
         raise RunCancelledError(_reason_of(signal.reason))
+
+    async def _record_cancel(self, place: int) -> None:
+        """Record that the run's cancel reached the body at ``place``."""
+        if place not in self.cancels:
+            await self.ctx._record(CANCEL_DELIVERED, {"seq": place})
+            self.cancels.add(place)
 
     async def _cancel_requested(self) -> bool:
         ctx = self.ctx
@@ -979,16 +1051,23 @@ class _Run:
         """
         token = _current.set(self)
         try:
-            if not self.places:
-                await self._check_cancel()  # cancelled before it began: the body never runs
+            began = self.places or self.cancels or self.ctx.attempt > 1 or self.ctx.redrive
+            if not began and self.ctx.signal.aborted:
+                # Cancelled before it began: the body never runs. (An attempt lost before the
+                # first fact was recorded had begun: its replay raises at its first call.)
+                raise RunCancelledError(_reason_of(self.ctx.signal.reason))
             result = await fn(*args)
         except BaseExceptionGroup as group:
-            # The body's own task group carried a suspension (or a cancel) out.
+            # The body's own task group carried out a suspension, a cancel or a body error.
             suspended, rest = group.split(_Suspend)
-            if suspended is None or rest is not None:
-                raise
-            self._check_diverged()
-            raise _merge(_leaves(suspended)) from None
+            if suspended is not None and rest is None:
+                self._check_diverged()
+                raise _merge(_leaves(suspended)) from None
+            errors = [exc for exc in _leaves(group) if not isinstance(exc, _INTERRUPTIONS)]
+            if not errors or not all(isinstance(exc, Exception) for exc in errors):
+                raise  # cancelled or storage trouble (or anyio's cancellation): not a failure
+            self._check_diverged()  # else the body failed, as if it had raised errors[0]
+            raise FatalError(f"{type(errors[0]).__name__}: {errors[0]}") from group
         except _Suspend:
             self._check_diverged()
             raise
@@ -1012,7 +1091,7 @@ class _Run:
     async def step(
         self, seq: int, name: str, retry: RetryPolicy, call: Callable[[], Awaitable[R]]
     ) -> R:
-        self._check_unwinding()
+        self._replay_cancel(seq)
         if seq in self.completed:
             recorded: R = self.completed[seq]
             self._replay_aborts(seq)
@@ -1033,10 +1112,14 @@ class _Run:
             token = _step_place.set(seq)
             try:
                 result = await call()
+                # A result the ledger cannot hold fails the step: running it again (its side
+                # effects too) would not help, nor is it the storage trouble a retry is for.
+                dump_json(result, what=f"the result of step {name!r}")
             except Exception as exc:
                 fact = {"seq": seq, "step": name, "error_type": type(exc).__name__,
                         "message": str(exc), "attempts": attempt}  # fmt: skip
-                if isinstance(exc, FatalError | AbortError) or attempt >= retry.max_attempts:
+                final = isinstance(exc, FatalError | AbortError | PayloadError)
+                if final or attempt >= retry.max_attempts:
                     await self.ctx._record(STEP_FAILED, fact)
                     self.failed[seq] = fact
                     raise StepFailedError(name, type(exc).__name__, str(exc), attempt) from exc
@@ -1049,13 +1132,15 @@ class _Run:
                 _step_place.reset(token)
             await self.ctx._record(STEP_COMPLETED, {"seq": seq, "step": name, "result": result})
             self.completed[seq] = result
+            # A cancel that came while the step ran reaches the body here, once it is recorded.
+            await self._check_cancel(seq)
             return result
 
     async def sleep(self, seq: int, ms: int) -> None:
-        self._check_unwinding()
+        self._replay_cancel(seq)
         if seq in self.woke:
             return
-        await self._check_cancel()
+        await self._check_cancel(seq, wait=True)
         until = self.waits.get(seq)
         if until is None:
             until = self.ctx._backend.now_ms() + ms
@@ -1095,11 +1180,11 @@ class _Run:
         self.hooks_created[seq] = (chosen, event.id)
         return chosen, event.id
 
-    async def wait_hook(self, hook_id: int) -> JSON:
-        self._check_unwinding()
+    async def wait_hook(self, seq: int, hook_id: int) -> JSON:
+        self._replay_cancel(seq)
         if hook_id in self.received:
             return self.received[hook_id]
-        await self._check_cancel()
+        await self._check_cancel(seq, wait=True)
         # It may have arrived since this attempt read the run's facts.
         for event in await self.ctx.events(
             intent_event_id=self.ctx.intent_event_id, kinds=[HOOK_RECEIVED]
@@ -1186,6 +1271,8 @@ async def _replay_facts(ctx: TriggerContext) -> _Run:
             run.received.setdefault(int(fact["hook"]), fact.get("payload"))
         elif event.kind == RACE_WON:
             run.races.setdefault(seq, int(fact["index"]))
+        elif event.kind == CANCEL_DELIVERED:
+            run.cancels.add(seq)
         elif event.kind == CONTROLLER_ABORTED:
             reason = fact.get("reason")
             recorded = (reason if isinstance(reason, str) else None, int(fact["at"]))

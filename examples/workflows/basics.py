@@ -146,7 +146,7 @@ async def main(data_dir: str) -> None:
         run = await start(cancellable, actor=agent)
         await started.wait()
         answer = await run.cancel("user pressed stop")
-        release.set()  # the running step finishes; the run stops at its next step call
+        release.set()  # the running step finishes, then the body gets RunCancelledError
         try:
             await run.result()
         except RunCancelledError as error:

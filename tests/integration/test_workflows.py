@@ -413,9 +413,9 @@ async def test_resume_landing_while_the_attempt_suspends_is_not_lost(
     original = _workflow._Run.wait_hook
     agents: list[Any] = []
 
-    async def resume_in_the_gap(self: Any, hook_id: int) -> Any:
+    async def resume_in_the_gap(self: Any, seq: int, hook_id: int) -> Any:
         try:
-            return await original(self, hook_id)
+            return await original(self, seq, hook_id)
         except _workflow._Suspend:
             if not agents[1:]:
                 agents.append("resumed")

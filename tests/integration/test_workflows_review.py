@@ -14,9 +14,9 @@ import pytest
 
 from actors import ActorHost, define_agent_do
 from ledger import IntentStatus
-from tests.helpers import fast_config, place, wait_until
+from tests.helpers import ManualClock, fast_config, place, wait_until
 from triggers import FatalError, RetryPolicy
-from triggers._workflow import STEP_ATTEMPT_FAILED, STEP_COMPLETED
+from triggers._workflow import STEP_ATTEMPT_FAILED, STEP_COMPLETED, WAIT_CREATED
 from triggers.workflows import (
     AbortController,
     HookConflictError,
@@ -179,7 +179,7 @@ async def test_a_step_abort_replays_right_after_the_aborting_step(tmp_path: Path
 async def sleep_then_step_on_replay() -> str:
     if not flip:
         flip.append("first execution")
-        await sleep(0.01)  # call 1 is a sleep the first time...
+        await sleep("1h")  # call 1 is a sleep the first time...
     else:
         await add(1, 1)  # ...and a step on replay
     return "done"
@@ -189,7 +189,7 @@ async def sleep_then_step_on_replay() -> str:
 async def swallows_the_divergence() -> str:
     if not flip:
         flip.append("first execution")
-        await sleep(0.01)
+        await sleep("1h")
     else:
         with contextlib.suppress(Exception):
             await add(1, 1)
@@ -199,11 +199,29 @@ async def swallows_the_divergence() -> str:
 DivergeDO = define_agent_do(workflows=[sleep_then_step_on_replay, swallows_the_divergence])
 
 
+async def replayed_after_its_sleep(tmp_path: Path, wf: Any) -> tuple[ManualClock, int]:
+    """Start ``wf`` on a manual clock and stop its host once the run sleeps its hour, then
+    end the hour: returns the clock and the run's id, for a new host to replay it."""
+    clock = ManualClock()
+    async with ActorHost(DivergeDO, **place(tmp_path), config=fast_config(), clock=clock) as h:
+        agent = h.get("u:d")
+        run = await start(wf, actor=agent)
+
+        async def asleep() -> bool:
+            slept = await agent.events(kinds=[WAIT_CREATED])
+            return bool(slept) and await run.status() is IntentStatus.PENDING
+
+        await wait_until(agent, asleep)
+    clock.advance(3_600_001)
+    return clock, run.run_id
+
+
 async def test_a_replay_calling_a_step_where_a_sleep_was_recorded_diverges(tmp_path: Path) -> None:
     """A replay whose call at a place is a step while the run recorded a sleep there fails
     the run with ReplayDivergenceError naming both; the step does not run."""
-    async with ActorHost(DivergeDO, **place(tmp_path), config=fast_config()) as h:
-        run = await start(sleep_then_step_on_replay, actor=h.get("u:d"))
+    clock, run_id = await replayed_after_its_sleep(tmp_path, sleep_then_step_on_replay)
+    async with ActorHost(DivergeDO, **place(tmp_path), config=fast_config(), clock=clock) as h:
+        run = await get_run(run_id, actor=h.get("u:d"))
         with pytest.raises(RunFailedError, match="ReplayDivergenceError") as caught:
             await result_of(run)
         assert "as step 'add', but the run recorded sleep there" in str(caught.value)
@@ -213,8 +231,9 @@ async def test_a_replay_calling_a_step_where_a_sleep_was_recorded_diverges(tmp_p
 async def test_a_divergence_fails_the_run_even_if_the_body_catches_it(tmp_path: Path) -> None:
     """A body that catches the ReplayDivergenceError (a broad except) still fails: its later
     calls would be matched to the wrong facts."""
-    async with ActorHost(DivergeDO, **place(tmp_path), config=fast_config()) as h:
-        run = await start(swallows_the_divergence, actor=h.get("u:s"))
+    clock, run_id = await replayed_after_its_sleep(tmp_path, swallows_the_divergence)
+    async with ActorHost(DivergeDO, **place(tmp_path), config=fast_config(), clock=clock) as h:
+        run = await get_run(run_id, actor=h.get("u:d"))
         with pytest.raises(RunFailedError, match="ReplayDivergenceError"):
             await result_of(run)
 
