@@ -173,6 +173,7 @@ async def test_sigkill_crash_loop_keeps_exactly_one_terminal_fact(tmp_path: Path
     cancelled leave every intent with exactly one terminal fact, agreeing with every cancel
     answer, with no claim stuck and every SQLite file intact."""
     seen = await crash_loop(tmp_path, kills=20, actors=5, seed=6)
+    print("crash loop:", dict(sorted(seen.items())))  # shown with -s: the figures of the run
     # The loop exercised what it is for: lost claims redriven, cancels of running work,
     # work that failed for good.
     assert seen["redrive"] > 0, seen
@@ -185,6 +186,7 @@ async def test_sigkill_crash_loop_keeps_exactly_one_terminal_fact(tmp_path: Path
 async def test_sigkill_crash_loop_soak(tmp_path: Path) -> None:
     """The crash loop with two hundred SIGKILLs over twenty actors (``--long``)."""
     seen = await crash_loop(tmp_path, kills=200, actors=20, seed=66)
+    print("crash loop soak:", dict(sorted(seen.items())))
     assert seen["redrive"] > 0, seen
     assert seen["answer:requested"] > 0, seen
     assert seen["state:failed"] > 0, seen
