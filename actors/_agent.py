@@ -16,6 +16,7 @@ from ledger import (
     LedgerNotFoundError,
     LedgerTx,
     Projection,
+    check_text,
     datetime_to_ms,
     dump_json,
 )
@@ -109,6 +110,7 @@ class Agent:
         due = None if at is None else datetime_to_ms(at)
         if idempotency_key is not None and not isinstance(idempotency_key, str):
             raise TypeError("idempotency_key must be a str")
+        check_text(idempotency_key, "idempotency_key")  # before anything is created
         host = self._host
         actor_id = self.actor_id
 
@@ -184,6 +186,8 @@ class Agent:
         storable = _check_id(intent_event_id)
         if reason is not None and not isinstance(reason, str):
             raise TypeError("reason must be a str or None")
+        check_text(reason, "cancel reason")
+        check_text(requested_by, "requested_by")
         if trigger.cancellation == "ignored":
             return CancelResult(status=CancelStatus.IGNORED, intent_event_id=intent_event_id)
         op = cancel_op(self._host.spec.registry, trigger, intent_event_id, reason, requested_by)

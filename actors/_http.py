@@ -14,6 +14,7 @@ from fastapi import FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ledger import (
     Event,
@@ -56,6 +57,8 @@ _KEEPALIVE_S = 15.0
 Actor = Annotated[str, Path(description="the actor's name")]
 Kind = Annotated[str, Path(description="the trigger kind")]
 IntentId = Annotated[int, Path(ge=1, description="the intent's id (its intent event's id)")]
+MAX_ID = (1 << 63) - 1
+"""The largest event id (64-bit, as in both backends)."""
 
 
 class EnqueueBody(BaseModel):
@@ -182,6 +185,16 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
         details = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
         return _error_response(422, "invalid_request", "the request is invalid", details)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def on_starlette_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own answers (an unparsable body, an unknown path): the same JSON form.
+        code = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed"}
+        return _error_response(exc.status_code, code.get(exc.status_code, "error"), exc.detail)
+
+    @app.exception_handler(PayloadError)
+    async def on_payload_error(request: Request, exc: PayloadError) -> JSONResponse:
+        return _error_response(422, "payload_invalid", str(exc))
+
     @app.exception_handler(LedgerError)
     async def on_ledger_error(request: Request, exc: LedgerError) -> JSONResponse:
         return _error_response(503, "ledger_unavailable", str(exc))
@@ -272,7 +285,7 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
     async def list_intents(
         actor: Actor,
         status: Annotated[IntentStatus | None, Query()] = None,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[IntentState]:
         """The actor's intents in id order, optionally only those in ``status``."""
@@ -295,9 +308,9 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
     @app.get("/actors/{actor}/events", response_model=list[Event], tags=["events"])
     async def read_events(
         actor: Actor,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
         kinds: Annotated[list[str] | None, Query()] = None,
-        intent_event_id: Annotated[int | None, Query(ge=1)] = None,
+        intent_event_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     ) -> list[Event]:
         """Events with ``id > after`` in id order."""
@@ -314,7 +327,7 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
     )
     async def tail_events(
         actor: Actor,
-        after: Annotated[int, Query(ge=0)] = 0,
+        after: Annotated[int, Query(ge=0, le=MAX_ID)] = 0,
         last_event_id: Annotated[str | None, Header()] = None,
     ) -> StreamingResponse:
         """Server-sent events: each event with ``id > after`` as it is recorded (``event:
@@ -376,9 +389,12 @@ def _resume(last_event_id: str | None, default: int) -> int:
     if last_event_id is None:
         return default
     try:
-        return int(last_event_id)
+        value = int(last_event_id)
     except ValueError:
-        raise HttpError(422, "invalid_request", "Last-Event-ID must be an integer") from None
+        value = -1
+    if not 0 <= value <= MAX_ID:
+        raise HttpError(422, "invalid_request", "Last-Event-ID must be an event id") from None
+    return value
 
 
 def _sse(frames: AsyncIterator[tuple[int, str, str]]) -> StreamingResponse:

@@ -32,6 +32,7 @@ from ._tx import MAX_PAYLOAD_BYTES as MAX_PAYLOAD_BYTES
 from ._tx import IntentRow as IntentRow
 from ._tx import LedgerTx as LedgerTx
 from ._tx import TxEffects as TxEffects
+from ._tx import check_text as check_text
 from ._tx import dump_json as dump_json
 
 __all__ = [
@@ -59,6 +60,7 @@ __all__ = [
     "Projection",
     "Store",
     "TxEffects",
+    "check_text",
     "datetime_to_ms",
     "dump_json",
     "ledger_relpath",

@@ -365,3 +365,64 @@ async def test_cancelled_reason_reaches_the_fact(tmp_path: Path) -> None:
         )
         facts = await host.get("r").events(kinds=[CANCELLED])
         assert [f.payload for f in facts] == [{"reason": "from the web"}]
+
+
+@pytest.mark.parametrize(
+    ("body", "what"),
+    [
+        (b'{"payload": NaN}', "NaN"),
+        (b'{"payload": [Infinity]}', "infinity"),
+        (b'{"payload": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "deep nesting"),
+        (b'{"payload": ' + b"[" * 300 + b"]" * 300 + b"}", "nesting over 256"),
+        (b'{"payload": {"a": 1', "truncated JSON"),
+        (b'{"payload": 1, "idempotency_key": "k\\u0000"}', "NUL in a key"),
+        (b"\xff\xfe not utf-8", "bytes"),
+    ],
+)
+async def test_bad_request_bodies_are_4xx_and_write_nothing(
+    tmp_path: Path, body: bytes, what: str
+) -> None:
+    """Bodies that are not storable JSON (NaN, nesting too deep, truncated, NUL where text
+    must go, not UTF-8) get a 4xx JSON error, never a 5xx, and create no actor."""
+    async with api(tmp_path) as (client, host):
+        answer = await client.post(
+            f"/actors/a/triggers/{KIND}",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        assert 400 <= answer.status_code < 500, (what, answer.status_code, answer.text)
+        assert "error" in answer.json(), what
+        assert await host.actors() == []
+
+
+async def test_bad_paths_are_4xx_and_write_nothing(tmp_path: Path) -> None:
+    """Unknown kinds, ids that are not ints or out of range, NUL in names and reasons: 4xx
+    answers, nothing written; a 10 KB actor name is an ordinary actor."""
+    async with api(tmp_path) as (client, host):
+        created = await client.post(f"/actors/a/triggers/{KIND}", json={"at": LATER})
+        intent = created.json()["intent_event_id"]
+        before = (await client.get("/actors/a/events")).json()
+        bad = [
+            ("POST", "/actors/a/triggers/no.such.kind", {}),
+            ("POST", f"/actors/a/triggers/{KIND}/x/cancel", {}),
+            ("POST", f"/actors/a/triggers/{KIND}/1.5/cancel", {}),
+            ("POST", f"/actors/a/triggers/{KIND}/-1/cancel", {}),
+            ("POST", f"/actors/a%00b/triggers/{KIND}", {}),
+            ("POST", f"/actors/a/triggers/{KIND}/{intent}/cancel", {"reason": "r\x00"}),
+            ("GET", "/actors/a/intents/abc", None),
+            ("GET", "/actors/a/events?after=-5", None),
+            ("GET", f"/actors/a/events?after={1 << 70}", None),
+            ("GET", "/actors/a/events?intent_event_id=0", None),
+            ("GET", f"/actors/a/intents?after={1 << 64}", None),
+        ]
+        for method, path, body in bad:
+            answer = await client.request(method, path, json=body)
+            assert 400 <= answer.status_code < 500, (method, path, answer.status_code, answer.text)
+        far = await client.post(f"/actors/a/triggers/{KIND}/{1 << 70}/cancel", json={})
+        assert far.json()["status"] == "not_found"  # no event can have that id
+        assert (await client.get("/actors/a/events")).json() == before
+        assert await host.actors() == ["a"]
+        long_name = "n" * 10_240
+        answer = await client.post(f"/actors/{long_name}/triggers/{KIND}", json={"at": LATER})
+        assert answer.status_code == 201, answer.text
+        assert long_name in await host.actors()
