@@ -651,6 +651,26 @@ class LedgerTx:
                 state = projection.apply(state, event)
             self._store_projection(projection.name, state, events[-1].id)
 
+    # -- named values ---------------------------------------------------------------------
+
+    def value(self, name: str) -> JSON:
+        """A named value the framework keeps in this ledger (None if unset).
+
+        Named values share the projections table: their names must not be a registered
+        projection's (the framework's start with ``trigger.``).
+        """
+        row = self._file.conn.execute(
+            "SELECT state FROM projections WHERE name = ?", (name,)
+        ).fetchone()
+        return None if row is None else _load(row[0])
+
+    def set_value(self, name: str, value: JSON) -> None:
+        """Set a named value (see ``value``), in this transaction; None deletes it."""
+        if value is None:
+            self._file.conn.execute("DELETE FROM projections WHERE name = ?", (name,))
+        else:
+            self._store_projection(name, value, 0)
+
     def _find_projection(self, name: str) -> Projection[Any]:
         for projection in self._projections:
             if projection.name == name:

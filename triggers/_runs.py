@@ -12,6 +12,7 @@ from ._errors import IntentRejectedError, UnknownTriggerError
 from ._results import CancelResult, CancelStatus, Failure
 from ._workflow import (
     RUN_COMPLETED,
+    RUN_FAILED,
     WORKFLOW_KIND,
     RunCancelledError,
     Workflow,
@@ -111,7 +112,7 @@ class Run:
             return done.payload["result"]
         failed = [e for e in facts if e.kind == "trigger.failed"]
         if failed and isinstance(failed[-1].payload, dict):
-            raise RunFailedError(Failure.model_validate(failed[-1].payload))
+            raise RunFailedError(_run_failure(facts, Failure.model_validate(failed[-1].payload)))
         raise RunFailedError(
             Failure(error_type="Unknown", message="no failure fact", attempts=state.attempts)
         )
@@ -170,6 +171,18 @@ class Run:
 
         found = await self._actor._ledger_op(op)
         return found or CancelResult(status=CancelStatus.NOT_FOUND, intent_event_id=run_id)
+
+
+def _run_failure(facts: Sequence[Event], failure: Failure) -> Failure:
+    """The failure of a run: the error its body raised, from its ``run_failed`` fact, when that
+    is what ended it (the framework's ``failure`` then names the ``FatalError`` that stopped
+    the retries); else ``failure`` (storage trouble past the retries, a redrive limit)."""
+    body = [e.payload for e in facts if e.kind == RUN_FAILED and isinstance(e.payload, dict)]
+    if body:
+        error_type, message = str(body[-1]["error_type"]), str(body[-1]["message"])
+        if failure.error_type == "FatalError" and failure.message == f"{error_type}: {message}":
+            return Failure(error_type=error_type, message=message, attempts=failure.attempts)
+    return failure
 
 
 async def start(

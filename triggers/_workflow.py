@@ -25,13 +25,21 @@ import inspect
 import math
 import random
 import re
-from collections.abc import Awaitable, Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 
 import anyio
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from ledger import JSON, LedgerError, LedgerTx, PayloadError, dump_json, ms_to_datetime
 
@@ -42,6 +50,8 @@ from ._errors import FatalError, TriggerError
 from ._spec import RetryPolicy
 
 if TYPE_CHECKING:
+    from ledger import Event
+
     from ._results import Cancellation, Failure
     from ._spec import DurableTrigger
     from ._tx import Tx
@@ -74,13 +84,15 @@ HOOK_CREATED = "trigger.workflow.hook_created"
 HOOK_RECEIVED = "trigger.workflow.hook_received"
 HOOK_DISPOSED = "trigger.workflow.hook_disposed"
 HOOK_CONFLICT = "trigger.workflow.hook_conflict"
+HOOK_REJECTED = "trigger.workflow.hook_rejected"
+RUN_FAILED = "trigger.workflow.run_failed"
 RACE_WON = "trigger.workflow.race_won"
 CANCEL_DELIVERED = "trigger.workflow.cancel_delivered"
 CONTROLLER_ABORTED = "trigger.workflow.controller_aborted"
 STREAM_WRITTEN = "trigger.workflow.stream_written"
 REPLAY_KINDS = (STEP_COMPLETED, STEP_FAILED, STEP_ATTEMPT_FAILED, WAIT_CREATED, WAIT_COMPLETED,
-                HOOK_CREATED, HOOK_RECEIVED, HOOK_DISPOSED, HOOK_CONFLICT, RACE_WON,
-                CANCEL_DELIVERED, CONTROLLER_ABORTED, STREAM_WRITTEN)  # fmt: skip
+                HOOK_CREATED, HOOK_RECEIVED, HOOK_DISPOSED, HOOK_CONFLICT, HOOK_REJECTED,
+                RACE_WON, CANCEL_DELIVERED, CONTROLLER_ABORTED, STREAM_WRITTEN)  # fmt: skip
 _PLACE_KINDS = {STEP_COMPLETED: "step", STEP_FAILED: "step", STEP_ATTEMPT_FAILED: "step",
                 WAIT_CREATED: "sleep", WAIT_COMPLETED: "sleep", HOOK_CREATED: "hook",
                 HOOK_CONFLICT: "hook", RACE_WON: "race", CONTROLLER_ABORTED: "AbortController",
@@ -90,6 +102,8 @@ FOREVER_MS = 253_402_300_799_000
 """9999-12-31: the due time of a run that waits for a hook and nothing else."""
 MAX_SLEEP_MS = 100 * 366 * 86_400_000
 """The longest sleep: about a century (a longer one is surely a unit mistake)."""
+MAX_TOKEN_BYTES = 1024
+"""The longest hook token, in UTF-8 bytes."""
 
 _HOOK_POLL_S = 1.0
 """How often a group re-reads its awaited hooks when no wake-up came (lost wake-ups)."""
@@ -162,6 +176,34 @@ class HookConflictError(WorkflowError):
         super().__init__(f"the hook token {token!r} is held by an active hook of run {run_id}")
 
 
+class HookAlreadyResumedError(WorkflowError):
+    """The hook holding this token already received its payload: a hook is single-shot
+    (``await hook`` answers its first payload), so a second one would never be seen.
+
+    Attributes:
+        token: the token.
+        run_id: the run whose hook holds it.
+    """
+
+    def __init__(self, token: str, run_id: int) -> None:
+        self.token = token
+        self.run_id = run_id
+        super().__init__(
+            f"the hook with token {token!r} of run {run_id} already received its payload "
+            "(a hook takes one; create another hook for the next)"
+        )
+
+
+class _BodyFailedError(FatalError):
+    """The body raised ``error`` (or its replay diverged): the run fails at once, and the
+    run's ``run_failed`` fact keeps the error's own type and message."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error_type = type(error).__name__
+        self.message = str(error)
+        super().__init__(f"{self.error_type}: {self.message}")
+
+
 class ReplayDivergenceError(WorkflowError):
     """A replay made a different call than the run's first execution at the same place (a
     step where a sleep was recorded, another step, ...): the body is not deterministic (a
@@ -192,6 +234,7 @@ class _Suspend(BaseException):
         super().__init__(until_ms)
         self.until_ms = until_ms
         self.hooks = hooks
+        """The places (``seq``) of the hooks it waits for."""
 
 
 # -- declaring workflows and steps -------------------------------------------------------------
@@ -458,18 +501,16 @@ class _Group:
             await self._wait_change(None, self._changed, delay)
         return False
 
-    async def _wait_for_hooks(self, hook_ids: tuple[int, ...]) -> bool:
+    async def _wait_for_hooks(self, places: tuple[int, ...]) -> bool:
         ctx = self.run.ctx
         backend = ctx._backend
         while self.working:
             if ctx.signal.aborted:
                 return True
             version = backend.version(ctx.actor_id)
-            for event in await ctx.events(
-                intent_event_id=ctx.intent_event_id, kinds=[HOOK_RECEIVED]
-            ):
-                if isinstance(event.payload, dict) and event.payload.get("hook") in hook_ids:
-                    return True
+            facts = await ctx.events(intent_event_id=ctx.intent_event_id, kinds=_RECEIPT_KINDS)
+            if _delivered(facts, places):
+                return True
             await self._wait_change(version, self._changed, _HOOK_POLL_S)
         return False
 
@@ -550,7 +591,8 @@ def race(*calls: Awaitable[Any]) -> Awaitable[Any]:
     The winner is recorded, so a replay returns the same winner without running the losers
     (a losing sleep or hook is disposed of, not left pending). Pass the calls themselves, as
     for ``gather``; ``race(gather(a(), b()), sleep("1h"))`` is "all of these, or time out".
-    A hook resumed while another call still works is seen once that call ends. A cancel of
+    A hook resumed while another call still works is seen at once (the attempt watches the
+    run's ledger while it waits), so it may win against a step still running. A cancel of
     the run is no winner: the steps already running finish, then ``RunCancelledError`` is
     raised.
 
@@ -767,24 +809,31 @@ T = TypeVar("T")
 
 
 class Hook(Generic[T]):
-    """A hook of a running workflow: ``await hook`` waits, durably, for its first resume.
+    """A hook of a running workflow: ``await hook`` waits, durably, for its payload.
 
     Create it in a workflow body with ``create_hook(token=...)`` (or a typed hook's
-    ``.create``). Use it as ``async with create_hook(token=t) as hook:`` to dispose of it
-    (release its token) when the block ends; a hook is disposed anyway when its run ends.
-    While the run waits for a hook it holds no task: it wakes when ``resume_hook`` is called.
+    ``.create``). A hook takes one payload: awaiting it again answers the same payload, and a
+    second ``resume_hook`` raises ``HookAlreadyResumedError`` (make a new hook for the next
+    one). Use it as ``async with create_hook(token=t) as hook:`` to dispose of it (release its
+    token) when the block ends; a hook is disposed anyway when its run ends. While the run
+    waits for a hook it holds no task: it wakes when ``resume_hook`` is called.
     """
 
-    __slots__ = ("_hook_id", "_parse", "_run", "_seq", "_token", "_wanted")
+    __slots__ = ("_hook_id", "_model", "_parse", "_run", "_seq", "_token", "_wanted")
 
-    def __init__(self, token: str | None, parse: Callable[[JSON], T]) -> None:
+    def __init__(
+        self, token: str | None, parse: Callable[[JSON], T], model: str | None = None
+    ) -> None:
         run = _body_run("create_hook()", "create hooks in the body; resume one by its token")
+        if token is not None:
+            _check_token(token)
         self._run = run
         self._seq = run._next("hook")
         self._wanted = token
         self._token: str | None = None
         self._hook_id = 0
         self._parse = parse
+        self._model = model
 
     @property
     def token(self) -> str | None:
@@ -793,12 +842,14 @@ class Hook(Generic[T]):
 
     async def _ensure(self) -> int:
         if self._token is None:
-            self._token, self._hook_id = await self._run.create_hook(self._seq, self._wanted)
+            self._token, self._hook_id = await self._run.create_hook(
+                self._seq, self._wanted, self._model
+            )
         return self._hook_id
 
     async def _wait(self) -> T:
-        hook_id = await self._ensure()
-        return self._parse(await self._run.wait_hook(self._seq, hook_id))
+        await self._ensure()
+        return await self._run.wait_hook(self._seq, self._parse)
 
     def __await__(self) -> Generator[Any, None, T]:
         _refuse_in_step()
@@ -828,11 +879,42 @@ def _keeps_hooks(exc: BaseException | None) -> bool:
     return isinstance(exc, _INTERRUPTIONS)
 
 
+def _check_token(token: object) -> None:
+    """Refuse what cannot be a hook token (it is stored, and compared, as text).
+
+    Raises:
+        TypeError: ``token`` is not a str.
+        ValueError: it is empty, holds a NUL character or a lone surrogate, or is longer than
+            ``MAX_TOKEN_BYTES`` in UTF-8.
+    """
+    if not isinstance(token, str):
+        raise TypeError(f"a hook token is a str, not {token!r}")
+    try:
+        size = len(token.encode())
+    except UnicodeEncodeError:
+        raise ValueError("a hook token must be valid text (it holds a lone surrogate)") from None
+    if not 0 < size <= MAX_TOKEN_BYTES or "\x00" in token:
+        raise ValueError(
+            f"a hook token is 1 to {MAX_TOKEN_BYTES} UTF-8 bytes without NUL characters, "
+            f"not {token[:40]!r}" + ("..." if len(token) > 40 else "")
+        )
+
+
+def _is_token(token: object) -> bool:
+    try:
+        _check_token(token)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def create_hook(*, token: str | None = None) -> Hook[JSON]:
     """A hook whose resume payload is any JSON value (see ``Hook``).
 
     Raises:
         RuntimeError: called outside a workflow body, or inside a step.
+        TypeError: ``token`` is not a str (or None, for a token made from the run and place).
+        ValueError: ``token`` is empty, holds a NUL character, or is longer than 1 KB.
         HookConflictError: (when first used) another active hook holds ``token``. The
             conflict is recorded: a replay raises it again at the same place.
     """
@@ -845,52 +927,150 @@ def _identity(payload: JSON) -> JSON:
 
 M = TypeVar("M", bound=BaseModel)
 
+_hook_models: dict[str, type[BaseModel] | None] = {}
+"""The payload models of the typed hooks defined in this process, by ``_model_name`` (None
+when two models share a name: their payloads are then validated by the body only)."""
+
+
+def _model_name(model: type[BaseModel]) -> str:
+    return f"{model.__module__}.{model.__qualname__}"
+
 
 @dataclass(frozen=True)
 class TypedHook(Generic[M]):
-    """A hook definition with a pydantic payload model, from ``define_hook(Model)``."""
+    """A hook definition with a pydantic payload model, from ``define_hook(Model)``.
+
+    Its hooks record the model's name (module and qualified name). ``resume_hook`` validates
+    a payload for them when the model is known in its process (this definition ran there): a
+    bad payload raises ``ValidationError`` and nothing is written. Otherwise the body
+    validates it, and a payload that fails is set aside (a ``hook_rejected`` fact says why):
+    the hook waits on for another, and the run does not fail.
+
+    Raises:
+        TypeError: ``model`` is not a pydantic ``BaseModel`` subclass.
+    """
 
     model: type[M]
 
+    def __post_init__(self) -> None:
+        model: object = self.model
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            raise TypeError(f"define_hook() takes a pydantic BaseModel subclass, not {model!r}")
+        name = _model_name(model)
+        if _hook_models.setdefault(name, model) is not model:
+            _hook_models[name] = None  # two models, one name: resume_hook cannot tell which
+
     def create(self, *, token: str | None = None) -> Hook[M]:
-        """A hook (inside a workflow) whose awaited payload is a ``model`` instance."""
-        return Hook(token, self.model.model_validate)
+        """A hook (inside a workflow) whose awaited payload is a ``model`` instance.
+
+        Raises:
+            RuntimeError, TypeError, ValueError, HookConflictError: as ``create_hook``.
+        """
+        return Hook(token, self.model.model_validate, _model_name(self.model))
 
     async def resume(self, token: str, payload: M | Mapping[str, Any], *, actor: Any) -> int:
-        """Validate ``payload`` against the model, then ``resume_hook``; returns the run id.
+        """Validate ``payload`` against the model, then ``resume_hook`` with it as JSON, by
+        alias (as the hook's body validates it); returns the run id.
 
         Raises:
             pydantic.ValidationError: the payload does not fit the model (nothing written).
             HookNotFoundError: no active hook holds ``token``.
+            HookAlreadyResumedError: the hook already received its payload.
         """
         value = self.model.model_validate(payload)
-        return await resume_hook(token, value.model_dump(mode="json"), actor=actor)
+        data = value.model_dump(mode="json", by_alias=True)
+        return await resume_hook(token, data, actor=actor)
 
 
 def define_hook(model: type[M]) -> TypedHook[M]:
     """A typed hook: ``.create(token=)`` in a workflow, ``.resume(token, payload, actor=)``
-    from anywhere."""
+    from anywhere (see ``TypedHook``).
+
+    Raises:
+        TypeError: ``model`` is not a pydantic ``BaseModel`` subclass.
+    """
     return TypedHook(model)
+
+
+# The actor's active hooks, by token: one row each, so that finding a hook by its token
+# reads one row whatever the actor's history. The rows are named values of the ledger
+# (``tx.value``), named _HOOK_ROW + token, written in the transaction that records the
+# hook's fact. Created with the hook (``run``; ``seq``, its place; ``model``, its payload
+# model's name); marked ``received`` by resume_hook (unmarked when the body sets a payload
+# aside); dropped when the hook is disposed of or its run ends. A row whose run has ended
+# is not active.
+_HOOK_ROW = "trigger.workflow.hook:"
+
+
+def _hook_row(tx: LedgerTx, token: str) -> dict[str, Any] | None:
+    found = tx.value(_HOOK_ROW + token)
+    return dict(found) if isinstance(found, dict) else None
+
+
+def _put_hook_row(tx: LedgerTx, token: str, row: dict[str, Any]) -> None:
+    tx.set_value(_HOOK_ROW + token, row)
+
+
+def _drop_hook_row(tx: LedgerTx, token: str, run_id: int) -> None:
+    """Drop the row of ``token`` if ``run_id`` holds it (a run holds a token once at most)."""
+    row = _hook_row(tx, token)
+    if row is not None and row["run"] == run_id:
+        tx.set_value(_HOOK_ROW + token, None)
+
+
+def active_hook_row(tx: LedgerTx, token: str) -> dict[str, Any] | None:
+    """The row of the active hook holding ``token`` in this actor, or None.
+
+    A hook is active from its creation until its disposal or the end of its run.
+    """
+    row = _hook_row(tx, token)
+    if row is None:
+        return None
+    intent = tx.intent_row(int(row["run"]))
+    if intent is None or intent.status not in ("pending", "running"):
+        return None
+    return row
+
+
+def _release_run_hooks(tx: LedgerTx, run_id: int) -> None:
+    """Drop the rows of the hooks ``run_id`` still holds (it ends): its own facts say which."""
+    for event in tx.events(intent_event_id=run_id, kinds=[HOOK_CREATED]):
+        if isinstance(event.payload, dict):
+            _drop_hook_row(tx, str(event.payload["token"]), run_id)
 
 
 async def resume_hook(token: str, payload: JSON = None, *, actor: Any) -> int:
     """Deliver ``payload`` to the active hook holding ``token`` in ``actor``; returns its run.
 
-    The payload is recorded in the run's ledger at once, and a run waiting for it is woken.
+    The payload is recorded in the run's ledger at once, and a run waiting for it is woken. A
+    hook takes one payload. A typed hook's payload is validated against its model when the
+    model is known in this process (see ``TypedHook``).
 
     Raises:
-        HookNotFoundError: no active hook holds ``token`` (unknown, disposed, or run ended).
+        HookNotFoundError: no active hook holds ``token`` (unknown, disposed, run ended, or
+            not a token at all).
+        HookAlreadyResumedError: the hook already received its payload.
+        pydantic.ValidationError: the payload does not fit the typed hook's model; nothing
+            was written.
         ledger.PayloadError: the payload is not JSON.
     """
     dump_json(payload, what="hook payload")  # refuse it before touching the ledger
+    if not _is_token(token):
+        raise HookNotFoundError(token)
 
     def op(tx: LedgerTx) -> int | None:
-        found = active_hook_id(tx, token)
-        if found is None:
+        row = active_hook_row(tx, token)
+        if row is None:
             return None
-        run_id, hook_id = found
-        fact = {"token": token, "hook": hook_id, "payload": payload}
+        run_id = int(row["run"])
+        if row["received"]:
+            raise HookAlreadyResumedError(token, run_id)
+        model = _hook_models.get(row["model"]) if row["model"] is not None else None
+        if model is not None:
+            model.model_validate(payload)  # raising here writes nothing
+        fact = {"token": token, "seq": row["seq"], "payload": payload}
         tx.insert_event(HOOK_RECEIVED, fact, run_id)
+        _put_hook_row(tx, token, {**row, "received": True})
         tx.wake(run_id, tx.now_ms)
         return run_id
 
@@ -912,12 +1092,30 @@ async def get_hook_by_token(token: str, *, actor: Any) -> HookInfo:
     """The active hook holding ``token`` in ``actor``.
 
     Raises:
-        HookNotFoundError: no active hook holds it.
+        HookNotFoundError: no active hook holds it (or it is not a token at all).
     """
-    run_id = await actor._ledger_op(lambda tx: active_hook(tx, token), write=False)
-    if run_id is None:
+    if not _is_token(token):
         raise HookNotFoundError(token)
-    return HookInfo(token=token, run_id=int(run_id))
+    row = await actor._ledger_op(lambda tx: active_hook_row(tx, token), write=False)
+    if row is None:
+        raise HookNotFoundError(token)
+    return HookInfo(token=token, run_id=int(row["run"]))
+
+
+_RECEIPT_KINDS = (HOOK_RECEIVED, HOOK_REJECTED)
+
+
+def _delivered(facts: Sequence[Event], places: Iterable[int]) -> bool:
+    """True if ``facts`` (a run's receipts and rejections) hold a payload for a hook made at
+    one of ``places`` that the body has not set aside."""
+    wanted = set(places)
+    received = {e.id for e in facts if e.kind == HOOK_RECEIVED and _fact(e).get("seq") in wanted}
+    rejected = {_fact(e).get("receipt") for e in facts if e.kind == HOOK_REJECTED}
+    return bool(received - rejected)
+
+
+def _fact(event: Event) -> dict[str, Any]:
+    return event.payload if isinstance(event.payload, dict) else {}
 
 
 # -- running a body ------------------------------------------------------------------------------
@@ -949,7 +1147,10 @@ class _Run:
     woke: set[int] = field(default_factory=set)
     hooks_created: dict[int, tuple[str, int]] = field(default_factory=dict)
     conflicts: dict[int, tuple[str, int]] = field(default_factory=dict)
-    received: dict[int, JSON] = field(default_factory=dict)
+    received: dict[int, list[tuple[int, JSON]]] = field(default_factory=dict)
+    """The payloads received by the hook made at each place: (receipt fact id, payload)."""
+    rejected: set[int] = field(default_factory=set)
+    """The receipts whose payload the body set aside (``hook_rejected``)."""
     disposed: set[int] = field(default_factory=set)
     races: dict[int, int] = field(default_factory=dict)
     aborts: dict[int, tuple[str | None, int]] = field(default_factory=dict)
@@ -1047,7 +1248,7 @@ class _Run:
         Raises:
             _Suspend: the body waits (a sleep, a hook, a retry backoff).
             RunCancelledError: the run was cancelled (or its host is stopping).
-            FatalError: the body failed, or its replay diverged.
+            _BodyFailedError: the body failed, or its replay diverged.
         """
         token = _current.set(self)
         try:
@@ -1067,7 +1268,7 @@ class _Run:
             if not errors or not all(isinstance(exc, Exception) for exc in errors):
                 raise  # cancelled or storage trouble (or anyio's cancellation): not a failure
             self._check_diverged()  # else the body failed, as if it had raised errors[0]
-            raise FatalError(f"{type(errors[0]).__name__}: {errors[0]}") from group
+            raise _BodyFailedError(errors[0]) from group
         except _Suspend:
             self._check_diverged()
             raise
@@ -1076,7 +1277,7 @@ class _Run:
         except Exception as exc:
             # The body failed: a run failure, not something to retry by running it again.
             self._check_diverged()
-            raise FatalError(f"{type(exc).__name__}: {exc}") from exc
+            raise _BodyFailedError(exc) from exc
         finally:
             _current.reset(token)
         self._check_diverged()
@@ -1086,7 +1287,7 @@ class _Run:
         """A divergence fails the run even if the body caught it."""
         if self.diverged is not None:
             error = self.diverged
-            raise FatalError(f"{type(error).__name__}: {error}") from error
+            raise _BodyFailedError(error) from error
 
     async def step(
         self, seq: int, name: str, retry: RetryPolicy, call: Callable[[], Awaitable[R]]
@@ -1151,8 +1352,11 @@ class _Run:
         await self.ctx._record(WAIT_COMPLETED, {"seq": seq})
         self.woke.add(seq)
 
-    async def create_hook(self, seq: int, token: str | None) -> tuple[str, int]:
+    async def create_hook(self, seq: int, token: str | None, model: str | None) -> tuple[str, int]:
         """The hook made at ``seq``: its token and its id (its creation fact's event id).
+
+        ``model`` is the name of a typed hook's payload model (recorded with the hook, for
+        ``resume_hook`` to validate with).
 
         Raises:
             HookConflictError: another active hook held the token (now, or when recorded).
@@ -1162,15 +1366,19 @@ class _Run:
         if seq in self.conflicts:
             raise HookConflictError(*self.conflicts[seq])
         await self._check_cancel(seq)
-        chosen = token if token is not None else f"hook:{self.ctx.intent_event_id}:{seq}"
+        run_id = self.ctx.intent_event_id
+        chosen = token if token is not None else f"hook:{run_id}:{seq}"
 
-        def unique(tx: LedgerTx) -> None:
-            holder = active_hook(tx, chosen)
+        def take(tx: LedgerTx) -> None:
+            holder = active_hook_row(tx, chosen)
             if holder is not None:
-                raise HookConflictError(chosen, holder)
+                raise HookConflictError(chosen, int(holder["run"]))
+            row = {"run": run_id, "seq": seq, "model": model, "received": False}
+            _put_hook_row(tx, chosen, row)  # in the transaction that records the hook
 
+        fact = {"seq": seq, "token": chosen, "model": model}
         try:
-            event = await self.ctx._record(HOOK_CREATED, {"seq": seq, "token": chosen}, unique)
+            event = await self.ctx._record(HOOK_CREATED, fact, take)
         except HookConflictError as conflict:
             # Recorded, so a replay takes the path the body took, even once the holder is gone.
             fact = {"seq": seq, "token": chosen, "run_id": conflict.run_id}
@@ -1180,25 +1388,69 @@ class _Run:
         self.hooks_created[seq] = (chosen, event.id)
         return chosen, event.id
 
-    async def wait_hook(self, seq: int, hook_id: int) -> JSON:
+    async def wait_hook(self, seq: int, parse: Callable[[JSON], R]) -> R:
+        """The payload of the hook made at ``seq``, as ``parse`` reads it; the run waits for
+        it if none has come.
+
+        A payload that ``parse`` refuses (``ValidationError``: a typed hook's model, unknown
+        where it was resumed) is set aside, not delivered: the ``hook_rejected`` fact says
+        why, the hook takes a payload again, and the body waits on. A replay skips the
+        payloads set aside before.
+
+        Raises:
+            _Suspend: no payload (that ``parse`` accepts) has come.
+            RunCancelledError: the run was cancelled.
+        """
         self._replay_cancel(seq)
-        if hook_id in self.received:
-            return self.received[hook_id]
-        await self._check_cancel(seq, wait=True)
-        # It may have arrived since this attempt read the run's facts.
+        for fresh in (False, True):
+            if fresh:
+                await self._check_cancel(seq, wait=True)
+                await self._read_receipts(seq)  # since this attempt read the run's facts
+            for receipt, payload in self.received.get(seq, []):
+                if receipt in self.rejected:
+                    continue
+                try:
+                    return parse(payload)
+                except ValidationError as exc:
+                    await self._reject(seq, receipt, exc)
+        raise self._suspend(_Suspend(FOREVER_MS, (seq,)))
+
+    async def _read_receipts(self, seq: int) -> None:
+        """Add the payloads that came for the hook at ``seq`` since the replay read them."""
+        known = self.received.setdefault(seq, [])
+        seen = {receipt for receipt, _ in known}
         for event in await self.ctx.events(
             intent_event_id=self.ctx.intent_event_id, kinds=[HOOK_RECEIVED]
         ):
-            fact = event.payload
-            if isinstance(fact, dict) and fact.get("hook") == hook_id:
-                self.received[hook_id] = fact.get("payload")
-                return self.received[hook_id]
-        raise self._suspend(_Suspend(FOREVER_MS, (hook_id,)))
+            fact = _fact(event)
+            if fact.get("seq") == seq and event.id not in seen:
+                known.append((event.id, fact.get("payload")))
+
+    async def _reject(self, seq: int, receipt: int, error: ValidationError) -> None:
+        """Set aside the payload ``receipt`` of the hook at ``seq``: the hook takes another."""
+        token, _ = self.hooks_created[seq]
+        run_id = self.ctx.intent_event_id
+
+        def reopen(tx: LedgerTx) -> None:
+            row = _hook_row(tx, token)
+            if row is not None and (row["run"], row["seq"]) == (run_id, seq):
+                _put_hook_row(tx, token, {**row, "received": False})
+
+        fact = {"seq": seq, "receipt": receipt, "error_type": type(error).__name__,
+                "message": str(error)}  # fmt: skip
+        await self.ctx._record(HOOK_REJECTED, fact, reopen)
+        self.rejected.add(receipt)
 
     async def dispose_hook(self, token: str, hook_id: int) -> None:
+        """Dispose of the hook ``hook_id``: its token is free again (once, then a no-op)."""
         if hook_id in self.disposed:
             return
-        await self.ctx._record(HOOK_DISPOSED, {"token": token, "hook": hook_id})
+        run_id = self.ctx.intent_event_id
+        await self.ctx._record(
+            HOOK_DISPOSED,
+            {"token": token, "hook": hook_id},
+            lambda tx: _drop_hook_row(tx, token, run_id),
+        )
         self.disposed.add(hook_id)
 
     async def write(self, seq: int, chunk: JSON) -> int:
@@ -1210,36 +1462,6 @@ class _Run:
         await self.ctx._record(STREAM_WRITTEN, {"seq": seq, "index": index})
         self.written[seq] = index
         return index
-
-
-def active_hook_id(tx: LedgerTx, token: str) -> tuple[int, int] | None:
-    """``(run id, hook id)`` of the active hook holding ``token`` in this actor, or None.
-
-    A hook is active from its creation until its disposal or the end of its run; the facts
-    are read in order, so a token used again after a disposal finds the new hook.
-    """
-    holder: tuple[int, int] | None = None
-    for event in tx.events(kinds=[HOOK_CREATED, HOOK_DISPOSED]):
-        fact = event.payload
-        if not isinstance(fact, dict) or fact.get("token") != token:
-            continue
-        if event.kind == HOOK_CREATED:
-            assert event.intent_event_id is not None
-            holder = (event.intent_event_id, event.id)
-        elif holder is not None and fact.get("hook") in (None, holder[1]):
-            holder = None
-    if holder is None:
-        return None
-    row = tx.intent_row(holder[0])
-    if row is None or row.status not in ("pending", "running"):
-        return None
-    return holder
-
-
-def active_hook(tx: LedgerTx, token: str) -> int | None:
-    """The run whose active hook holds ``token`` in this actor, or None."""
-    found = active_hook_id(tx, token)
-    return None if found is None else found[0]
 
 
 async def _replay_facts(ctx: TriggerContext) -> _Run:
@@ -1268,7 +1490,9 @@ async def _replay_facts(ctx: TriggerContext) -> _Run:
         elif event.kind == HOOK_CONFLICT:
             run.conflicts.setdefault(seq, (str(fact["token"]), int(fact["run_id"])))
         elif event.kind == HOOK_RECEIVED:
-            run.received.setdefault(int(fact["hook"]), fact.get("payload"))
+            run.received.setdefault(seq, []).append((event.id, fact.get("payload")))
+        elif event.kind == HOOK_REJECTED:
+            run.rejected.add(int(fact["receipt"]))
         elif event.kind == RACE_WON:
             run.races.setdefault(seq, int(fact["index"]))
         elif event.kind == CANCEL_DELIVERED:
@@ -1287,12 +1511,17 @@ async def _replay_facts(ctx: TriggerContext) -> _Run:
 # -- the built-in trigger ------------------------------------------------------------------------
 
 
-def _received_any(tx: Tx, hook_ids: set[int]) -> bool:
+def _received_any(tx: Tx, places: set[int]) -> bool:
+    """True if a payload for a hook made at one of ``places`` awaits the run's body."""
     ledger: Any = tx._ledger
-    for event in ledger.events(intent_event_id=tx.intent_event_id, kinds=[HOOK_RECEIVED]):
-        if isinstance(event.payload, dict) and event.payload.get("hook") in hook_ids:
-            return True
-    return False
+    return _delivered(ledger.events(intent_event_id=tx.intent_event_id, kinds=_RECEIPT_KINDS),
+                      places)  # fmt: skip
+
+
+def _release_hooks(tx: Tx) -> None:
+    """The run ends: the tokens its hooks hold are free."""
+    ledger: Any = tx._ledger
+    _release_run_hooks(ledger, tx.intent_event_id)
 
 
 def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> DurableTrigger[Any, Any]:
@@ -1327,6 +1556,12 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> DurableTrigger[
             except _Suspend as suspend:
                 if not ctx.signal.aborted:
                     return {"suspend_until": suspend.until_ms, "hooks": list(suspend.hooks)}
+            except _BodyFailedError as failed:
+                # The run's failure, as the body raised it; the framework's trigger.failed
+                # fact names the FatalError that ends the run without retries.
+                fact = {"error_type": failed.error_type, "message": failed.message}
+                await ctx._record(RUN_FAILED, fact)
+                raise FatalError(str(failed)) from failed.__cause__
             # Cancelled while it suspended: replay it again, so that the cancel reaches the
             # body where it waits and its finally blocks run (cleanup steps included).
         raise RunCancelledError(_reason_of(ctx.signal.reason))
@@ -1340,13 +1575,15 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> DurableTrigger[
             tx.reschedule(ms_to_datetime(until))
             return
         dump_json(outcome["result"], what="workflow result")
+        _release_hooks(tx)
         tx._insert_framework_event(RUN_COMPLETED, {"result": outcome["result"]})
 
     def commit_cancelled(intent: Any, cancellation: Cancellation, tx: Tx) -> None:
+        _release_hooks(tx)
         tx._insert_framework_event(RUN_CANCELLED, {"reason": cancellation.reason})
 
     def commit_failed(intent: Any, failure: Failure, tx: Tx) -> None:
-        return None  # the framework's trigger.failed fact says it all
+        _release_hooks(tx)  # the framework's trigger.failed fact follows
 
     return {
         "kind": WORKFLOW_KIND,

@@ -24,6 +24,7 @@ from ._runs import get_run as get_run
 from ._runs import start as start
 from ._workflow import AbortController as AbortController
 from ._workflow import Hook as Hook
+from ._workflow import HookAlreadyResumedError as HookAlreadyResumedError
 from ._workflow import HookConflictError as HookConflictError
 from ._workflow import HookInfo as HookInfo
 from ._workflow import HookNotFoundError as HookNotFoundError
@@ -47,6 +48,7 @@ from ._workflow import workflow as workflow
 __all__ = [
     "AbortController",
     "Hook",
+    "HookAlreadyResumedError",
     "HookConflictError",
     "HookInfo",
     "HookNotFoundError",

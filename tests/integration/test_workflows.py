@@ -413,13 +413,13 @@ async def test_resume_landing_while_the_attempt_suspends_is_not_lost(
     original = _workflow._Run.wait_hook
     agents: list[Any] = []
 
-    async def resume_in_the_gap(self: Any, seq: int, hook_id: int) -> Any:
+    async def resume_in_the_gap(self: Any, seq: int, *args: Any) -> Any:
         try:
-            return await original(self, seq, hook_id)
+            return await original(self, seq, *args)
         except _workflow._Suspend:
             if not agents[1:]:
                 agents.append("resumed")
-                (token,) = [t for t, i in self.hooks_created.values() if i == hook_id]
+                token, _ = self.hooks_created[seq]
                 await resume_hook(token, "in the gap", actor=agents[0])
             raise
 
