@@ -482,7 +482,7 @@ class _Group:
             except _Suspend as suspend:
                 self._set(index, False)
                 ready = await (
-                    self._wait_for_hooks(suspend.hooks)
+                    self._wait_for_hooks(suspend.hooks, suspend.until_ms)
                     if suspend.hooks
                     else self._wait_until(suspend.until_ms)
                 )
@@ -501,17 +501,22 @@ class _Group:
             await self._wait_change(None, self._changed, delay)
         return False
 
-    async def _wait_for_hooks(self, places: tuple[int, ...]) -> bool:
+    async def _wait_for_hooks(self, places: tuple[int, ...], until_ms: int) -> bool:
+        """Wait for a payload to one of the hooks at ``places``, or (a suspension that
+        merged hooks with a sleep, as a nested race's) for ``until_ms``."""
         ctx = self.run.ctx
         backend = ctx._backend
         while self.working:
             if ctx.signal.aborted:
                 return True
+            left = (until_ms - backend.now_ms()) / 1000
+            if left <= 0:
+                return True
             version = backend.version(ctx.actor_id)
             facts = await ctx.events(intent_event_id=ctx.intent_event_id, kinds=_RECEIPT_KINDS)
             if _delivered(facts, places):
                 return True
-            await self._wait_change(version, self._changed, _HOOK_POLL_S)
+            await self._wait_change(version, self._changed, min(_HOOK_POLL_S, left))
         return False
 
     async def _wait_change(self, version: int | None, changed: anyio.Event, seconds: float) -> None:
