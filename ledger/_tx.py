@@ -512,13 +512,15 @@ class LedgerTx:
     def reschedule(self, intent_event_id: int, due_at: int) -> None:
         """Put an intent (running in this transaction) back to ``pending`` at ``due_at``.
 
-        Used by a commit that wants its intent to run again later; attempts start afresh. A
-        cancel request stays: the intent is still the one that was asked to stop, so its next
-        attempt starts with its signal aborted.
+        Used by a commit that wants its intent to run again later; attempts and redrives
+        start afresh (an attempt committed: the redrive bound is for a run of lost attempts,
+        not for a long-lived intent's whole life). A cancel request stays: the intent is
+        still the one that was asked to stop, so its next attempt starts with its signal
+        aborted.
         """
         self._file.conn.execute(
             "UPDATE intents SET status = 'pending', due_at = ?, claim_token = NULL,"
-            " claimed_by = NULL, lease_until = NULL, attempts = 0, redrive = 0"
+            " claimed_by = NULL, lease_until = NULL, attempts = 0, redrives = 0, redrive = 0"
             " WHERE id = ?",
             (due_at, intent_event_id),
         )

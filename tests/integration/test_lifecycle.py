@@ -23,6 +23,7 @@ from tests.helpers import (
     fast_config,
     make_trigger,
     open_host,
+    wait_until,
 )
 from triggers import AbortError, FatalError, RetryPolicy, TriggerContext, Tx
 from triggers._engine import ATTEMPT_FAILED, claim_op
@@ -490,6 +491,55 @@ async def test_redrive_limit_fails_the_intent(tmp_path: Path) -> None:
         assert failed.payload["attempts"] == 1
         (framework,) = await facts(agent, "trigger.failed")
         assert list(state.terminal_event_ids) == [failed.id, framework.id]
+
+
+async def test_a_reschedule_starts_the_redrive_count_afresh(tmp_path: Path) -> None:
+    """Redrives bound a run of lost attempts, not an intent's whole life: an attempt that
+    committed and rescheduled its intent starts the count afresh. With ``max_redrives=1``, a
+    lost claim, a rescheduling commit, then another lost claim still end completed (a
+    long-lived workflow would otherwise fail after a few crashes weeks apart)."""
+    clock = ManualClock()
+    commits: list[int] = []
+
+    def commit(outcome: JSON, tx: Tx) -> None:
+        commits.append(tx.intent_event_id)
+        if len(commits) == 1:
+            tx.reschedule(datetime.fromtimestamp(clock.now / 1000 + 3600, UTC))
+        else:
+            tx.insert_event(kind=DONE, payload=outcome)
+
+    trigger = make_trigger(KIND, commit=commit)
+    config = fast_config(max_redrives=1)
+
+    async def lose_a_claim() -> int:
+        """A ghost claims the due intent and is gone (its 1 ms lease runs out)."""
+        async with open_host(tmp_path, trigger, run_scheduler=False, clock=clock) as client:
+            await client.store.run("a", lost_claim(client, max_redrives=1))
+            (row,) = await client.get("a").intents()
+            assert row.status is IntentStatus.RUNNING
+            return row.redrives
+
+    async with open_host(tmp_path, trigger, run_scheduler=False, clock=clock) as client:
+        intent = await client.get("a").enqueue_trigger(trigger_kind=KIND)
+    assert await lose_a_claim() == 0
+    clock.advance(10_000)
+    async with open_host(tmp_path, trigger, config=config, clock=clock) as host:
+        agent = host.get("a")
+        await wait_until(agent, lambda: _rescheduled(agent, intent.id))
+        assert (await agent.intent(intent.id)).redrives == 0  # the count starts afresh
+    clock.advance(7_200_000)
+    assert await lose_a_claim() == 0
+    clock.advance(10_000)
+    async with open_host(tmp_path, trigger, config=config, clock=clock) as host:
+        state = await terminal(host.get("a"), intent.id)
+    assert state.status is IntentStatus.COMPLETED
+    assert state.redrives == 1
+    assert commits == [intent.id, intent.id]
+
+
+async def _rescheduled(agent: Agent, intent_event_id: int) -> bool:
+    state = await agent.intent(intent_event_id)
+    return state.status is IntentStatus.PENDING and state.attempts == 0
 
 
 # -- enqueue validation --------------------------------------------------------------------
