@@ -197,7 +197,7 @@ class ActorHost:
 
                 assert isinstance(self.store, PostgresStore)
                 wake = NotifyWakeup(self.store.url, scheduler=self.run_scheduler)
-                self.store.process_id = wake.process_id
+                self.store.notify_cancels(wake.process_id, wake.cancel_notice)
                 await wake.open()
                 stack.push_async_callback(wake.aclose)
             self._wake = wake

@@ -10,7 +10,6 @@ its scheduler rescans and its waiters re-read.
 
 from __future__ import annotations
 
-import os
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -18,10 +17,10 @@ import anyio
 import structlog
 
 from ledger import LedgerError, ProcessInfo
-from ledger._index import machine_id, process_started
+from ledger._index import machine_id
 from ledger._pg import connect
 
-from ._wakeup import Message
+from ._wakeup import Message, process_info
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -34,6 +33,11 @@ _PROBE_S = 1.0
 """Seconds between liveness probes of an idle listening connection."""
 
 
+def _channel(process_id: str) -> str:
+    """The LISTEN channel of a process."""
+    return f"dt_{process_id}"
+
+
 class NotifyWakeup:
     """This process's wake-up endpoint on PostgreSQL."""
 
@@ -42,7 +46,7 @@ class NotifyWakeup:
         self.process_id = uuid.uuid4().hex[:16]
         self.scheduler = scheduler
         self.machine = machine_id()
-        self.address: str | None = f"dt_{self.process_id}"
+        self.address: str | None = _channel(self.process_id)
         self._conn: asyncpg.Connection | None = None
         self._outbox: list[tuple[str, str]] = []
         self._ready = anyio.Event()
@@ -52,15 +56,7 @@ class NotifyWakeup:
 
     def info(self, now_ms: int) -> ProcessInfo:
         """This process's registry row."""
-        return ProcessInfo(
-            id=self.process_id,
-            pid=os.getpid(),
-            machine=self.machine,
-            started=process_started(os.getpid()),
-            address=self.address,
-            scheduler=self.scheduler,
-            heartbeat_at=now_ms,
-        )
+        return process_info(self, now_ms)
 
     async def open(self) -> None:
         """Connect and listen, so peers' notifications reach us from now on.
@@ -90,6 +86,14 @@ class NotifyWakeup:
             self._inbox.append(message)
         else:
             self._handle(message)
+
+    def cancel_notice(
+        self, owner: str, cancels: list[tuple[str, int, str | None]]
+    ) -> tuple[str, str]:
+        """The channel and payload telling process ``owner`` of cancels of its attempts, sent
+        by the store in the committing transaction (so marked verified)."""
+        message = Message(cancels=cancels, verified=True)
+        return _channel(owner), message.encode(limit=_MAX_PAYLOAD).decode()
 
     def send(self, address: str, message: Message) -> bool:
         """Queue a notification for ``address``; sent by ``receive_forever``'s task."""

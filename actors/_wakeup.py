@@ -19,7 +19,7 @@ import socket
 import sys
 import uuid
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 import structlog
@@ -52,9 +52,10 @@ class Message:
         """The wire form; "everything changed" when longer than ``limit`` bytes."""
         if self.hello:
             return b'{"h":1}'
-        data = json.dumps(
-            {"d": self.due, "c": self.changed, "x": self.cancels}, separators=(",", ":")
-        ).encode()
+        fields: dict[str, Any] = {"d": self.due, "c": self.changed, "x": self.cancels}
+        if self.verified:
+            fields["v"] = 1
+        data = json.dumps(fields, separators=(",", ":")).encode()
         if len(data) > limit:
             return b'{"all":1}'
         return data
@@ -72,6 +73,26 @@ class Message:
             cancels=[(str(a), int(i), r) for a, i, r in raw.get("x", [])],
             verified=bool(raw.get("v")),
         )
+
+
+class _Endpoint(Protocol):
+    process_id: str
+    machine: str
+    address: str | None
+    scheduler: bool
+
+
+def process_info(endpoint: _Endpoint, now_ms: int) -> ProcessInfo:
+    """The registry row of this process, reachable at ``endpoint``'s address."""
+    return ProcessInfo(
+        id=endpoint.process_id,
+        pid=os.getpid(),
+        machine=endpoint.machine,
+        started=process_started(os.getpid()),
+        address=endpoint.address,
+        scheduler=endpoint.scheduler,
+        heartbeat_at=now_ms,
+    )
 
 
 class WakeupSocket:
@@ -92,15 +113,7 @@ class WakeupSocket:
 
     def info(self, now_ms: int) -> ProcessInfo:
         """This process's registry row."""
-        return ProcessInfo(
-            id=self.process_id,
-            pid=os.getpid(),
-            machine=self.machine,
-            started=process_started(os.getpid()),
-            address=self.address,
-            scheduler=self.scheduler,
-            heartbeat_at=now_ms,
-        )
+        return process_info(self, now_ms)
 
     def send(self, address: str, message: Message) -> bool:
         """Send without blocking; False if the peer is gone or its queue is full."""

@@ -16,8 +16,8 @@ A batch of operations (many actors) is one transaction: group commit, as on SQLi
 from __future__ import annotations
 
 import contextlib
-import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -31,7 +31,7 @@ from ._store import Clock, Committed, LedgerClosedError, Store, _Request, _Shard
 from ._tx import LedgerTx, TxEffects
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Iterator, Sequence
+    from collections.abc import Iterable, Iterator, Sequence
 
     import asyncpg
 
@@ -46,7 +46,6 @@ SCHEMA = "durable_triggers"
 _MIGRATION_LOCK = 0x64745F6D6967  # pg_advisory_lock key: one migrator at a time
 _LOCK_TIMEOUT = "10s"
 _RECONNECT_S = 10.0
-_MAX_NOTIFY = 7_900  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
 
 # Each entry upgrades from version (index) to version (index + 1).
 MIGRATIONS: tuple[str, ...] = (
@@ -460,6 +459,10 @@ async def migrate(conn: asyncpg.Connection) -> int:
         await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
 
 
+CancelNotice = Callable[[str, list[tuple[str, int, str | None]]], tuple[str, str]]
+"""``(owner process id, [(actor, intent id, reason), ...]) -> (channel, payload)``."""
+
+
 @dataclass(slots=True)
 class _Done:
     """One actor's operations that ran in a batch, and what they changed."""
@@ -522,13 +525,23 @@ class PostgresStore(Store):
         )
         self.url = url
         self.location = redact(url)
-        self.notifies_cancels = True
         self._conns: dict[int, PgConnection] = {}
         self._index: PgConnection | None = None
         self._index_lock = anyio.Lock()
         self.process_id: str | None = None
         """The registry id of the process using this store (set by its host): cancels of
         its own attempts are delivered in-process, not notified."""
+        self.cancel_notice: CancelNotice | None = None
+        """Set by the host (``notify_cancels``): the channel and payload telling a process of
+        cancels of its attempts. Unset, the store notifies nobody."""
+
+    def notify_cancels(self, process_id: str, notice: CancelNotice) -> None:
+        """Notify each claim's owner of the cancels this store commits, in their transaction
+        (``notice(owner, cancels)`` gives the channel and payload); ``process_id``'s own
+        cancels are left to the caller."""
+        self.process_id = process_id
+        self.cancel_notice = notice
+        self.notifies_cancels = True
 
     async def __aenter__(self) -> PostgresStore:
         first = await connect(self.url)
@@ -682,21 +695,19 @@ class PostgresStore(Store):
         the cancel is recorded and aborts the attempt without re-reading the ledger.
         """
         by_owner: dict[str, list[tuple[str, int, str | None]]] = {}
+        if self.cancel_notice is None:
+            return
         for state in opened:
             for intent_event_id, owner, reason in state.effects.cancels or ():
                 if owner is not None and owner != self.process_id:
                     by_owner.setdefault(owner, []).append((state.actor_id, intent_event_id, reason))
         if not by_owner:
             return
-        channels = [f"dt_{owner}" for owner in by_owner]
-        payloads = [
-            json.dumps({"x": cancels, "v": 1}, separators=(",", ":"))
-            for cancels in by_owner.values()
-        ]
-        payloads = [p if len(p) < _MAX_NOTIFY else '{"all":1}' for p in payloads]
+        assert self.cancel_notice is not None
+        notices = [self.cancel_notice(owner, cancels) for owner, cancels in by_owner.items()]
         conn.execute(
             "SELECT pg_notify(c, p) FROM unnest(?::text[], ?::text[]) AS n(c, p)",
-            (channels, payloads),
+            ([channel for channel, _ in notices], [payload for _, payload in notices]),
         )
 
     def _run_actor(

@@ -155,8 +155,8 @@ async def test_postgres_restarting_under_load_loses_nothing(
                         trigger_kind=KIND, payload=n, idempotency_key=key
                     )
                 except LedgerWriteError:
-                    await restarted.wait()  # retried once the server is back
-                    await anyio.sleep(0.05)  # the host's connection is reconnecting
+                    # Retried once the server is back (the store reconnects before it answers).
+                    await restarted.wait()
                     continue
                 keys[key] = (actor, event.id)
                 return
