@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -119,6 +120,8 @@ class ActorHost:
         self.scheduler: Scheduler | None = None
         self._wake: WakeupSocket | NotifyWakeup | None = None
         self._peers: list[ProcessInfo] = []
+        self._late: collections.deque[tuple[str, int, str, str | None]] = collections.deque()
+        """Cancels for owners the wake-up hook found no address for (filled on any thread)."""
         self._dead: set[str] = set()
         self._tg: TaskGroup | None = None
         self._stack: contextlib.AsyncExitStack | None = None
@@ -207,6 +210,7 @@ class ActorHost:
             stack.push_async_callback(self._unregister)
             await self._refresh_peers()
             self.store.add_commit_listener(self._on_commit)
+            self.store.add_commit_hook(self._send_wakeups)
             # Peers re-read the registry only now and then: tell them we exist, so wake-ups
             # for our calls, tails and claims reach us from the start.
             for peer in self._peers:
@@ -336,20 +340,37 @@ class ActorHost:
             scheduler.deliver_cancel(actor_id, intent_event_id, reason)
 
     def _on_commit(self, committed: list[Committed]) -> None:
-        """After each local commit batch: local scheduler hints, then peers' wake-ups."""
+        """After each local commit batch, on the loop: the local scheduler's hints and
+        cancels, and the cancels whose owner the wake-up hook did not know yet."""
         if self.scheduler is not None:
-            remote = self.scheduler.on_commit(committed)
-        else:
-            remote = [
-                (item.actor_id, intent_event_id, owner, reason)
-                for item in committed
-                for intent_event_id, owner, reason in item.effects.cancels or ()
-                if owner is not None
-            ]
-        if self.store.notifies_cancels:
-            remote = []  # the store told each owner in the committing transaction
+            self.scheduler.on_commit(committed)  # other processes' cancels: _send_wakeups
+        late: list[tuple[str, int, str, str | None]] = []
+        while self._late:
+            late.append(self._late.popleft())
+        if late and self._tg is not None:
+            # The owner registered after our last refresh: look it up, then deliver.
+            self._tg.start_soon(self._send_late, late)
+
+    def _send_wakeups(self, committed: list[Committed]) -> None:
+        """Right after each local commit, on the thread that committed it: wake the peers.
+
+        Sent before the writer hears its answer, so a cancel or an abort reaches the process
+        that waits for it without first waiting for this event loop. Everything sent is
+        committed, so the message is marked verified (the receiver's transport decides
+        whether to believe it).
+        """
         wake = self._wake
-        if wake is None or (not self._peers and not remote):
+        if wake is None:
+            return
+        peers = self._peers
+        own = wake.process_id
+        remote = [
+            (item.actor_id, intent_event_id, owner, reason)
+            for item in committed
+            for intent_event_id, owner, reason in item.effects.cancels or ()
+            if owner is not None and owner != own and not self.store.notifies_cancels
+        ]
+        if not peers and not remote:
             return
         due = [(c.actor_id, c.effects.new_due) for c in committed if c.effects.new_due is not None]
         changed = [
@@ -357,8 +378,11 @@ class ActorHost:
             for c in committed
             if c.effects.events or c.effects.chunks or c.effects.terminal
         ]
+        notices = [
+            (c.actor_id, topic, data) for c in committed for topic, data in c.effects.notices or ()
+        ]
         known = set()
-        for peer in self._peers:
+        for peer in peers:
             if peer.address is None:
                 continue
             known.add(peer.id)
@@ -366,13 +390,12 @@ class ActorHost:
                 due=due if peer.scheduler else [],
                 changed=changed,
                 cancels=[(a, i, r) for a, i, owner, r in remote if owner == peer.id],
+                notices=notices,
+                verified=True,
             )
-            if message.due or message.changed or message.cancels:
+            if message.due or message.changed or message.cancels or message.notices:
                 wake.send(peer.address, message)
-        unknown = [entry for entry in remote if entry[2] not in known]
-        if unknown and self._tg is not None:
-            # The owner registered after our last refresh: look it up, then deliver.
-            self._tg.start_soon(self._send_late, unknown)
+        self._late.extend(entry for entry in remote if entry[2] not in known)
 
     async def _send_late(self, cancels: list[tuple[str, int, str, str | None]]) -> None:
         if not await self._refresh_and_recover():
@@ -381,10 +404,10 @@ class ActorHost:
         for peer in self._peers:
             mine = [(a, i, r) for a, i, owner, r in cancels if owner == peer.id]
             if mine and peer.address is not None:
-                self._wake.send(peer.address, Message(cancels=mine))
+                self._wake.send(peer.address, Message(cancels=mine, verified=True))
 
     def _on_message(self, message: Message) -> None:
-        """A wake-up from another process: hints only; the ledger is re-read before acting."""
+        """A wake-up from another process: hints, unless verified (then trusted as it is)."""
         store = self.store
         scheduler = self.scheduler
         if message.hello:
@@ -401,6 +424,9 @@ class ActorHost:
         if scheduler is not None:
             for actor_id, due in message.due:
                 scheduler.hint(actor_id, due)
+        if message.verified:
+            for actor_id, topic, data in message.notices:
+                store.deliver_notices(actor_id, [(topic, data)])
         for actor_id in message.changed:
             store.notify_changed(actor_id)
         if message.verified and scheduler is not None:

@@ -7,7 +7,8 @@ crashes or races occur. That holds because of one rule (see ``_store.py``):
 * a write that adds due work lowers ``due`` and bumps ``gen`` *while it holds the actor's
   ledger write lock, before the ledger commit*;
 * a write that may raise ``due`` reads ``gen`` under that lock and, after the ledger commit,
-  sets ``due`` only if ``gen`` is unchanged.
+  sets ``due`` only if ``gen`` is unchanged (the due time it sets may be read after the
+  commit too: a write that added due work since then has changed ``gen``).
 
 So a raise computed from a stale view of the ledger can never overwrite a newer lowering, and a
 crash between the two files leaves ``due`` too early, never too late.

@@ -625,6 +625,8 @@ class PostgresStore(Store):
                 conn = self._conns[shard.number]
                 try:
                     committed = await run_bridged(self._execute, conn, batch)
+                    if committed and self._hooks:
+                        self._run_hooks(committed)
                     return committed, [], False
                 except _Lost as lost:
                     with contextlib.suppress(TimeoutError, LedgerError):
@@ -684,9 +686,7 @@ class PostgresStore(Store):
             if not isinstance(exc, Exception):
                 raise
             return []
-        return [
-            Committed(state.actor_id, state.effects, None) for state in opened if state.requests
-        ]
+        return [Committed(state.actor_id, state.effects) for state in opened if state.requests]
 
     def _notify_cancels(self, conn: PgConnection, opened: list[_Done]) -> None:
         """Tell each process holding a claim of a cancel recorded here, in the transaction.

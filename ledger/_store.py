@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import anyio
 import anyio.to_thread
+import structlog
 
 from ._errors import (
     LedgerBusyError,
@@ -37,11 +38,13 @@ from ._file import LedgerFile, Synchronous
 from ._index import Directory, IndexDB
 from ._naming import check_actor_id, ledger_relpath
 from ._tx import LedgerTx, TxEffects
+from ._worker import Worker
 
 if TYPE_CHECKING:
-    from ._models import Projection
+    from ._models import JSON, Projection
 
 T = TypeVar("T")
+_log = structlog.get_logger("ledger")
 
 _CLOSERS = 4
 """Threads closing evicted ledgers."""
@@ -68,7 +71,6 @@ class Committed:
 
     actor_id: str
     effects: TxEffects
-    next_due: int | None
 
 
 class _Request(Generic[T]):
@@ -104,7 +106,6 @@ class _Shard:
     wake: anyio.Event = field(default_factory=anyio.Event)
     files: OrderedDict[str, LedgerFile] = field(default_factory=OrderedDict)
     index: IndexDB | None = None
-    limiter: anyio.CapacityLimiter = field(default_factory=lambda: anyio.CapacityLimiter(1))
     raises: list[tuple[int | None, str, int]] = field(default_factory=list)
     """Index ``due`` raises put off until after the answers went out (see ``_commit_all``)."""
 
@@ -114,8 +115,9 @@ class _Open:
     file: LedgerFile
     requests: list[_Request[Any]]
     effects: TxEffects
-    next_due: int | None = None
     needs_index: bool = False
+    gen: int = 0
+    """The actor's index ``gen``, read under the write lock when ``needs_index``."""
 
 
 _RAISE_DELAY = 0.005
@@ -153,6 +155,8 @@ class Store:
         self._batch_actors = batch_actors
         self._shards = [_Shard(i) for i in range(shards)]
         self._listeners: list[Callable[[list[Committed]], None]] = []
+        self._hooks: list[Callable[[list[Committed]], None]] = []
+        self._followers: dict[tuple[str, str], list[Callable[[JSON], None]]] = {}
         self._versions: dict[str, int] = {}
         self._changed: dict[str, anyio.Event] = {}
         self._closing = False
@@ -181,6 +185,53 @@ class Store:
     def add_commit_listener(self, listener: Callable[[list[Committed]], None]) -> None:
         """Call ``listener`` on the event loop after each batch with what it committed."""
         self._listeners.append(listener)
+
+    def add_commit_hook(self, hook: Callable[[list[Committed]], None]) -> None:
+        """Call ``hook`` with what each batch committed as soon as it committed, on the
+        thread that ran it (a worker thread on SQLite), before anyone hears the answers.
+
+        For work that must not wait for the event loop, such as waking other processes. It
+        must be quick, must not block and must be thread-safe; its errors are logged.
+        """
+        self._hooks.append(hook)
+
+    def _run_hooks(self, committed: list[Committed]) -> None:
+        for hook in self._hooks:
+            try:
+                hook(committed)
+            except Exception:
+                _log.exception("commit_hook_failed")
+
+    def follow_notices(
+        self, actor_id: str, topic: str, callback: Callable[[JSON], None]
+    ) -> Callable[[], None]:
+        """Call ``callback(data)`` on the event loop for each notice of ``topic`` announced
+        by a committed transaction of ``actor_id`` (``LedgerTx.announce``), here or in another
+        process whose wake-up vouches for it. Returns a function that stops following.
+
+        Notices are a fast path only: they may be lost, so a follower also re-reads the
+        ledger when ``wait_changed`` says the actor changed.
+        """
+        key = (actor_id, topic)
+        callbacks = self._followers.setdefault(key, [])
+        callbacks.append(callback)
+
+        def stop() -> None:
+            with contextlib.suppress(ValueError):
+                callbacks.remove(callback)
+            if not callbacks and self._followers.get(key) is callbacks:
+                del self._followers[key]
+
+        return stop
+
+    def deliver_notices(self, actor_id: str, notices: Sequence[tuple[str, JSON]]) -> None:
+        """Hand committed notices of ``actor_id`` to this process's followers."""
+        for topic, data in notices:
+            for callback in list(self._followers.get((actor_id, topic), ())):
+                try:
+                    callback(data)
+                except Exception:
+                    _log.exception("notice_follower_failed", actor=actor_id, topic=topic)
 
     async def exists(self, actor_id: str) -> bool:
         """True if ``actor_id`` has a ledger."""
@@ -335,6 +386,9 @@ class Store:
                 for request in deferred:
                     request.done = shard.done
                 shard.pending[:0] = deferred
+            for item in committed:
+                if item.effects.notices and self._followers:
+                    self.deliver_notices(item.actor_id, item.effects.notices)
             done.set()
             for request in batch:
                 if request.after is not None and request.done is done:
@@ -427,6 +481,7 @@ class LedgerStore(Store):
         # must not stall everyone's batch; several closers overlap those waits.
         self._to_close: queue.SimpleQueue[LedgerFile | None] = queue.SimpleQueue()
         self._closers: list[threading.Thread] = []
+        self._workers: list[Worker] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -438,14 +493,17 @@ class LedgerStore(Store):
         ]
         for closer in self._closers:
             closer.start()
+        # One thread per shard runs all of its SQLite work, in order.
+        self._workers = [Worker(f"ledger-shard-{shard.number}") for shard in self._shards]
         await self._start_pumps()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._stop_pumps()
         with anyio.CancelScope(shield=True):
-            for shard in self._shards:
-                await anyio.to_thread.run_sync(self._close_shard, shard, limiter=shard.limiter)
+            for shard, worker in zip(self._shards, self._workers, strict=True):
+                await worker.run(self._close_shard, shard)
+                await worker.stop()
             for _ in self._closers:
                 self._to_close.put(None)
             for closer in self._closers:
@@ -462,12 +520,12 @@ class LedgerStore(Store):
         def call() -> T:
             return fn(self._index(shard))
 
-        return await anyio.to_thread.run_sync(call, limiter=shard.limiter)
+        return await self._workers[shard.number].run(call)
 
     async def _run_batch(
         self, shard: _Shard, batch: list[_Request[Any]]
     ) -> tuple[list[Committed], list[_Request[Any]], bool]:
-        return await anyio.to_thread.run_sync(self._execute, shard, batch, limiter=shard.limiter)
+        return await self._workers[shard.number].run(self._execute, shard, batch)
 
     async def _idle(self, shard: _Shard) -> bool:
         if not shard.raises:
@@ -476,7 +534,7 @@ class LedgerStore(Store):
         with anyio.move_on_after(_RAISE_DELAY):
             await shard.wake.wait()
         if not shard.pending:
-            await anyio.to_thread.run_sync(self._apply_raises, shard, limiter=shard.limiter)
+            await self._workers[shard.number].run(self._apply_raises, shard)
         return True
 
     # -- worker thread side ---------------------------------------------------------------
@@ -576,10 +634,13 @@ class LedgerStore(Store):
                     state.file.conn.execute("ROLLBACK")
             raise
         committed = [
-            Committed(state.file.actor_id, state.effects, state.next_due)
-            for state in opened
-            if state.requests
+            Committed(state.file.actor_id, state.effects) for state in opened if state.requests
         ]
+        if committed and self._hooks:
+            self._run_hooks(committed)  # first: other processes hear before anything else
+        for state in opened:
+            if state.requests and state.needs_index:
+                self._put_off_raise(shard, state, now_ms)
         return committed, deferred + busy, bool(busy)
 
     def _defer_busy(
@@ -654,10 +715,8 @@ class LedgerStore(Store):
                     continue
                 conn.execute("RELEASE op")
                 state.effects.merge(tx.effects)
-        if write and state.effects.due_may_rise:
-            # Raising ``due`` needs the exact next due time, read under the write lock.
-            state.needs_index = True
-            state.next_due = LedgerTx(file, now_ms, ()).next_due()
+        # Raising ``due`` needs ``gen`` read under the write lock (in ``_commit_all``).
+        state.needs_index = write and state.effects.due_may_rise
         return state
 
     def _commit_all(self, shard: _Shard, opened: list[_Open]) -> None:
@@ -681,7 +740,6 @@ class LedgerStore(Store):
                         request.error = error
                     state.requests = []
                 return
-        raises: list[tuple[int | None, str, int]] = []
         for state in opened:
             conn = state.file.conn
             try:
@@ -696,11 +754,22 @@ class LedgerStore(Store):
                 state.requests = []
                 continue
             if state.needs_index:
-                raises.append((state.next_due, state.file.actor_id, gens[state.file.actor_id]))
-        # Raising ``due`` only makes it later, and a ``due`` left early is harmless (a wasted
-        # look), so the raises wait until the answers are out: they run in a hop of their own
-        # once the shard is idle (or in a batch, when too many have piled up).
-        shard.raises.extend(raises)
+                state.gen = gens[state.file.actor_id]
+
+    def _put_off_raise(self, shard: _Shard, state: _Open, now_ms: int) -> None:
+        """Read the actor's next due time after its commit and queue the conditional raise.
+
+        Read after the commit, not under the lock, so it delays no one: any write that added
+        due work since ``gen`` was read under the lock changed ``gen``, which voids the raise.
+        Raising ``due`` only makes it later, and a ``due`` left early is harmless (a wasted
+        look), so the raises wait until the answers are out: they run in a hop of their own
+        once the shard is idle (or in a batch, when too many have piled up).
+        """
+        try:
+            next_due = LedgerTx(state.file, now_ms, ()).next_due()
+        except sqlite3.Error:
+            return  # ``due`` stays early: harmless
+        shard.raises.append((next_due, state.file.actor_id, state.gen))
 
     def _apply_raises(self, shard: _Shard) -> None:
         """Apply the put-off ``due`` raises; each still applies only if ``gen`` is unchanged."""

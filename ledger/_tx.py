@@ -179,6 +179,8 @@ class TxEffects:
     """``(intent_event_id, owner process, reason)`` of cancel requests to deliver."""
     chunks: bool = False
     terminal: bool = False
+    notices: list[tuple[str, JSON]] | None = None
+    """``(topic, data)`` announced to followers in every process once committed."""
 
     def merge(self, other: TxEffects) -> None:
         """Fold another operation's effects into these."""
@@ -190,6 +192,8 @@ class TxEffects:
             self.new_due = other.new_due
         if other.cancels:
             self.cancels = (self.cancels or []) + other.cancels
+        if other.notices:
+            self.notices = (self.notices or []) + other.notices
 
 
 class LedgerTx:
@@ -463,11 +467,14 @@ class LedgerTx:
         conn = self._file.conn
         conn.execute("SAVEPOINT nested")
         pending = len(self._pending_events)
+        notices = len(self.effects.notices or ())
         try:
             yield
         except BaseException:
             self._file.next_id = None
             del self._pending_events[pending:]
+            if self.effects.notices:
+                del self.effects.notices[notices:]
             if getattr(conn, "in_transaction", True):  # SQLite may have ended it (disk full)
                 conn.execute("ROLLBACK TO nested")
                 conn.execute("RELEASE nested")
@@ -573,6 +580,19 @@ class LedgerTx:
         """Ask the store to deliver a cancel wake-up to the process holding the claim."""
         entry = (intent_event_id, claimed_by, reason)
         self.effects.cancels = [*(self.effects.cancels or []), entry]
+
+    def announce(self, topic: str, data: JSON) -> None:
+        """Tell followers of ``topic`` in every process, once this transaction commits.
+
+        A notice is delivered after the commit, to subscribers in this process at once and to
+        other processes by their wake-up, which vouches for the sender; nothing is delivered
+        if the transaction (or the savepoint around this call) rolls back. Delivery is
+        best-effort: a follower must still read the ledger when it learns that the actor
+        changed, and use notices only to learn sooner.
+        """
+        check_text(topic, "notice topic")
+        dump_json(data)  # refuse what could not travel
+        self.effects.notices = [*(self.effects.notices or []), (topic, data)]
 
     def renew_leases(self, host_id: str, lease_until: int, tokens: Iterable[str]) -> int:
         """Extend the leases of this host's claims with the given tokens."""

@@ -67,12 +67,22 @@ async def _expire(intent: Any, ctx: TriggerContext) -> JSON:
 
 def _commit_expired(outcome: Any, tx: Tx) -> None:
     ttl = _show_ms(outcome["ttl_ms"])
-    reason = f"controller ttl of {ttl} elapsed (expired)"
-    tx._insert_framework_event(ABORTED, {"reason": reason, "expired": True})
+    _fire(tx, f"controller ttl of {ttl} elapsed (expired)", expired=True)
 
 
 def _commit_aborted(intent: Any, cancellation: Cancellation, tx: Tx) -> None:
-    tx._insert_framework_event(ABORTED, {"reason": cancellation.reason, "expired": False})
+    _fire(tx, cancellation.reason, expired=False)
+
+
+def _fire(tx: Tx, reason: str | None, *, expired: bool) -> None:
+    """Record the abort fact, and announce it so that signals fire without a re-read."""
+    tx._insert_framework_event(ABORTED, {"reason": reason, "expired": expired})
+    tx._announce(_topic(tx.intent_event_id), {"reason": reason})
+
+
+def _topic(run_id: int) -> str:
+    """The notice topic of a controller's firing."""
+    return f"{ABORTED}:{run_id}"
 
 
 def _parse(payload: JSON) -> JSON:
@@ -194,8 +204,14 @@ class DistributedAbortController:
         return self._signal
 
     async def _follow(self, signal: AbortSignal) -> None:
+        """Fire ``signal`` when the controller fires: at once on its notice (from this or
+        another process), else when a re-read after a change (or a poll) finds it ended."""
         store = self._host.store
         run_id = self.run_id
+
+        def heard(data: JSON) -> None:
+            reason = data.get("reason") if isinstance(data, dict) else None
+            signal._abort(reason if isinstance(reason, str) else None)
 
         def read(tx: LedgerTx) -> tuple[bool, str | None]:
             row = tx.intent_row(run_id)
@@ -209,8 +225,9 @@ class DistributedAbortController:
                 return True, reason if isinstance(reason, str) else None
             return True, row.cancel_reason
 
+        stop = store.follow_notices(self.id, _topic(run_id), heard)
         try:
-            while True:
+            while not signal.aborted:
                 version = store.version(self.id)
                 fired, reason = await store.run(self.id, read, write=False, create=False)
                 if fired:
@@ -220,6 +237,8 @@ class DistributedAbortController:
                     await store.wait_changed(self.id, version)
         except Exception as exc:
             signal._abort(f"abort controller {self.id!r} could not be read: {exc}")
+        finally:
+            stop()
 
 
 def _get_or_create(ttl_ms: int, grace_ms: int) -> Any:

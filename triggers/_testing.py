@@ -276,6 +276,9 @@ class _MemoryLedger:
     def transaction(self) -> _Rollback:
         return _Rollback(self.events)
 
+    def announce(self, topic: str, data: JSON) -> None:
+        """Notices have no followers in a test environment."""
+
     def insert_event(
         self,
         kind: str,

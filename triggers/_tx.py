@@ -44,6 +44,8 @@ class TxLedger(Protocol):
         text: str | None = None,
     ) -> tuple[Event, bool]: ...
 
+    def announce(self, topic: str, data: JSON) -> None: ...
+
 
 class Tx:
     """The commit transaction of one intent (synchronous: no I/O, no awaits).
@@ -135,6 +137,11 @@ class Tx:
         event = self._ledger.insert_event(kind, payload, self.intent_event_id)
         self.event_ids.append(event.id)
         return event
+
+    def _announce(self, topic: str, data: JSON) -> None:
+        """Tell followers in every process once committed (for the framework's triggers)."""
+        self._check_open()
+        self._ledger.announce(topic, data)
 
     def _check_open(self) -> None:
         if self._closed:
