@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import anyio
-import anyio.to_thread
 import structlog
 
 from actors import define_agent_do
+from ledger._worker import Worker
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -154,7 +153,7 @@ class ThreadProfile:
     """cProfile of the event-loop thread and, separately, of the worker threads.
 
     ``cProfile`` only sees the thread that enables it, and the ledger runs its transactions on
-    worker threads via ``anyio.to_thread.run_sync``. While ``active()``, that function is
+    its shard worker threads (``ledger._worker.Worker``). While ``active()``, ``Worker.run`` is
     wrapped so each call it makes is profiled by a per-thread profiler.
     """
 
@@ -194,19 +193,19 @@ class ThreadProfile:
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        """Profile the current thread and every ``anyio.to_thread.run_sync`` call."""
-        original = anyio.to_thread.run_sync
+        """Profile the current thread and every call run on a shard worker thread."""
+        original = Worker.run
 
-        def patched(func: Callable[..., T], *args: Any, **kwargs: Any) -> Awaitable[T]:
-            return original(self._wrap(func), *args, **kwargs)
+        def patched(worker: Worker, func: Callable[..., T], *args: Any) -> Awaitable[T]:
+            return original(worker, self._wrap(func), *args)
 
-        anyio.to_thread.run_sync = patched  # type: ignore[assignment]
+        Worker.run = patched  # type: ignore[method-assign]
         self.loop.enable()
         try:
             yield
         finally:
             self.loop.disable()
-            anyio.to_thread.run_sync = original
+            Worker.run = original  # type: ignore[method-assign]
 
     def report(self, top: int = 25, elapsed: float | None = None) -> None:
         """Print the ``top`` functions by own time, loop thread first, then worker threads."""
