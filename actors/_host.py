@@ -217,6 +217,7 @@ class ActorHost:
                 if peer.address is not None:
                     wake.send(peer.address, Message(hello=True))
             tg = anyio.create_task_group()
+            stack.callback(self._forget_task_group)  # runs once the group has ended
             await stack.enter_async_context(tg)
             self._tg = tg
             stack.callback(tg.cancel_scope.cancel)
@@ -248,6 +249,10 @@ class ActorHost:
             await stack.__aexit__(None, None, None)
         finally:
             self._tg = None
+
+    def _forget_task_group(self) -> None:
+        """The task group has ended: work the store reports while it drains starts no task."""
+        self._tg = None
 
     async def _unregister(self) -> None:
         assert self._wake is not None
@@ -429,13 +434,14 @@ class ActorHost:
                 store.deliver_notices(actor_id, [(topic, data)])
         for actor_id in message.changed:
             store.notify_changed(actor_id)
+        cancels = message.cancels
         if message.verified and scheduler is not None:
-            for actor_id, intent_event_id, reason in message.cancels:
-                scheduler.deliver_cancel(actor_id, intent_event_id, reason)
-            return
-        if message.cancels and self._tg is not None:
+            # Believed as it is; but the attempt may not be registered here yet (the cancel
+            # can overtake our claim's answer): then read the ledger once, behind that claim.
+            cancels = [entry for entry in cancels if not scheduler.deliver_cancel(*entry)]
+        if cancels and self._tg is not None:
             by_actor: dict[str, list[int]] = {}
-            for actor_id, intent_event_id, _ in message.cancels:
+            for actor_id, intent_event_id, _ in cancels:
                 by_actor.setdefault(actor_id, []).append(intent_event_id)
             for actor_id, ids in by_actor.items():
                 self._tg.start_soon(self._deliver_verified, actor_id, ids)

@@ -2,9 +2,10 @@
 
 Each process listens on a channel of its own (its address in the registry) over a dedicated
 connection, and sends the same messages the Unix-socket wake-ups carry (``_wakeup.Message``)
-with ``pg_notify``. Only clients of the database can notify, and they could write the ledger
-anyway, so a message its sender marked verified (sent after, or inside, the transaction it
-tells of) is believed; anything else is a hint whose receiver re-reads the ledger before acting.
+with ``pg_notify``. A message its sender marked verified (sent after, or inside, the transaction
+it tells of) is believed; anything else is a hint whose receiver re-reads the ledger before
+acting. Any role that may connect to the database can notify, read-only roles too, so the
+database's CONNECT privilege must be kept to the application's own roles (docs/postgres.md).
 When the connection drops, notifications sent meanwhile are lost, so after
 reconnecting (and listening again) the process treats it as "everything may have changed":
 its scheduler rescans and its waiters re-read.

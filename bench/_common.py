@@ -196,10 +196,10 @@ class ThreadProfile:
         """Profile the current thread and every call run on a shard worker thread."""
         original = Worker.run
 
-        def patched(worker: Worker, func: Callable[..., T], *args: Any) -> Awaitable[T]:
-            return original(worker, self._wrap(func), *args)
+        async def patched(worker: Worker, func: Callable[..., T], *args: Any) -> T:
+            return await original(worker, self._wrap(func), *args)
 
-        Worker.run = patched  # type: ignore[method-assign]
+        Worker.run = patched  # type: ignore[method-assign,assignment]
         self.loop.enable()
         try:
             yield

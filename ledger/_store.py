@@ -514,7 +514,13 @@ class LedgerStore(Store):
         return (self.data_dir / ledger_relpath(actor_id)).exists()
 
     async def run_index(self, fn: Callable[[Directory], T]) -> T:
-        """Run ``fn`` with the directory database on a worker thread."""
+        """Run ``fn`` with the directory database on a worker thread.
+
+        Raises:
+            LedgerClosedError: the store is not open.
+        """
+        if self._closing or self._tg is None:
+            raise LedgerClosedError
         shard = self._shards[0]
 
         def call() -> T:

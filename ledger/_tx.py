@@ -467,12 +467,17 @@ class LedgerTx:
         conn = self._file.conn
         conn.execute("SAVEPOINT nested")
         pending = len(self._pending_events)
+        # What others are told must have committed: a rolled-back block's cancels and notices
+        # go with it (the other effects are hints, harmless when spurious).
+        cancels = len(self.effects.cancels or ())
         notices = len(self.effects.notices or ())
         try:
             yield
         except BaseException:
             self._file.next_id = None
             del self._pending_events[pending:]
+            if self.effects.cancels:
+                del self.effects.cancels[cancels:]
             if self.effects.notices:
                 del self.effects.notices[notices:]
             if getattr(conn, "in_transaction", True):  # SQLite may have ended it (disk full)

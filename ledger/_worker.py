@@ -29,6 +29,7 @@ class Worker:
 
     def __init__(self, name: str) -> None:
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._stopped = False
         self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
         self._thread.start()
 
@@ -37,7 +38,13 @@ class Worker:
 
         Like ``anyio.to_thread.run_sync``, the caller cannot be cancelled out of the wait:
         once submitted, the function runs, and the caller sees it finish.
+
+        Raises:
+            RuntimeError: the worker was stopped (nothing runs); or ``fn`` raised
+                ``StopIteration``, which a future cannot carry.
         """
+        if self._stopped:
+            raise RuntimeError("the worker thread has stopped")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put((loop, future, fn, args))
@@ -46,7 +53,8 @@ class Worker:
         return result
 
     async def stop(self) -> None:
-        """Finish what was submitted, then end the thread."""
+        """Finish what was submitted, then end the thread; later calls of ``run`` raise."""
+        self._stopped = True
         self._queue.put(None)
         await anyio.to_thread.run_sync(self._thread.join)
 
@@ -55,6 +63,10 @@ class Worker:
             loop, future, fn, args = item
             try:
                 outcome: tuple[bool, Any] = (True, fn(*args))
+            except StopIteration as exc:  # a future refuses to carry it
+                error = RuntimeError(f"the function raised StopIteration: {exc!r}")
+                error.__cause__ = exc
+                outcome = (False, error)
             except BaseException as exc:
                 outcome = (False, exc)
             with contextlib.suppress(RuntimeError):  # a closed loop: nobody waits any more

@@ -15,8 +15,10 @@ used from the event loop thread. Delivering an abort from another thread (for ex
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
+import weakref
 from typing import TYPE_CHECKING
 
 import anyio
@@ -74,7 +76,7 @@ class AbortSignal:
     from the event loop thread.
     """
 
-    __slots__ = ("__weakref__", "_aborted", "_event", "_listeners", "_reason")
+    __slots__ = ("__weakref__", "_aborted", "_event", "_listeners", "_pin", "_reason")
 
     def __init__(self) -> None:
         """Create a signal that is not aborted."""
@@ -84,6 +86,9 @@ class AbortSignal:
         self._listeners: dict[object, Callable[[AbortSignal], object]] | None = {}
         # Created lazily by the first wait(), so signals nobody waits on stay cheap.
         self._event: anyio.Event | None = None
+        # Signals made by any(): their inputs hold them weakly, and strongly through this
+        # list only while they hold it (while someone listens to them). None otherwise.
+        self._pin: list[AbortSignal] | None = None
 
     def __repr__(self) -> str:
         """Show whether the signal is aborted and, if so, its reason."""
@@ -141,10 +146,15 @@ class AbortSignal:
             return _noop
         token = object()
         listeners[token] = callback
+        pin = self._pin
+        if pin is not None and not pin:
+            pin.append(self)  # a listener waits: the inputs must keep this signal alive
 
         def remove() -> None:
             # Use the dict captured at registration: after abort, _listeners is None.
             listeners.pop(token, None)
+            if pin is not None and len(listeners) <= 1:  # only any()'s own detach is left
+                pin.clear()
 
         return remove
 
@@ -198,10 +208,10 @@ class AbortSignal:
         first such input (in iteration order). Once the new signal aborts it removes its
         listeners from all inputs.
 
-        Note:
-            Until it aborts, the new signal stays registered as a listener on each input
-            (and so is kept alive by them). Deriving many never-aborting signals from one
-            long-lived input therefore accumulates listeners on that input.
+        As on the web, the inputs hold the new signal weakly: one that nobody references,
+        listens to or waits on is garbage, and its listeners leave the inputs with it, so
+        deriving many signals that never abort from one long-lived input leaks nothing. A
+        signal with listeners is kept alive by its inputs until they are removed.
 
         Args:
             signals: The input signals. May be empty (the result then never aborts).
@@ -216,19 +226,21 @@ class AbortSignal:
 
         combined = AbortSignal()
         removers: list[Callable[[], None]] = []
-
-        def detach(_: AbortSignal) -> None:
-            for remove in removers:
-                remove()
-            removers.clear()
+        # Nothing below may refer to ``combined`` strongly, except through ``pin``.
+        pin: list[AbortSignal] = []
+        weak = weakref.ref(combined)
 
         def forward(source: AbortSignal) -> None:
-            combined._abort(source._reason)
+            target = pin[0] if pin else weak()
+            if target is not None:
+                target._abort(source._reason)
 
         # Registered first, so the inputs are detached before user listeners run, and
         # also when the combined signal is aborted directly through _abort().
-        combined.add_listener(detach)
+        combined.add_listener(functools.partial(_detach, removers))
+        combined._pin = pin
         removers.extend(signal.add_listener(forward) for signal in inputs)
+        weakref.finalize(combined, _detach, removers, None)
         return combined
 
     @staticmethod
@@ -357,6 +369,13 @@ def reason_text(reason: object) -> str | None:
     if isinstance(reason, AbortError):
         return reason_text(reason.reason)
     return reason if isinstance(reason, str) else str(reason)
+
+
+def _detach(removers: list[Callable[[], None]], _: AbortSignal | None) -> None:
+    """Remove a combined signal's listeners from its inputs (it aborted, or is garbage)."""
+    for remove in removers:
+        remove()
+    removers.clear()
 
 
 def _noop() -> None:

@@ -129,6 +129,9 @@ async def test_another_process_hears_the_notice(tmp_path: Path) -> None:
         open_host(tmp_path, run_scheduler=False) as reader,
     ):
         await writer.store.run("a", announcing("setup", None))  # the ledger exists for both
+        # Wake-ups go to the peers the writer knows: make sure it has read the registry since
+        # the reader joined (the reader's hello only starts that read).
+        await writer._refresh_peers()
         heard = anyio.Event()
         got: list[JSON] = []
 

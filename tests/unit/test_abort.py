@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import pickle
@@ -598,3 +599,56 @@ def test_timeout_requires_running_loop() -> None:
     """timeout() outside a running event loop raises RuntimeError."""
     with pytest.raises(RuntimeError):
         AbortSignal.timeout(1)
+
+
+# --- any(): inputs hold the combined signal weakly -----------------------------------------
+
+
+def test_any_signals_nobody_holds_leave_their_inputs() -> None:
+    """Deriving many never-aborting signals from one long-lived input leaks nothing: once a
+    derived signal is garbage, its listener leaves the input."""
+    shutdown = AbortController()
+    for _ in range(1000):
+        AbortSignal.any([shutdown.signal, AbortSignal()])
+    gc.collect()
+    assert shutdown.signal._listener_count() == 0
+    kept = AbortSignal.any([shutdown.signal])
+    gc.collect()
+    assert shutdown.signal._listener_count() == 1
+    shutdown.abort("stop")
+    assert kept.reason == "stop"
+
+
+def test_any_signal_with_a_listener_is_kept_alive_by_its_inputs() -> None:
+    """As on the web: a derived signal someone listens to fires even if nobody holds it, and
+    is released by its inputs once its listeners are removed."""
+    source = AbortController()
+    heard: list[object] = []
+    remove = AbortSignal.any([source.signal]).add_listener(lambda s: heard.append(s.reason))
+    gc.collect()
+    assert source.signal._listener_count() == 1
+    other = AbortController()
+    remove_other = AbortSignal.any([other.signal]).add_listener(heard.append)
+    remove_other()
+    gc.collect()
+    assert other.signal._listener_count() == 0
+    source.abort("fired")
+    assert heard == ["fired"]
+    remove()  # after the abort: harmless
+
+
+async def test_any_signal_someone_waits_on_fires() -> None:
+    source = AbortController()
+    async with anyio.create_task_group() as tg:
+        fired = anyio.Event()
+
+        async def wait() -> None:
+            await AbortSignal.any([source.signal, AbortSignal()]).wait()
+            fired.set()
+
+        tg.start_soon(wait)
+        await anyio.wait_all_tasks_blocked()
+        gc.collect()
+        source.abort("go")
+        with anyio.fail_after(5):
+            await fired.wait()
