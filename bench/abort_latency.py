@@ -1,6 +1,7 @@
 """Distributed abort latency: from ``DistributedAbortController.abort()`` to its signal firing.
 
     .venv/bin/python bench/abort_latency.py [--samples 200] [--skip-in-process]
+                                            [--postgres [URL]]
 
 (a) in-process: one host holds the signal and aborts the controller itself.
 (b) cross-process: a listener subprocess (a client host) reads the signal of controller
@@ -10,21 +11,25 @@
 
 Each sample uses a fresh controller and waits until the listener's signal is armed (its
 follower blocked on the ledger) before aborting. Target: p99 <= 5 ms across processes.
+
+With ``--postgres`` both processes use PostgreSQL (the given URL, or a throwaway server from
+the installed binaries) instead of SQLite files.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
-from _common import environment, metric, quiet_logs, summary_ms
+from _common import environment, metric, postgres_url, quiet_logs, summary_ms
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from actors import ActorHost, define_agent_do
@@ -46,12 +51,20 @@ def note_time(into: list[int], _: AbortSignal) -> None:
     into.append(now_ns())
 
 
-async def in_process(data_dir: Path, samples: int) -> list[float]:
+def place(where: Path | str) -> dict[str, Any]:
+    """``ActorHost`` options for a data directory or a PostgreSQL URL."""
+    if isinstance(where, str) and where.startswith("postgresql://"):
+        return {"database_url": where}
+    return {"data_dir": where}
+
+
+async def in_process(where: Path | str, samples: int) -> list[float]:
     """Latencies (seconds) from the abort call to the signal, in one process."""
     latencies: list[float] = []
-    async with ActorHost(SPEC, data_dir=data_dir, run_scheduler=False) as host:
+    async with ActorHost(SPEC, **place(where), run_scheduler=False) as host:
         for i in range(samples + WARMUP):
-            controller = await DistributedAbortController.create(f"bench:{i}", host=host)
+            # Its own ids: on PostgreSQL both phases share one database.
+            controller = await DistributedAbortController.create(f"bench-in:{i}", host=host)
             fired: list[int] = []
             signal = controller.signal
             signal.add_listener(functools.partial(note_time, fired))
@@ -65,13 +78,13 @@ async def in_process(data_dir: Path, samples: int) -> list[float]:
     return latencies
 
 
-def child(data_dir: str) -> None:
+def child(where: str) -> None:
     """Subprocess mode: for each ``listen <id>`` line on stdin, arm that controller's signal,
     print ``armed <id>``, then ``fired <id> <ns>`` when it fires."""
     quiet_logs()
 
     async def serve() -> None:
-        async with ActorHost(SPEC, data_dir=data_dir, run_scheduler=False) as host:
+        async with ActorHost(SPEC, **place(where), run_scheduler=False) as host:
             print("ready", flush=True)
             while line := await anyio.to_thread.run_sync(sys.stdin.readline):
                 name = line.split()[1]
@@ -115,10 +128,10 @@ class Listener:
             raise SystemExit(f"listener exited with {code}")
 
 
-async def cross_process(data_dir: Path, samples: int) -> tuple[list[float], list[float]]:
+async def cross_process(where: Path | str, samples: int) -> tuple[list[float], list[float]]:
     """Latencies (seconds) from the abort's call and from its return, across processes."""
     process = await anyio.open_process(
-        [sys.executable, str(Path(__file__).resolve()), "--child", str(data_dir)],
+        [sys.executable, str(Path(__file__).resolve()), "--child", str(where)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=None,
@@ -128,7 +141,7 @@ async def cross_process(data_dir: Path, samples: int) -> tuple[list[float], list
     from_return: list[float] = []
     try:
         await listener.expect("ready")
-        async with ActorHost(SPEC, data_dir=data_dir, run_scheduler=False) as host:
+        async with ActorHost(SPEC, **place(where), run_scheduler=False) as host:
             for i in range(samples + WARMUP):
                 name = f"bench:{i}"
                 controller = await DistributedAbortController.create(name, host=host)
@@ -148,13 +161,19 @@ async def cross_process(data_dir: Path, samples: int) -> tuple[list[float], list
     return from_call, from_return
 
 
-async def main(samples: int, skip_in_process: bool) -> None:
+async def main(samples: int, skip_in_process: bool, postgres: str | None) -> None:
     metric("environment", environment())
-    with tempfile.TemporaryDirectory(prefix="abort-latency-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="abort-latency-")))
+        places: dict[str, Path | str] = {"in": tmp / "in", "cross": tmp / "cross"}
+        if postgres is not None:
+            url = stack.enter_context(postgres_url(postgres or None))
+            places = dict.fromkeys(places, url)
+            metric("backend", "postgresql (both processes on one database)")
         if not skip_in_process:
-            latencies = await in_process(Path(tmp) / "in", samples)
+            latencies = await in_process(places["in"], samples)
             metric("abort -> signal, in-process, from the call", summary_ms(latencies))
-        from_call, from_return = await cross_process(Path(tmp) / "cross", samples)
+        from_call, from_return = await cross_process(places["cross"], samples)
         metric("abort -> signal, cross-process, from the call", summary_ms(from_call))
         metric("abort -> signal, cross-process, from the return", summary_ms(from_return))
 
@@ -163,10 +182,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--skip-in-process", action="store_true")
-    parser.add_argument("--child", metavar="DATA_DIR", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--postgres",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="use PostgreSQL (this URL, or a throwaway server) instead of SQLite",
+    )
+    parser.add_argument("--child", metavar="PLACE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child)
     else:
         quiet_logs()
-        anyio.run(main, args.samples, args.skip_in_process)
+        anyio.run(main, args.samples, args.skip_in_process, args.postgres)
