@@ -11,6 +11,7 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import socket
 import sys
 import time
@@ -55,12 +56,16 @@ class CliError(Exception):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``actors`` command; returns the exit code."""
+    """Run the ``actors`` command; returns the exit code.
+
+    SIGINT and SIGTERM stop a running command gracefully (a host releases its claims and
+    closes its ledgers): the exit code is then 130 or 143. A second signal stops at once.
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     configure_logging(json_lines=args.log_json)
     try:
-        return int(anyio.run(args.run, args))
+        return int(anyio.run(_until_signalled, args))
     except CliError as exc:
         print(f"actors: error: {exc}", file=sys.stderr)
         return exc.code
@@ -69,6 +74,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         return LEDGER_FAILED
     except KeyboardInterrupt:
         return 130
+
+
+async def _until_signalled(args: argparse.Namespace) -> int:
+    """Run the command; on SIGINT or SIGTERM cancel it (through anyio, so every cancel
+    scope sees it) and return ``128 + signal``."""
+    codes: list[int] = []
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
+                async for signum in received:
+                    codes.append(128 + signum)
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(watch)
+        try:
+            codes.append(int(await args.run(args)))
+        except Exception as exc:  # raised as itself below, not inside an exception group
+            failure = exc
+        tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    return codes[0] if codes else 130
 
 
 def configure_logging(*, json_lines: bool, stream: TextIO | None = None) -> None:

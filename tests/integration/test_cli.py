@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -141,17 +143,36 @@ def test_events_and_stream(data: str) -> None:
     actors("stream", "chat:1", "999", "--data-dir", data, check=3)
 
 
-def test_events_follow(data: str) -> None:
-    """``events --follow`` prints events recorded after it started."""
+def follow(data: str) -> subprocess.Popen[str]:
+    """Start ``actors events chat:1 --follow --json``, with Python's fault handler on."""
     assert ACTORS is not None
-    enqueue(data, '{"n": 1}', "--at", LATER)
-    follower = subprocess.Popen(
+    return subprocess.Popen(
         [ACTORS, "events", "chat:1", "--follow", "--json", "--data-dir", data],
         cwd=ROOT,
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONFAULTHANDLER": "1"},
     )
+
+
+def stop(process: subprocess.Popen[str], signum: int = signal.SIGINT) -> int:
+    """Send ``signum`` and wait; if the process does not end, fail with every thread's stack
+    (the fault handler prints them on SIGABRT), leaving no process or pipe behind."""
+    process.send_signal(signum)
+    try:
+        process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        _, stacks = process.communicate(timeout=30)
+        pytest.fail(f"the command did not stop on signal {signum}:\n{stacks}")
+    return process.returncode
+
+
+def test_events_follow(data: str) -> None:
+    """``events --follow`` prints events recorded after it started."""
+    enqueue(data, '{"n": 1}', "--at", LATER)
+    follower = follow(data)
     try:
         assert follower.stdout is not None
         first = json.loads(follower.stdout.readline())
@@ -160,8 +181,21 @@ def test_events_follow(data: str) -> None:
         second = json.loads(follower.stdout.readline())
         assert (second["id"], second["payload"]) == (2, {"n": 2})
     finally:
-        follower.send_signal(signal.SIGINT)
-        follower.communicate(timeout=30)
+        assert stop(follower) == 130
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_stops_a_command_gracefully(data: str, signum: int) -> None:
+    """SIGINT and SIGTERM cancel the command through its task groups: the host shuts down
+    (its row leaves the data directory's registry) and the exit code is 128 + the signal."""
+    enqueue(data, '{"n": 1}', "--at", LATER)
+    follower = follow(data)
+    assert follower.stdout is not None
+    assert json.loads(follower.stdout.readline())["id"] == 1  # its host is up
+    with contextlib.closing(sqlite3.connect(Path(data) / "index.db")) as index:
+        assert index.execute("SELECT pid FROM processes").fetchall() == [(follower.pid,)]
+        assert stop(follower, signum) == 128 + signum
+        assert index.execute("SELECT pid FROM processes").fetchall() == []
 
 
 async def make_stuck_claim(data: str) -> None:
