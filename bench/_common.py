@@ -26,6 +26,7 @@ from actors import define_agent_do
 from ledger._worker import Worker
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Awaitable, Callable, Iterator, Sequence
 
     from actors import AgentSpec
@@ -293,6 +294,18 @@ def one_trigger_spec(
         "commit_cancelled": commit_cancelled,
     }
     return define_agent_do(triggers=[trigger])
+
+
+def add_postgres_option(parser: argparse.ArgumentParser) -> None:
+    """``--postgres [URL]``: run on PostgreSQL (the URL, or a throwaway server, see
+    ``postgres_url``) instead of SQLite files."""
+    parser.add_argument(
+        "--postgres",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="use PostgreSQL (this URL, or a throwaway server) instead of SQLite",
+    )
 
 
 def place_options(place: str | Path) -> dict[str, Any]:

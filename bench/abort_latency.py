@@ -26,10 +26,18 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
-from _common import environment, metric, postgres_url, quiet_logs, summary_ms
+from _common import (
+    add_postgres_option,
+    environment,
+    metric,
+    place_options,
+    postgres_url,
+    quiet_logs,
+    summary_ms,
+)
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from actors import ActorHost, define_agent_do
@@ -51,17 +59,10 @@ def note_time(into: list[int], _: AbortSignal) -> None:
     into.append(now_ns())
 
 
-def place(where: Path | str) -> dict[str, Any]:
-    """``ActorHost`` options for a data directory or a PostgreSQL URL."""
-    if isinstance(where, str) and where.startswith("postgresql://"):
-        return {"database_url": where}
-    return {"data_dir": where}
-
-
 async def in_process(where: Path | str, samples: int) -> list[float]:
     """Latencies (seconds) from the abort call to the signal, in one process."""
     latencies: list[float] = []
-    async with ActorHost(SPEC, **place(where), run_scheduler=False) as host:
+    async with ActorHost(SPEC, **place_options(where), run_scheduler=False) as host:
         for i in range(samples + WARMUP):
             # Its own ids: on PostgreSQL both phases share one database.
             controller = await DistributedAbortController.create(f"bench-in:{i}", host=host)
@@ -84,7 +85,7 @@ def child(where: str) -> None:
     quiet_logs()
 
     async def serve() -> None:
-        async with ActorHost(SPEC, **place(where), run_scheduler=False) as host:
+        async with ActorHost(SPEC, **place_options(where), run_scheduler=False) as host:
             print("ready", flush=True)
             while line := await anyio.to_thread.run_sync(sys.stdin.readline):
                 name = line.split()[1]
@@ -141,7 +142,7 @@ async def cross_process(where: Path | str, samples: int) -> tuple[list[float], l
     from_return: list[float] = []
     try:
         await listener.expect("ready")
-        async with ActorHost(SPEC, **place(where), run_scheduler=False) as host:
+        async with ActorHost(SPEC, **place_options(where), run_scheduler=False) as host:
             for i in range(samples + WARMUP):
                 name = f"bench:{i}"
                 controller = await DistributedAbortController.create(name, host=host)
@@ -182,13 +183,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--skip-in-process", action="store_true")
-    parser.add_argument(
-        "--postgres",
-        nargs="?",
-        const="",
-        metavar="URL",
-        help="use PostgreSQL (this URL, or a throwaway server) instead of SQLite",
-    )
+    add_postgres_option(parser)
     parser.add_argument("--child", metavar="PLACE", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

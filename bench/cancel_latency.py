@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 from _common import (
+    add_postgres_option,
     cpu_seconds,
     environment,
     loadavg,
@@ -272,13 +273,7 @@ def main() -> None:
     parser.add_argument("--skip-in-process", action="store_true")
     parser.add_argument("--skip-cross-process", action="store_true")
     parser.add_argument("--skip-idle", action="store_true")
-    parser.add_argument(
-        "--postgres",
-        nargs="?",
-        const="",
-        metavar="URL",
-        help="use PostgreSQL (this URL, or a throwaway server) instead of SQLite",
-    )
+    add_postgres_option(parser)
     parser.add_argument("--child", metavar="DATA_DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
