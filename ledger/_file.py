@@ -10,10 +10,13 @@ import sqlite3
 import tempfile
 import threading
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ._errors import LedgerBusyError, LedgerCorruptError, LedgerWriteError
 from ._schema import FORMAT, MIGRATIONS, SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 Synchronous = Literal["NORMAL", "FULL"]
 
@@ -84,6 +87,11 @@ class LedgerFile:
             conn.close()
             raise
         return cls(actor_id, path, relpath, conn)
+
+    def write(self, sql: str, parameters: Sequence[Any], /) -> None:
+        """Run a write whose result nobody reads (at once: SQLite statements cost no round
+        trip)."""
+        self.conn.execute(sql, parameters)
 
     def close(self) -> None:
         """Close the connection; the last close of a WAL file checkpoints it."""

@@ -25,7 +25,13 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 
 from ._bridge import run_bridged, wait_for
-from ._errors import LedgerBusyError, LedgerError, LedgerNotFoundError, LedgerWriteError
+from ._errors import (
+    LedgerBusyError,
+    LedgerError,
+    LedgerNotFoundError,
+    LedgerWriteError,
+    PayloadError,
+)
 from ._index import ProcessInfo
 from ._store import Clock, Committed, LedgerClosedError, Store, _Request, _Shard, system_clock
 from ._tx import LedgerTx, TxEffects
@@ -181,28 +187,84 @@ class _Result:
         return iter(self._rows)
 
 
+def _literal(value: object) -> str:
+    """``value`` as a SQL literal, for a statement sent as text (``_render``).
+
+    Only the types the ledger's writes pass are rendered; anything else raises
+    ``TypeError`` and the statement is sent with parameters instead. Strings are quoted by
+    doubling ``'`` alone, which is exact with ``standard_conforming_strings`` on (set for
+    every connection in ``connect``); a NUL, which PostgreSQL's text cannot hold, goes the
+    parameter way, to be refused by ``execute``.
+    """
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, int):
+        text = int.__repr__(value)
+        return f"({text})" if value < 0 else text  # never "x--1": that is a comment
+    if isinstance(value, str) and "\x00" not in value:
+        return "'" + str.replace(value, "'", "''") + "'"
+    raise TypeError(f"no literal for {type(value).__name__}")
+
+
+def _arguments(parameters: Sequence[Any]) -> str:
+    """``(literal, ...)`` for ``EXECUTE`` (raises ``TypeError``, see ``_literal``)."""
+    return f"({', '.join([_literal(value) for value in parameters])})" if parameters else ""
+
+
 class PgConnection:
     """An asyncpg connection with the synchronous face the ledger's statements use.
 
     Only usable under ``run_bridged``: each statement is awaited by the bridging coroutine.
 
-    Savepoint commands cost a round trip each, so they wait: ``SAVEPOINT`` and ``RELEASE``
-    are sent together, in one round trip, just before the next statement. A ``ROLLBACK TO``
-    a savepoint not sent yet is dropped with it (no statement ran since). After a failed
-    statement the connection asks the server whether the transaction is aborted (a client-side
-    error leaves it intact); ``commit()`` refuses an aborted transaction instead of letting
-    PostgreSQL quietly roll it back.
+    Round trips are what a batch costs, so statements whose answer nobody reads wait in a
+    queue and travel together as one text, in order: writes given to ``defer`` (rendered
+    with literals), and the savepoint commands around operations. The queue is sent before
+    any statement that needs it (a write whose row count is read, or a read of an actor
+    with queued writes: every statement sees the ones before it), and with ``COMMIT``. A
+    read of another actor goes ahead of it: the views show one actor's rows, so it cannot
+    see them. ``dt.actor`` is set inside the text wherever the queued writes change actor,
+    and put back after.
+
+    Savepoints cost nothing until sent. Released unsent, a savepoint's command is dropped
+    and its writes stay; rolled back unsent, the writes queued after it are dropped, never
+    having reached the server.
+
+    If a statement fails, the connection asks the server whether the transaction is aborted
+    (a client-side error leaves it intact). Only a rollback to a savepoint that was sent
+    before the failure recovers it; ``commit()`` refuses an aborted transaction instead of
+    letting PostgreSQL quietly roll it back. So a read that fails while its operation's
+    savepoint is still queued, or a queued write that fails, fails the whole batch:
+    neither happens short of a broken server or connection (writes are checked before they
+    are queued, and run under the actor's lock).
     """
 
-    __slots__ = ("_pending", "_savepoints", "aborted", "location", "raw")
+    __slots__ = (
+        "_dirty",
+        "_prepared",
+        "_queue",
+        "_savepoints",
+        "aborted",
+        "actor",
+        "location",
+        "raw",
+    )
 
     def __init__(self, raw: asyncpg.Connection, location: str) -> None:
         self.raw = raw
         self.location = location
-        self._pending: list[str] = []
-        """Savepoint commands waiting for the next statement."""
+        self._queue: list[tuple[str, str | None, bool]] = []
+        """``(statement text, actor, is a write)`` in order: writes and savepoint commands,
+        each with the ``dt.actor`` it was issued under."""
+        self._dirty: set[str] = set()
+        """The actors with writes in the queue."""
         self._savepoints: list[list[Any]] = []
         """``[name, sent]`` of the savepoints that exist, innermost last."""
+        self.actor: str | None = None
+        """What the server's ``dt.actor`` is, for the statements sent so far."""
+        self._prepared: dict[str, str] = {}
+        """Deferred statements prepared on this connection, by text: their name."""
         self.aborted = False
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> _Result:
@@ -210,13 +272,32 @@ class PgConnection:
         if head.startswith(("SAVEPOINT", "RELEASE", "ROLLBACK ")):
             self._savepoint_command(head.split()[0], sql.split()[-1])
             return _Result([], -1)
-        if self._pending:
+        for value in parameters:
+            if isinstance(value, str) and "\x00" in value:
+                # The server would refuse it and abort the transaction (a read, too: its
+                # operation's savepoint may not be sent yet). Refused here, it fails alone.
+                raise PayloadError("PostgreSQL text cannot hold NUL characters")
+        rows = head.startswith(_ROWS) or " RETURNING " in sql
+        if self._queue and (not rows or " RETURNING " in sql or self.actor in self._dirty):
             self._flush()
+        return self._send(sql, parameters, rows)
+
+    def lock(self, sql: str, parameters: Sequence[Any], actor: str) -> Any:
+        """Run the read that locks ``actor``'s row and points ``dt.actor`` at it: its row,
+        or None. It goes ahead of the queue, which holds only other actors' writes (each is
+        sent under its own actor)."""
+        assert actor not in self._dirty, "an actor entered twice in one batch"
+        row = self._send(sql, parameters, True).fetchone()
+        if row is not None:
+            self.actor = actor
+        return row
+
+    def _send(self, sql: str, parameters: Sequence[Any], rows: bool) -> _Result:
         text = _translate(sql)
         try:
-            if head.startswith(_ROWS) or " RETURNING " in sql:
-                rows = wait_for(self.raw.fetch(text, *parameters))
-                return _Result(rows, len(rows))
+            if rows:
+                found = wait_for(self.raw.fetch(text, *parameters))
+                return _Result(found, len(found))
             if parameters:
                 status = wait_for(self.raw.execute(text, *parameters))
             else:
@@ -228,7 +309,7 @@ class PgConnection:
         return _Result([], int(tail) if tail.isdigit() else -1)
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> None:
-        if self._pending:
+        if self._queue:
             self._flush()
         try:
             wait_for(self.raw.executemany(_translate(sql), list(parameters)))
@@ -236,36 +317,99 @@ class PgConnection:
             self._check_aborted()
             raise
 
+    def defer(self, sql: str, parameters: Sequence[Any], actor: str) -> None:
+        """Queue a write of ``actor`` whose result nobody reads (see the class)."""
+        assert actor == self.actor, "a write for an actor the views do not show"
+        try:
+            arguments = _arguments(parameters)
+        except TypeError:
+            self.execute(sql, parameters)
+            return
+        name = self._prepared.get(sql)
+        if name is None:
+            # Once per statement and connection, so the queued text is only EXECUTE: the
+            # server neither parses nor plans the statement again. (A prepared statement
+            # belongs to the session; a rollback keeps it.)
+            name = f"dt_w{len(self._prepared)}"
+            try:
+                wait_for(self.raw.execute(f"PREPARE {name} AS {_translate(sql)}"))
+            except Exception:
+                self._check_aborted()
+                raise
+            self._prepared[sql] = name
+        self._queue.append((f"EXECUTE {name}{arguments}", actor, True))
+        self._dirty.add(actor)
+
     def _savepoint_command(self, command: str, name: str) -> None:
         stack = self._savepoints
         found = next((i for i in range(len(stack) - 1, -1, -1) if stack[i][0] == name), None)
         if command == "SAVEPOINT":
             stack.append([name, False])
-            self._pending.append(f"SAVEPOINT {name}")
+            self._queue.append((f"SAVEPOINT {name}", self.actor, False))
             return
         if found is None:
             return  # released already, or rolled back past
-        sent = stack[found][1]
-        if not sent:
-            # Never sent: no statement ran since it was taken, so there is nothing to undo;
-            # its command and every later one are dropped (a rollback keeps the savepoint).
-            cut = len(self._pending) - 1 - self._pending[::-1].index(f"SAVEPOINT {name}")
-            keep = command != "RELEASE"
-            del self._pending[cut + keep :]
-            del stack[found + keep :]
+        if stack[found][1]:
+            if command == "RELEASE":
+                del stack[found:]
+                self._queue.append((f"RELEASE SAVEPOINT {name}", self.actor, False))
+                return
+            # Everything queued came after the savepoint was sent: drop it, and undo what
+            # reached the server (this also ends an aborted state).
+            del stack[found + 1 :]
+            self._queue.clear()
+            self._dirty.clear()
+            wait_for(self.raw.execute(f"ROLLBACK TO SAVEPOINT {name}"))
+            self.aborted = False
             return
+        # Never sent: nothing after it reached the server. Its command may be missing from
+        # the queue if a failed send took it; then only a rollback further out can help.
+        command_at = self._queued_savepoint(name)
         if command == "RELEASE":
+            # Its writes join the enclosing scope; it and the (unsent) savepoints inside it go.
             del stack[found:]
-            self._pending.append(f"RELEASE SAVEPOINT {name}")
+            if command_at is not None:
+                self._queue[command_at:] = [item for item in self._queue[command_at:] if item[2]]
             return
         del stack[found + 1 :]
-        self._pending.append(f"ROLLBACK TO SAVEPOINT {name}")
-        self._flush()
-        self.aborted = False
+        if command_at is not None:
+            del self._queue[command_at + 1 :]
+            self._dirty = {actor for _, actor, write in self._queue if write and actor}
+
+    def _queued_savepoint(self, name: str) -> int | None:
+        command = f"SAVEPOINT {name}"
+        for index in range(len(self._queue) - 1, -1, -1):
+            if self._queue[index][0] == command and not self._queue[index][2]:
+                return index
+        return None
+
+    def _script(self, *, savepoints: bool = True) -> list[str]:
+        """The queue as statements, switching ``dt.actor`` back to what each was issued
+        under. A savepoint is taken under its own actor too: rolling back to it undoes the
+        switches after it, and must leave the views on the actor that rolls back."""
+        statements: list[str] = []
+        current = self.actor
+        for text, actor, write in self._queue:
+            if not (write or savepoints):
+                continue
+            if actor != current and actor is not None:
+                statements.append(f"SET LOCAL dt.actor = {_literal(actor)}")
+                current = actor
+            statements.append(text)
+        if current != self.actor and self.actor is not None:
+            statements.append(f"SET LOCAL dt.actor = {_literal(self.actor)}")
+        return statements
 
     def _flush(self) -> None:
-        commands, self._pending = self._pending, []
-        wait_for(self.raw.execute("; ".join(commands)))
+        """Send the queue (one round trip)."""
+        statements = self._script()
+        self._queue.clear()
+        self._dirty.clear()
+        try:
+            wait_for(self.raw.execute(";\n".join(statements)))
+        except Exception:
+            self._check_aborted()
+            raise
         for entry in self._savepoints:
             entry[1] = True
 
@@ -280,30 +424,35 @@ class PgConnection:
         except asyncpg.InFailedSQLTransactionError:
             self.aborted = True
 
+    def _reset(self) -> None:
+        self._queue.clear()
+        self._dirty.clear()
+        self._savepoints.clear()
+        self.actor = None
+        self.aborted = False
+
     def begin(self) -> None:
         """Start a transaction."""
-        self._pending.clear()
-        self._savepoints.clear()
-        self.aborted = False
+        self._reset()
         wait_for(self.raw.execute("BEGIN"))
 
     def commit(self) -> None:
-        """Commit, or raise if a failed statement left the transaction aborted."""
-        self._pending.clear()  # savepoints end with the transaction
-        self._savepoints.clear()
-        if self.aborted:
+        """Send what is queued and commit (one round trip), or raise if a failed statement
+        left the transaction aborted."""
+        statements = [*self._script(savepoints=False), "COMMIT"]  # COMMIT ends savepoints
+        aborted = self.aborted
+        self._reset()
+        if aborted:
             raise LedgerWriteError(
                 self.location, "a statement failed and was not rolled back; nothing was written"
             )
-        status = wait_for(self.raw.execute("COMMIT"))
+        status = wait_for(self.raw.execute(";\n".join(statements)))
         if status != "COMMIT":
             raise LedgerWriteError(self.location, f"COMMIT answered {status}")
 
     def rollback(self) -> None:
         """Roll the transaction back."""
-        self._pending.clear()
-        self._savepoints.clear()
-        self.aborted = False
+        self._reset()
         wait_for(self.raw.execute("ROLLBACK"))
 
 
@@ -316,6 +465,11 @@ class _Scope:
         self.actor_id = actor_id
         self.conn = conn
         self.next_id: int | None = None
+
+    def write(self, sql: str, parameters: Sequence[Any], /) -> None:
+        """Queue a write whose result nobody reads (sent with the next statement that needs
+        it, or with COMMIT)."""
+        self.conn.defer(sql, parameters, self.actor_id)
 
     def integrity_check(self) -> list[str]:
         """PostgreSQL checks its own pages; this checks the ledger's own rules."""
@@ -422,6 +576,8 @@ async def connect(url: str, *, connect_timeout: float = 10.0) -> asyncpg.Connect
                 "search_path": SCHEMA,
                 "application_name": "durable-triggers",
                 "lock_timeout": _LOCK_TIMEOUT,
+                # Queued writes are sent as text; their string literals rely on this.
+                "standard_conforming_strings": "on",
             },
         )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
@@ -775,14 +931,14 @@ class PostgresStore(Store):
                 " WHERE actor_id = ? FOR SHARE"
             )
             params = (actor_id, actor_id)
-        row = conn.execute(lock, params).fetchone()
+        row = conn.lock(lock, params, actor_id)
         if row is None and create:
             conn.execute(
                 "INSERT INTO actor_ledgers (actor_id, created_at) VALUES (?, ?)"
                 " ON CONFLICT (actor_id) DO NOTHING",
                 (actor_id, now_ms),
             )
-            row = conn.execute(lock, params).fetchone()
+            row = conn.lock(lock, params, actor_id)
         if row is None:
             return False
         if write:

@@ -31,6 +31,12 @@ _ROW_COLUMNS = (
 )
 
 
+_CLAIM = (
+    "UPDATE intents SET status = 'running', claim_token = ?, claimed_by = ?,"
+    " lease_until = ?, attempts = ? WHERE id = ? AND status = 'pending'"
+)
+
+
 class Cursor(Protocol):
     """What a statement returns: rows and the count of rows it changed."""
 
@@ -64,6 +70,11 @@ class LedgerHandle(Protocol):
 
     @property
     def conn(self) -> Connection: ...
+
+    def write(self, sql: str, parameters: Sequence[Any], /) -> None:
+        """Run a write whose result nobody reads. A backend may hold it back and send it
+        with the next statement that reads this actor, or with COMMIT; its effects are
+        visible to every later statement of the transaction either way."""
 
     def integrity_check(self) -> list[str]: ...
 
@@ -249,7 +260,7 @@ class LedgerTx:
             event_id = self.last_event_id() + 1
         if intent_event_id == SELF:
             intent_event_id = event_id
-        file.conn.execute(
+        file.write(
             "INSERT INTO events (id, ts, kind, payload, intent_event_id) VALUES (?, ?, ?, ?, ?)",
             (event_id, self.now_ms, kind, text, intent_event_id),
         )
@@ -331,11 +342,11 @@ class LedgerTx:
                 if finished_at is None or finished_at + key_retention_ms > self.now_ms:
                     events = self.events(after=intent_id - 1, limit=1)
                     return events[0], False
-                self._file.conn.execute(
+                self._file.write(
                     "UPDATE intents SET idempotency_key = NULL WHERE id = ?", (intent_id,)
                 )
         event = self.insert_event(intent_event_kind, payload, SELF, text=text)
-        self._file.conn.execute(
+        self._file.write(
             "INSERT INTO intents (id, trigger_kind, status, due_at, created_at, idempotency_key)"
             " VALUES (?, ?, 'pending', ?, ?, ?)",
             (event.id, trigger_kind, due_at, self.now_ms, idempotency_key),
@@ -398,19 +409,51 @@ class LedgerTx:
             row.claimed_by = host_id
             row.lease_until = lease_until
             row.attempts += 1
-            conn.execute(
-                "UPDATE intents SET status = 'running', claim_token = ?, claimed_by = ?,"
-                " lease_until = ?, attempts = ? WHERE id = ? AND status = 'pending'",
-                (row.claim_token, host_id, lease_until, row.attempts, row.id),
-            )
+            self._file.write(_CLAIM, (row.claim_token, host_id, lease_until, row.attempts, row.id))
             claimed.append(row)
         if claimed:
             self.effects.due_may_rise = True
         return claimed
 
+    def claim_new(
+        self,
+        event: Event,
+        *,
+        trigger_kind: str,
+        due_at: int,
+        idempotency_key: str | None,
+        token: str,
+        host_id: str,
+        lease_until: int,
+    ) -> IntentRow:
+        """Claim the intent ``append_intent`` just created in this operation (``event``, with
+        the same arguments), as ``claim_due`` would, without reading its row back."""
+        row = IntentRow(
+            id=event.id,
+            trigger_kind=trigger_kind,
+            status="running",
+            due_at=due_at,
+            created_at=self.now_ms,
+            attempts=1,
+            redrives=0,
+            redrive=0,
+            claim_token=token,
+            claimed_by=host_id,
+            lease_until=lease_until,
+            cancel_requested_at=None,
+            cancel_reason=None,
+            cancel_requested_by=None,
+            idempotency_key=idempotency_key,
+            finished_at=None,
+            terminal_event_ids=None,
+        )
+        self._file.write(_CLAIM, (token, host_id, lease_until, row.attempts, row.id))
+        self.effects.due_may_rise = True
+        return row
+
     def reclaim(self, row: IntentRow, *, token: str, host_id: str, lease_until: int) -> IntentRow:
         """Take over a running intent whose claim was lost, as a redrive (new token)."""
-        self._file.conn.execute(
+        self._file.write(
             "UPDATE intents SET claim_token = ?, claimed_by = ?, lease_until = ?,"
             " redrives = redrives + 1, redrive = 1 WHERE id = ? AND claim_token = ?",
             (token, host_id, lease_until, row.id, row.claim_token),
@@ -530,7 +573,7 @@ class LedgerTx:
         still the one that was asked to stop, so its next attempt starts with its signal
         aborted.
         """
-        self._file.conn.execute(
+        self._file.write(
             "UPDATE intents SET status = 'pending', due_at = ?, claim_token = NULL,"
             " claimed_by = NULL, lease_until = NULL, attempts = 0, redrives = 0, redrive = 0"
             " WHERE id = ?",
@@ -556,7 +599,7 @@ class LedgerTx:
 
     def finish(self, intent_event_id: int, status: IntentStatus, event_ids: Sequence[int]) -> None:
         """Move an intent to a terminal status, naming the facts that settled it."""
-        self._file.conn.execute(
+        self._file.write(
             "UPDATE intents SET status = ?, finished_at = ?, terminal_event_ids = ?,"
             " claim_token = NULL, lease_until = NULL WHERE id = ?",
             (status.value, self.now_ms, json.dumps(list(event_ids)), intent_event_id),
@@ -662,7 +705,7 @@ class LedgerTx:
     def rebuild_projection(self, name: str) -> JSON:
         """Recompute a projection from all events and store it."""
         projection = self._find_projection(name)
-        self._file.conn.execute("DELETE FROM projections WHERE name = ?", (name,))
+        self._file.write("DELETE FROM projections WHERE name = ?", (name,))
         state, last = self._fold(projection, before=None)
         self._store_projection(name, state, last)
         return state
@@ -694,7 +737,7 @@ class LedgerTx:
     def set_value(self, name: str, value: JSON) -> None:
         """Set a named value (see ``value``), in this transaction; None deletes it."""
         if value is None:
-            self._file.conn.execute("DELETE FROM projections WHERE name = ?", (name,))
+            self._file.write("DELETE FROM projections WHERE name = ?", (name,))
         else:
             self._store_projection(name, value, 0)
 

@@ -96,19 +96,19 @@ def enqueue_op(
         if not (eager_ok and created and eager is not None):
             return Enqueued(event, created)
         lease_until = tx.now_ms + eager.lease_ms
-        rows = tx.claim_due(
-            limit=1,
+        # No older due intent waits, so the scheduler would claim this one next.
+        row = tx.claim_new(
+            event,
+            trigger_kind=trigger.kind,
+            due_at=due,
+            idempotency_key=idempotency_key,
+            token=new_token(),
             host_id=eager.host_id,
             lease_until=lease_until,
-            tokens=[new_token()],
-            kinds=(trigger.kind,),
         )
-        # No older due intent waits, so the one claimed is the one just recorded.
-        assert rows
-        assert rows[0].id == event.id
         # Nothing is pending now; the index only needs to know when the lease runs out.
         tx.effects.new_due = lease_until
-        return Enqueued(event, created, Claimed(rows[0], payload))
+        return Enqueued(event, created, Claimed(row, payload))
 
     return op
 
