@@ -193,8 +193,8 @@ def _literal(value: object) -> str:
     Only the types the ledger's writes pass are rendered; anything else raises
     ``TypeError`` and the statement is sent with parameters instead. Strings are quoted by
     doubling ``'`` alone, which is exact with ``standard_conforming_strings`` on (set for
-    every connection in ``connect``); a NUL, which PostgreSQL's text cannot hold, goes the
-    parameter way, to be refused by ``execute``.
+    every connection in ``connect``); a NUL, which PostgreSQL's text cannot hold, or a lone
+    surrogate, which UTF-8 cannot, goes the parameter way, to be refused alone.
     """
     if value is None:
         return "NULL"
@@ -203,9 +203,21 @@ def _literal(value: object) -> str:
     if isinstance(value, int):
         text = int.__repr__(value)
         return f"({text})" if value < 0 else text  # never "x--1": that is a comment
-    if isinstance(value, str) and "\x00" not in value:
+    if isinstance(value, str) and "\x00" not in value and _encodable(value):
         return "'" + str.replace(value, "'", "''") + "'"
     raise TypeError(f"no literal for {type(value).__name__}")
+
+
+def _encodable(text: str) -> bool:
+    """True unless ``text`` holds a lone surrogate (which JSON lets through): as a
+    parameter, asyncpg refuses it alone; inside the queued text, it would break the send."""
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _arguments(parameters: Sequence[Any]) -> str:
@@ -355,11 +367,20 @@ class PgConnection:
                 self._queue.append((f"RELEASE SAVEPOINT {name}", self.actor, False))
                 return
             # Everything queued came after the savepoint was sent: drop it, and undo what
-            # reached the server (this also ends an aborted state).
+            # reached the server (this also ends an aborted state). A queued RELEASE is of a
+            # savepoint inside this one that the server still has; a savepoint of the same
+            # name would take the rollback, so each goes first (rolled back, then released:
+            # both work in an aborted transaction, in that order).
+            commands = [
+                f"ROLLBACK TO SAVEPOINT {text.split()[-1]}; {text}"
+                for text, _, write in self._queue
+                if not write and text.startswith("RELEASE ")
+            ]
             del stack[found + 1 :]
             self._queue.clear()
             self._dirty.clear()
-            wait_for(self.raw.execute(f"ROLLBACK TO SAVEPOINT {name}"))
+            commands.append(f"ROLLBACK TO SAVEPOINT {name}")
+            wait_for(self.raw.execute("; ".join(commands)))
             self.aborted = False
             return
         # Never sent: nothing after it reached the server. Its command may be missing from

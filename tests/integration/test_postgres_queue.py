@@ -67,7 +67,7 @@ def test_literals_are_exact_sql_constants() -> None:
     assert _literal("it's") == "'it''s'"
     assert _literal("\\") == "'\\'"
     assert _literal(_Word.QUOTE) == "'a''b'"
-    for refused in ("nul\x00", 1.5, b"bytes", [1]):
+    for refused in ("nul\x00", "lone \ud800", 1.5, b"bytes", [1]):
         with pytest.raises(TypeError):
             _literal(refused)
 
@@ -239,3 +239,53 @@ def test_a_sent_queue_leaves_the_views_on_the_current_actor() -> None:
         "SET LOCAL dt.actor = 'b'",
     ]
     assert conn._script(savepoints=False)[-1] == "SET LOCAL dt.actor = 'b'"
+
+
+class _Undo(Exception):
+    pass
+
+
+def _nested_rollbacks(tx: LedgerTx) -> int:
+    try:
+        with tx.savepoint():
+            tx.insert_event("outer", {})
+            try:
+                with tx.savepoint():
+                    tx.events()  # a read of an actor with queued writes: both savepoints go
+                    raise _Undo
+            except _Undo:
+                pass
+            raise _Undo  # must undo "outer" too
+    except _Undo:
+        pass
+    return tx.insert_event("after", {}).id
+
+
+async def test_rolling_back_an_outer_savepoint_undoes_its_writes(database_url: str) -> None:
+    """Nested savepoints share a name. The inner one, sent and rolled back, is released by
+    a queued command; rolling back the outer one must not stop at the inner one, which the
+    server still has until that command is sent."""
+    async with PostgresStore(database_url, shards=1) as store:
+        await store.run("a", lambda tx: tx.insert_event("seed", {}))
+        assert await store.run("a", _nested_rollbacks) == 2
+        assert await _kinds(store, "a") == [(1, "seed"), (2, "after")]
+
+
+async def test_a_lone_surrogate_fails_only_its_operation(database_url: str) -> None:
+    """JSON keeps a lone surrogate, which UTF-8 cannot carry: the write goes with
+    parameters and asyncpg refuses it alone, instead of breaking the queued text (and the
+    connection, and every operation of the batch) when it is sent."""
+    async with PostgresStore(database_url, shards=1) as store:
+        for actor in ("a", "b"):
+            await store.run(actor, lambda tx: tx.insert_event("seed", {}))
+        results = await _one_batch(
+            store,
+            [
+                ("a", lambda tx: tx.insert_event("a.ok", {}).id),
+                ("b", lambda tx: tx.insert_event("b.bad", {"s": "x\ud800"}).id),
+            ],
+        )
+        assert results[1][1] is not None
+        assert results[0] == (2, None), results[0]
+        assert await _kinds(store, "a") == [(1, "seed"), (2, "a.ok")]
+        assert await _kinds(store, "b") == [(1, "seed")]
