@@ -608,9 +608,18 @@ class LedgerTx:
         self.effects.terminal = True
 
     def request_cancel(
-        self, intent_event_id: int, *, reason: str | None, requested_by: str | None
+        self,
+        intent_event_id: int,
+        *,
+        reason: str | None,
+        requested_by: str | None,
+        row: IntentRow | None = None,
     ) -> bool:
         """Record a cancel request on an intent (first reason wins).
+
+        Args:
+            row: the intent's row as read in this operation, if the caller holds it: it is
+                brought up to date in place, with no need to read it again.
 
         Returns:
             True if this call recorded the request, False if one was already recorded.
@@ -622,7 +631,12 @@ class LedgerTx:
             " cancel_requested_by = ? WHERE id = ? AND cancel_requested_at IS NULL",
             (self.now_ms, reason, requested_by, intent_event_id),
         )
-        return cur.rowcount == 1
+        first = cur.rowcount == 1
+        if first and row is not None:
+            row.cancel_requested_at = self.now_ms
+            row.cancel_reason = reason
+            row.cancel_requested_by = requested_by
+        return first
 
     def note_cancel(self, intent_event_id: int, claimed_by: str | None, reason: str | None) -> None:
         """Ask the store to deliver a cancel wake-up to the process holding the claim."""

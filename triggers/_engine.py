@@ -136,10 +136,8 @@ def cancel_op(
                 intent_event_id=intent_event_id,
                 terminal_status=status,
             )
-        first = tx.request_cancel(row.id, reason=reason, requested_by=requested_by)
+        first = tx.request_cancel(row.id, reason=reason, requested_by=requested_by, row=row)
         if status is IntentStatus.PENDING:
-            row = tx.intent_row(row.id)
-            assert row is not None
             # If commit_cancelled raises, the intent ends failed instead; say so.
             reached = _settle_cancelled(tx, registry, trigger, row, _payload(tx, row.id))
             return CancelResult(
@@ -318,10 +316,9 @@ def settle_op(
         if cancel_requested or (outcome is Outcome.RAISED and isinstance(error, AbortError)):
             if not cancel_requested:
                 assert isinstance(error, AbortError)
-                tx.request_cancel(row.id, reason=reason_text(error.reason), requested_by=None)
-                refreshed = tx.intent_row(row.id)
-                assert refreshed is not None
-                row = refreshed
+                tx.request_cancel(
+                    row.id, reason=reason_text(error.reason), requested_by=None, row=row
+                )
             reached = _settle_cancelled(tx, registry, trigger, row, payload)
             return Settled.CANCELLED if reached is IntentStatus.CANCELLED else Settled.FAILED
         failure = Failure(
