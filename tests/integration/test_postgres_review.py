@@ -25,8 +25,12 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.anyio
 
 BAD_KEY = "key\x00with-nul"
-"""An idempotency key PostgreSQL's text type refuses: the SELECT that looks the key up (a
-*read*, so no savepoint has been sent yet) fails on the server and aborts the transaction."""
+"""An idempotency key PostgreSQL's text type refuses. When these tests were written, the SELECT
+that looks the key up (a *read*, so no savepoint had been sent yet) failed on the server and
+aborted the transaction; ``check_text`` now refuses it before anything is sent. They still pin
+that a refused operation fails alone and leaves its neighbours' writes intact. A read that
+fails on the server itself now fails its whole batch (``docs/postgres.md``, "What differs");
+``test_postgres_queue.py`` covers that side."""
 
 
 def _enqueue_with_bad_key(tx: LedgerTx) -> Any:
