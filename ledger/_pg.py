@@ -429,7 +429,10 @@ class PgConnection:
         try:
             wait_for(self.raw.execute(";\n".join(statements)))
         except Exception:
-            self._check_aborted()
+            # Some of the queue may have run, the rest is lost: whatever the server says of
+            # the transaction, it must not commit. Only a rollback to a savepoint sent
+            # before (whose operation owns all that was queued since) can save it.
+            self.aborted = True
             raise
         for entry in self._savepoints:
             entry[1] = True

@@ -289,3 +289,54 @@ async def test_a_lone_surrogate_fails_only_its_operation(database_url: str) -> N
         assert results[0] == (2, None), results[0]
         assert await _kinds(store, "a") == [(1, "seed"), (2, "a.ok")]
         assert await _kinds(store, "b") == [(1, "seed")]
+
+
+class _FailingSend:
+    """Stands in for the asyncpg connection for one send of the queue, which fails on the
+    client side as a broken driver would: nothing reaches the server, the transaction is
+    intact, and the queued writes are gone."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.raw, name)
+
+    async def execute(self, query: str, *args: Any) -> str:
+        if not args and "EXECUTE dt_w" in query:
+            raise RuntimeError("the driver failed before sending")
+        result: str = await self.raw.execute(query, *args)
+        return result
+
+
+async def test_a_failed_send_of_the_queue_never_commits_without_it(database_url: str) -> None:
+    """a's write waits in the queue; b's read sends it, and the send fails on the client
+    side. b fails; a must not be told its event committed while it was lost."""
+    async with PostgresStore(database_url, shards=1) as store:
+        for actor in ("a", "b"):
+            await store.run(actor, lambda tx: tx.insert_event("seed", {}))
+
+        def b_sends_the_queue(tx: LedgerTx) -> None:
+            conn: Any = tx._file.conn
+            raw = conn.raw
+            tx.insert_event("b.one", {})
+            conn.raw = _FailingSend(raw)
+            try:
+                tx.events()  # b has queued writes: the queue goes first, and fails
+            finally:
+                conn.raw = raw
+
+        results = await _one_batch(
+            store,
+            [
+                ("a", lambda tx: tx.insert_event("a.one", {}).id),
+                ("b", b_sends_the_queue),
+            ],
+        )
+        assert results[1][1] is not None
+        a_events = await _kinds(store, "a")
+        if results[0][1] is None:
+            assert (2, "a.one") in a_events, (results[0], a_events)
+        else:
+            assert a_events == [(1, "seed")]
+        assert await _kinds(store, "b") == [(1, "seed")]
