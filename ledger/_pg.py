@@ -289,8 +289,9 @@ class PgConnection:
                 # The server would refuse it and abort the transaction (a read, too: its
                 # operation's savepoint may not be sent yet). Refused here, it fails alone.
                 raise PayloadError("PostgreSQL text cannot hold NUL characters")
-        rows = head.startswith(_ROWS) or " RETURNING " in sql
-        if self._queue and (not rows or " RETURNING " in sql or self.actor in self._dirty):
+        returning = " RETURNING " in sql
+        rows = returning or head.startswith(_ROWS)
+        if self._queue and (returning or not rows or self.actor in self._dirty):
             self._flush()
         return self._send(sql, parameters, rows)
 

@@ -18,7 +18,12 @@ import pytest
 from ledger import LedgerWriteError, PayloadError
 from ledger._pg import _literal
 from ledger.postgres import PostgresStore
-from tests.integration.test_postgres_review import _kinds, _one_batch
+from tests.integration.test_postgres_review import (
+    _between_neighbours,
+    _kinds,
+    _one_batch,
+    _seed,
+)
 
 if TYPE_CHECKING:
     from ledger import LedgerTx
@@ -115,8 +120,7 @@ async def test_queued_writes_land_in_their_own_actors_ledger(database_url: str) 
     fails and rolls back to its savepoint: that must leave the views on b, not on a (a
     savepoint taken after the switch back to b would be rolled back to a)."""
     async with PostgresStore(database_url, shards=1) as store:
-        for actor in ("a", "b"):
-            await store.run(actor, lambda tx: tx.insert_event("seed", {}))
+        await _seed(store, "a", "b")
 
         def b_fails_after_a_flush(tx: LedgerTx) -> None:
             tx.insert_event("b.undone", {})
@@ -142,7 +146,7 @@ async def test_a_rolled_back_operation_sends_none_of_its_writes(database_url: st
     """Same actor, one batch: the middle operation's queued writes are dropped with its
     savepoint; the ids of the next operation follow on from what is really there."""
     async with PostgresStore(database_url, shards=1) as store:
-        await store.run("a", lambda tx: tx.insert_event("seed", {}))
+        await _seed(store, "a")
 
         def fails(tx: LedgerTx) -> None:
             tx.insert_event("undone.1", {})
@@ -178,8 +182,7 @@ async def test_a_failed_queued_write_fails_the_whole_batch(database_url: str) ->
     operations have run: the batch cannot be cut apart then, so every operation fails,
     nothing is written, and the store goes on working."""
     async with PostgresStore(database_url, shards=1) as store:
-        for actor in ("a", "b"):
-            await store.run(actor, lambda tx: tx.insert_event("seed", {}))
+        await _seed(store, "a", "b")
 
         def duplicate_id(tx: LedgerTx) -> Any:
             tx._file.next_id = 1  # the seed's id: a conflict
@@ -203,16 +206,7 @@ async def test_a_read_with_a_nul_fails_only_its_operation(database_url: str) -> 
     operation's savepoint is sent; the connection refuses it first, so only that
     operation fails."""
     async with PostgresStore(database_url, shards=1) as store:
-        for actor in ("a", "b", "c"):
-            await store.run(actor, lambda tx: tx.insert_event("seed", {}))
-        results = await _one_batch(
-            store,
-            [
-                ("a", lambda tx: tx.insert_event("a.ok", {}).id),
-                ("b", lambda tx: tx.events(kinds=["bad\x00kind"])),
-                ("c", lambda tx: tx.insert_event("c.ok", {}).id),
-            ],
-        )
+        results = await _between_neighbours(store, lambda tx: tx.events(kinds=["bad\x00kind"]))
         assert isinstance(results[1][1], PayloadError)
         assert results[0] == (2, None)
         assert results[2] == (2, None)
@@ -266,7 +260,7 @@ async def test_rolling_back_an_outer_savepoint_undoes_its_writes(database_url: s
     a queued command; rolling back the outer one must not stop at the inner one, which the
     server still has until that command is sent."""
     async with PostgresStore(database_url, shards=1) as store:
-        await store.run("a", lambda tx: tx.insert_event("seed", {}))
+        await _seed(store, "a")
         assert await store.run("a", _nested_rollbacks) == 2
         assert await _kinds(store, "a") == [(1, "seed"), (2, "after")]
 
@@ -276,8 +270,7 @@ async def test_a_lone_surrogate_fails_only_its_operation(database_url: str) -> N
     parameters and asyncpg refuses it alone, instead of breaking the queued text (and the
     connection, and every operation of the batch) when it is sent."""
     async with PostgresStore(database_url, shards=1) as store:
-        for actor in ("a", "b"):
-            await store.run(actor, lambda tx: tx.insert_event("seed", {}))
+        await _seed(store, "a", "b")
         results = await _one_batch(
             store,
             [
@@ -313,8 +306,7 @@ async def test_a_failed_send_of_the_queue_never_commits_without_it(database_url:
     """a's write waits in the queue; b's read sends it, and the send fails on the client
     side. b fails; a must not be told its event committed while it was lost."""
     async with PostgresStore(database_url, shards=1) as store:
-        for actor in ("a", "b"):
-            await store.run(actor, lambda tx: tx.insert_event("seed", {}))
+        await _seed(store, "a", "b")
 
         def b_sends_the_queue(tx: LedgerTx) -> None:
             conn: Any = tx._file.conn

@@ -63,6 +63,28 @@ async def _one_batch(
     return [r for r in results if r is not None]
 
 
+async def _seed(store: PostgresStore, *actors: str) -> None:
+    """Give each actor a ledger holding one event (id 1), each in its own transaction."""
+    for actor in actors:
+        await store.run(actor, lambda tx: tx.insert_event("seed", {}))
+
+
+async def _between_neighbours(
+    store: PostgresStore, fn: Callable[[LedgerTx], Any]
+) -> list[tuple[Any, BaseException | None]]:
+    """Seed a, b and c, then run in one batch: a writes ``a.ok``, b runs ``fn``, c writes
+    ``c.ok``. Returns the three ``(result, error)``."""
+    await _seed(store, "a", "b", "c")
+    return await _one_batch(
+        store,
+        [
+            ("a", lambda tx: tx.insert_event("a.ok", {}).id),
+            ("b", fn),
+            ("c", lambda tx: tx.insert_event("c.ok", {}).id),
+        ],
+    )
+
+
 def _kinds(store: PostgresStore, actor_id: str) -> Any:
     return store.run(actor_id, lambda tx: [(e.id, e.kind) for e in tx.events()], write=False)
 
@@ -72,16 +94,7 @@ async def test_a_failed_read_fails_only_its_own_operation(database_url: str) -> 
     was never sent) must fail alone. Today the transaction stays aborted: the next actor's
     lock fails and every operation of every actor in the batch fails."""
     async with PostgresStore(database_url, shards=1) as store:
-        for actor in ("a", "b", "c"):
-            await store.run(actor, lambda tx: tx.insert_event("seed", {}))
-        results = await _one_batch(
-            store,
-            [
-                ("a", lambda tx: tx.insert_event("a.ok", {}).id),
-                ("b", _enqueue_with_bad_key),
-                ("c", lambda tx: tx.insert_event("c.ok", {}).id),
-            ],
-        )
+        results = await _between_neighbours(store, _enqueue_with_bad_key)
         assert isinstance(results[1][1], LedgerError)
         assert results[0] == (2, None), results[0]
         assert results[2] == (2, None), results[2]
@@ -98,7 +111,7 @@ async def test_a_failed_read_does_not_undo_an_earlier_successful_operation(
     ``ROLLBACK TO op`` is really sent -- to *op1's* savepoint. op1's event is silently
     undone although op1 was answered with its id, and that id is handed out again."""
     async with PostgresStore(database_url, shards=1) as store:
-        await store.run("a", lambda tx: tx.insert_event("seed", {}))
+        await _seed(store, "a")
         results = await _one_batch(
             store,
             [
@@ -124,8 +137,7 @@ async def test_an_operation_never_writes_another_actors_ledger(database_url: str
     savepoint, which also undoes ``set_config('dt.actor', 'b')`` and b's row lock. b's third
     op then runs with ``dt.actor = 'a'``: its event lands in a's ledger."""
     async with PostgresStore(database_url, shards=1) as store:
-        await store.run("a", lambda tx: tx.insert_event("seed", {}))
-        await store.run("b", lambda tx: tx.insert_event("seed", {}))
+        await _seed(store, "a", "b")
         await _one_batch(
             store,
             [
@@ -146,8 +158,7 @@ async def test_a_client_side_read_error_fails_only_its_operation(database_url: s
     fine, but ``PgConnection`` marks it aborted (the savepoint was never sent, so nothing
     clears the flag) and ``commit()`` then fails every operation of the batch."""
     async with PostgresStore(database_url, shards=1) as store:
-        for actor in ("a", "b"):
-            await store.run(actor, lambda tx: tx.insert_event("seed", {}))
+        await _seed(store, "a", "b")
         results = await _one_batch(
             store,
             [
@@ -210,7 +221,7 @@ async def test_a_batch_that_lost_its_connection_runs_its_operations_once(
                 payload=None, due_at=0,
             ),
         )  # fmt: skip
-        await store.run("b", lambda tx: tx.insert_event("seed", {}))
+        await _seed(store, "b")
         slots, taken = Slots(4), Taken()
         claim = claim_op(
             spec.registry, limit=4, host_id="h1", lease_ms=60_000, dead_owners=(),
