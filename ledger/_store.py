@@ -105,6 +105,9 @@ class _Shard:
     done: anyio.Event = field(default_factory=anyio.Event)
     wake: anyio.Event = field(default_factory=anyio.Event)
     files: OrderedDict[str, LedgerFile] = field(default_factory=OrderedDict)
+    idle: dict[str, None] = field(default_factory=dict)
+    """Open ledgers last seen with nothing pending or running, longest idle first: they
+    hibernate before the others."""
     index: IndexDB | None = None
     raises: list[tuple[int | None, str, int]] = field(default_factory=list)
     """Index ``due`` raises put off until after the answers went out (see ``_commit_all``)."""
@@ -516,14 +519,22 @@ class LedgerStore(Store):
     async def run_index(self, fn: Callable[[Directory], T]) -> T:
         """Run ``fn`` with the directory database on a worker thread.
 
+        The ``due`` raises put off by busy shards are applied first, so a poll of due times
+        does not send the scheduler to actors whose work has settled meanwhile (each such
+        look would reopen a hibernated ledger for nothing).
+
         Raises:
             LedgerClosedError: the store is not open.
         """
         if self._closing or self._tg is None:
             raise LedgerClosedError
         shard = self._shards[0]
+        for other in self._shards[1:]:
+            if other.raises:  # each shard's raises are its own worker's to apply
+                await self._workers[other.number].run(self._apply_raises, other)
 
         def call() -> T:
+            self._apply_raises(shard)
             return fn(self._index(shard))
 
         return await self._workers[shard.number].run(call)
@@ -557,9 +568,14 @@ class LedgerStore(Store):
             return file
         budget = max(1, self.max_open // len(self._shards))
         while len(shard.files) >= budget:
-            victim = next((a for a in shard.files if a not in keep), None)
+            # The longest idle actor goes first, so an actor whose claimed attempt has yet
+            # to settle keeps its file; else the least recently used.
+            victim = next((a for a in shard.idle if a not in keep), None)
+            if victim is None:
+                victim = next((a for a in shard.files if a not in keep), None)
             if victim is None:
                 break
+            shard.idle.pop(victim, None)
             evicted = shard.files.pop(victim)
             if self._to_close.qsize() < budget // 8:
                 self._to_close.put(evicted)
@@ -583,6 +599,7 @@ class LedgerStore(Store):
                 file.close()
 
     def _close_shard(self, shard: _Shard) -> None:
+        shard.idle.clear()
         while shard.files:
             _, file = shard.files.popitem(last=False)
             file.close()
@@ -647,6 +664,8 @@ class LedgerStore(Store):
         for state in opened:
             if state.requests and state.needs_index:
                 self._put_off_raise(shard, state, now_ms)
+            elif state.effects.new_due is not None:
+                shard.idle.pop(state.file.actor_id, None)
         return committed, deferred + busy, bool(busy)
 
     def _defer_busy(
@@ -763,7 +782,8 @@ class LedgerStore(Store):
                 state.gen = gens[state.file.actor_id]
 
     def _put_off_raise(self, shard: _Shard, state: _Open, now_ms: int) -> None:
-        """Read the actor's next due time after its commit and queue the conditional raise.
+        """Read the actor's next due time after its commit and queue the conditional raise;
+        note whether the actor is left idle (nothing pending, nothing running).
 
         Read after the commit, not under the lock, so it delays no one: any write that added
         due work since ``gen`` was read under the lock changed ``gen``, which voids the raise.
@@ -774,7 +794,11 @@ class LedgerStore(Store):
         try:
             next_due = LedgerTx(state.file, now_ms, ()).next_due()
         except sqlite3.Error:
+            shard.idle.pop(state.file.actor_id, None)
             return  # ``due`` stays early: harmless
+        shard.idle.pop(state.file.actor_id, None)
+        if next_due is None:
+            shard.idle[state.file.actor_id] = None
         shard.raises.append((next_due, state.file.actor_id, state.gen))
 
     def _apply_raises(self, shard: _Shard) -> None:

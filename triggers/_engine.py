@@ -172,6 +172,9 @@ class Claimed:
 class ClaimResult:
     claimed: list[Claimed]
     more: bool
+    looked_at: int = 0
+    """The transaction's clock reading (taken before it began): a change that a hint
+    reported before this time was visible to it."""
 
 
 def claim_op(
@@ -197,7 +200,7 @@ def claim_op(
         budget = slots.take(limit)
         if budget == 0:
             # No capacity now: the actor stays ready and is claimed when a slot frees.
-            return ClaimResult([], more=True)
+            return ClaimResult([], more=True, looked_at=tx.now_ms)
         try:
             result = claim(tx, budget)
         except BaseException:
@@ -249,7 +252,8 @@ def claim_op(
             # The batch is full: tell the scheduler whether due work is still waiting.
             more = more or tx.has_due_pending(kinds)
         payloads = tx.intent_payloads([row.id for row in rows])
-        return ClaimResult([Claimed(row, payloads.get(row.id)) for row in rows], more)
+        claimed = [Claimed(row, payloads.get(row.id)) for row in rows]
+        return ClaimResult(claimed, more, looked_at=tx.now_ms)
 
     return op
 

@@ -115,7 +115,9 @@ class Scheduler:
         self._lease_ms = round(config.lease * 1000)
         self._ready: dict[str, None] = {}
         self._claiming: set[str] = set()
-        self._recheck: set[str] = set()
+        # Actors hinted while their claim was in flight, with the clock at the latest hint:
+        # the claim looks again unless it began after that hint (and so saw its change).
+        self._recheck: dict[str, int] = {}
         self._slots = Slots(config.max_concurrency)
         self._eager = 0  # enqueues in flight that may claim their intent
         self._running: dict[tuple[str, int], _Attempt] = {}
@@ -142,13 +144,19 @@ class Scheduler:
         """``(actor_id, intent_event_id)`` of the attempts running here."""
         return list(self._running)
 
-    def hint(self, actor_id: str, due_ms: int | None = None) -> None:
-        """Tell the scheduler that ``actor_id`` may have work due at ``due_ms`` (now if None)."""
+    def hint(self, actor_id: str, due_ms: int | None = None, *, seen_at: int | None = None) -> None:
+        """Tell the scheduler that ``actor_id`` may have work due at ``due_ms`` (now if None).
+
+        ``seen_at`` is when the change was seen (the clock when its source was read; now if
+        None): a claim of this actor that began after it needs no second look.
+        """
         if self._stopping:
             return
-        if due_ms is None or due_ms <= self.store.clock():
+        now = self.store.clock()
+        if due_ms is None or due_ms <= now:
             if actor_id in self._claiming:
-                self._recheck.add(actor_id)
+                seen = now if seen_at is None else seen_at
+                self._recheck[actor_id] = max(seen, self._recheck.get(actor_id, seen))
             else:
                 self._ready[actor_id] = None
             self._dispatch_wake.set()
@@ -292,16 +300,16 @@ class Scheduler:
         # and come up, earliest first, in a later poll.
         limit = 4 * self.config.max_concurrency + 256
 
-        def read(index: Directory) -> list[tuple[str, int]]:
-            return index.due_before(horizon, limit)
+        def read(index: Directory) -> tuple[int, list[tuple[str, int]]]:
+            return self.store.clock(), index.due_before(horizon, limit)
 
         try:
-            rows = await self.store.run_index(read)
+            read_at, rows = await self.store.run_index(read)
         except Exception as exc:  # the next poll retries; the ledgers stay the truth
             _log.warning("index_poll_failed", error=str(exc))
             return
         for actor_id, due in rows:
-            self.hint(actor_id, due)
+            self.hint(actor_id, due, seen_at=read_at)
 
     async def _dispatch_loop(self) -> None:
         assert self._tg is not None
@@ -315,7 +323,7 @@ class Scheduler:
             actor_id = next(iter(self._ready))
             del self._ready[actor_id]
             if actor_id in self._claiming:
-                self._recheck.add(actor_id)
+                self._recheck[actor_id] = self.store.clock()
                 continue
             self._start_claim(actor_id)
 
@@ -360,8 +368,8 @@ class Scheduler:
             # Registered before the task starts, so shutdown waits for (and releases) it.
             attempt = self._register(actor_id, claimed)
             self._pool.start_soon(self._attempt, attempt, claimed)
-        if result.more or actor_id in self._recheck:
-            self._recheck.discard(actor_id)
+        hinted = self._recheck.pop(actor_id, None)
+        if result.more or (hinted is not None and hinted >= result.looked_at):
             self._ready[actor_id] = None
         self._dispatch_wake.set()
         self._check_idle()

@@ -505,6 +505,34 @@ async def test_hibernation_after_a_wide_batch(tmp_path: Path) -> None:
             assert len(await host.get(name).events()) == 2
 
 
+async def test_idle_actors_hibernate_before_a_running_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a ledger must close, an actor whose work is all settled goes before one whose
+    claimed attempt is still running, even if the settled one was used more recently: the
+    running one then settles without reopening its file."""
+    from ledger._file import LedgerFile
+
+    opens: list[str] = []
+    real_open = LedgerFile.open.__func__  # type: ignore[attr-defined]
+
+    def counting_open(cls: type[LedgerFile], actor_id: str, *args: Any, **kw: Any) -> Any:
+        opens.append(actor_id)
+        return real_open(cls, actor_id, *args, **kw)
+
+    monkeypatch.setattr(LedgerFile, "open", classmethod(counting_open))
+    gate = Gate()
+    hold = make_trigger("test.hold", gate.acquire)
+    async with open_host(tmp_path, make_trigger(), hold, max_open_ledgers=3) as host:
+        busy = await host.get("busy").enqueue_trigger(trigger_kind="test.hold", payload=None)
+        await gate.wait_started(busy.id)
+        for i in range(6):
+            await run_one(host, f"idle-{i}")
+        gate.open(busy.id)
+        assert (await host.get("busy").wait_for_intent(busy.id)).status == "completed"
+    assert opens.count("busy") == 1, opens
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
 async def test_a_wide_batch_stays_within_max_open(tmp_path: Path) -> None:
     """Even while one batch touches 50 actors, no more than max_open ledgers are open at
@@ -674,6 +702,33 @@ async def test_index_due_is_never_later_than_the_ledger(tmp_path: Path, seed: in
             for a, _k, intent_id in live:
                 await host.get(a).wait_for_intent(intent_id)
         await assert_index_not_late(host, actors)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+async def test_an_index_read_applies_the_put_off_due_raises(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int
+) -> None:
+    """A busy shard puts off raising an actor's due time; a read of the index (the
+    scheduler's poll) applies those raises first, every shard's, so it does not report an
+    actor whose work has already ended as due."""
+    from ledger import _store
+
+    monkeypatch.setattr(_store, "_RAISE_DELAY", 3600.0)  # the shards never idle long enough
+    # One actor per shard (the store spreads actors over shards by hash).
+    names = [
+        next(f"a{i}" for i in range(100) if hash(f"a{i}") % shards == n) for n in range(shards)
+    ]
+    far = START_MS * 2
+    async with open_host(tmp_path, make_trigger(), run_scheduler=False, shards=shards) as client:
+        for name in names:
+            agent = client.get(name)
+            intent = await agent.enqueue_trigger(trigger_kind="test.work", payload=None)
+            cancel = await agent.cancel_trigger(trigger_kind="test.work", intent_event_id=intent.id)
+            assert cancel.status == "cancelled"
+            assert await true_next_due(client, name) is None
+            assert index_dues(tmp_path)[name] is not None  # the raise was put off
+        rows = await client.store.run_index(lambda index: index.due_before(far, 10))
+        assert rows == []
 
 
 async def test_index_due_survives_racing_hosts(tmp_path: Path) -> None:
