@@ -142,6 +142,57 @@ def raw_sqlite_rate(
         conn.close()
 
 
+def raw_cycle_rate(directory: Path, synchronous: str, *, files: int = 2000) -> float:
+    """Cycles/s of the physical limit for waking hibernated actors: stdlib ``sqlite3``.
+
+    ``files`` WAL files are created first (untimed), each with an events table and one
+    intent row, and synced. Then, timed, each file in turn is opened (``synchronous`` and
+    WAL set as the ledger does), written by two transactions of one event INSERT and one
+    UPDATE each (the claim, then the settle) and closed. The last close of a WAL file
+    checkpoints it, syncs it and deletes the ``-wal`` and ``-shm`` files: the cost an actor
+    pays when it wakes from hibernation and goes back to sleep.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"actor-{i}.db" for i in range(files)]
+    for path in paths:
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute(
+                "CREATE TABLE events (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL,"
+                " kind TEXT NOT NULL, payload TEXT NOT NULL, intent_event_id INTEGER)"
+            )
+            conn.execute(
+                "CREATE TABLE intents (id INTEGER PRIMARY KEY, status TEXT NOT NULL,"
+                " attempts INTEGER NOT NULL DEFAULT 0, updated_at INTEGER)"
+            )
+            conn.execute("INSERT INTO intents (id, status) VALUES (1, 'pending')")
+        finally:
+            conn.close()
+    os.sync()
+    started = time.perf_counter()
+    for count, path in enumerate(paths):
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            for kind, status in (("bench.claimed", "running"), ("bench.done", "completed")):
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute(
+                    "INSERT INTO events (ts, kind, payload, intent_event_id) VALUES (?, ?, ?, 1)",
+                    (count, kind, RAW_PAYLOAD),
+                )
+                conn.execute(
+                    "UPDATE intents SET status = ?, attempts = attempts + 1, updated_at = ?"
+                    " WHERE id = 1",
+                    (status, count),
+                )
+                conn.execute("COMMIT")
+        finally:
+            conn.close()
+    return files / (time.perf_counter() - started)
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time a process has used so far, seconds (from /proc/<pid>/stat)."""
     with open(f"/proc/{pid}/stat") as fh:
