@@ -28,7 +28,7 @@ _BUSY_MS = 50
 class LedgerFile:
     """An open SQLite connection to one actor's ledger, verified to belong to that actor."""
 
-    __slots__ = ("actor_id", "conn", "next_id", "path", "relpath")
+    __slots__ = ("actor_id", "conn", "next_id", "no_due_pending", "path", "relpath")
 
     def __init__(self, actor_id: str, path: Path, relpath: str, conn: sqlite3.Connection) -> None:
         self.actor_id = actor_id
@@ -38,6 +38,8 @@ class LedgerFile:
         # The next event id while a write transaction is open (writers are serialized, so it
         # is max(id) + 1); None when unknown. Reset at BEGIN and after a rollback.
         self.next_id: int | None = None
+        # SQLite reads cost no round trip: has_due_pending always asks the file.
+        self.no_due_pending = False
 
     @classmethod
     def open(

@@ -484,12 +484,13 @@ class PgConnection:
 class _Scope:
     """One actor's ledger inside a batch transaction (``dt.actor`` set to it)."""
 
-    __slots__ = ("actor_id", "conn", "next_id")
+    __slots__ = ("actor_id", "conn", "next_id", "no_due_pending")
 
     def __init__(self, actor_id: str, conn: PgConnection) -> None:
         self.actor_id = actor_id
         self.conn = conn
         self.next_id: int | None = None
+        self.no_due_pending = False
 
     def write(self, sql: str, parameters: Sequence[Any], /) -> None:
         """Queue a write whose result nobody reads (sent with the next statement that needs
@@ -942,14 +943,17 @@ class PostgresStore(Store):
         self, conn: PgConnection, scope: _Scope, write: bool, create: bool, now_ms: int
     ) -> bool:
         """Lock the actor's row (creating it if asked) and point the views at it; a writer
-        also learns the next event id in the same round trip."""
+        also learns, in the same round trip, the next event id and whether any intent is
+        pending and due (if none, an eager claim's fairness check needs no read)."""
         actor_id = scope.actor_id
+        params: tuple[str | int, ...]
         if write:
             lock = (
-                "SELECT set_config('dt.actor', ?, true), last_event_id"
-                " FROM actor_ledgers WHERE actor_id = ? FOR UPDATE"
+                "SELECT set_config('dt.actor', ?, true), last_event_id, NOT EXISTS ("
+                "SELECT 1 FROM all_intents WHERE actor_id = ? AND status = 'pending'"
+                " AND due_at <= ?) FROM actor_ledgers WHERE actor_id = ? FOR UPDATE"
             )
-            params: tuple[str, ...] = (actor_id, actor_id)
+            params = (actor_id, actor_id, now_ms, actor_id)
         else:
             lock = (
                 "SELECT set_config('dt.actor', ?, true) FROM actor_ledgers"
@@ -968,4 +972,5 @@ class PostgresStore(Store):
             return False
         if write:
             scope.next_id = int(row[1] or 0) + 1
+            scope.no_due_pending = bool(row[2])
         return True

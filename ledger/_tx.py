@@ -62,11 +62,14 @@ class LedgerHandle(Protocol):
     """One actor's ledger inside an open transaction: a SQLite file or a PostgreSQL scope.
 
     ``next_id`` caches the next event id while a write transaction is open (writers of one
-    actor are serialized); None when unknown.
+    actor are serialized); None when unknown. ``no_due_pending`` is True while the open
+    transaction knows that no intent of the actor is pending and due at its clock: a backend
+    may learn it with its lock, and any write that may make an intent due clears it.
     """
 
     actor_id: str
     next_id: int | None
+    no_due_pending: bool
 
     @property
     def conn(self) -> Connection: ...
@@ -216,7 +219,8 @@ class LedgerTx:
         effects: what this operation changed (read by the store after commit).
     """
 
-    __slots__ = ("_file", "_pending_events", "_projections", "actor_id", "effects", "now_ms")
+    __slots__ = ("_appended", "_file", "_pending_events", "_projections", "actor_id", "effects",
+                 "now_ms")  # fmt: skip
 
     def __init__(
         self, file: LedgerHandle, now_ms: int, projections: Sequence[Projection[Any]]
@@ -226,6 +230,7 @@ class LedgerTx:
         self._pending_events: list[Event] = []
         self.actor_id = file.actor_id
         self.now_ms = now_ms
+        self._appended: int | None = None
         self.effects = TxEffects()
 
     # -- events ---------------------------------------------------------------------------
@@ -351,6 +356,8 @@ class LedgerTx:
             " VALUES (?, ?, 'pending', ?, ?, ?)",
             (event.id, trigger_kind, due_at, self.now_ms, idempotency_key),
         )
+        # Only this intent may now be due: ``claim_new`` of it restores the knowledge.
+        self._appended = event.id if self._file.no_due_pending else None
         self._note_due(due_at)
         return event, True
 
@@ -449,6 +456,8 @@ class LedgerTx:
         )
         self._file.write(_CLAIM, (token, host_id, lease_until, row.attempts, row.id))
         self.effects.due_may_rise = True
+        if self._appended == event.id:
+            self._file.no_due_pending = True  # as it was before ``append_intent``
         return row
 
     def reclaim(self, row: IntentRow, *, token: str, host_id: str, lease_until: int) -> IntentRow:
@@ -466,6 +475,8 @@ class LedgerTx:
 
     def has_due_pending(self, kinds: Sequence[str]) -> bool:
         """True if an intent of ``kinds`` is pending and due now."""
+        if self._file.no_due_pending:
+            return False
         row = self._file.conn.execute(
             "SELECT 1 FROM intents WHERE status = 'pending' AND due_at <= ?"
             f" AND trigger_kind IN ({','.join('?' * len(kinds))}) LIMIT 1",
@@ -678,6 +689,8 @@ class LedgerTx:
         return None if row[0] is None else int(row[0])
 
     def _note_due(self, due_at: int) -> None:
+        if due_at <= self.now_ms:
+            self._file.no_due_pending = False
         current = self.effects.new_due
         if current is None or due_at < current:
             self.effects.new_due = due_at

@@ -148,14 +148,16 @@ class Scheduler:
         """Tell the scheduler that ``actor_id`` may have work due at ``due_ms`` (now if None).
 
         ``seen_at`` is when the change was seen (the clock when its source was read; now if
-        None): a claim of this actor that began after it needs no second look.
+        None): a claim of this actor whose transaction began after it, and after ``due_ms``,
+        needs no second look. Every hint must report something such a claim sees: a change
+        committed to the ledger, or a dead owner (claims read the dead owners as they run).
         """
         if self._stopping:
             return
         now = self.store.clock()
         if due_ms is None or due_ms <= now:
             if actor_id in self._claiming:
-                seen = now if seen_at is None else seen_at
+                seen = now if seen_at is None else max(seen_at, due_ms or seen_at)
                 self._recheck[actor_id] = max(seen, self._recheck.get(actor_id, seen))
             else:
                 self._ready[actor_id] = None
@@ -330,17 +332,21 @@ class Scheduler:
     def _start_claim(self, actor_id: str) -> None:
         """Queue a claim transaction for ``actor_id``; ``_claimed`` handles its result."""
         taken = Taken()
-        op = claim_op(
-            self.registry,
-            limit=self.config.claim_batch,
-            host_id=self.host_id,
-            lease_ms=self._lease_ms,
-            dead_owners=self._dead_owners(),
-            own_tokens=self._tokens,  # read on the worker thread; membership tests only
-            max_redrives=self.config.max_redrives,
-            slots=self._slots,
-            taken=taken,
-        )
+
+        def op(tx: LedgerTx) -> ClaimResult:
+            # Built as the transaction runs, not when it is queued: the owners known to be
+            # dead by then count (a rescan's hint relies on it, see ``hint``).
+            return claim_op(
+                self.registry,
+                limit=self.config.claim_batch,
+                host_id=self.host_id,
+                lease_ms=self._lease_ms,
+                dead_owners=self._dead_owners(),
+                own_tokens=self._tokens,  # read on the worker thread; membership tests only
+                max_redrives=self.config.max_redrives,
+                slots=self._slots,
+                taken=taken,
+            )(tx)
 
         def after(result: ClaimResult | None, error: BaseException | None) -> None:
             self._claimed(actor_id, taken, result, error)

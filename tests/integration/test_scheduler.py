@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
 
 from ledger import ms_to_datetime
 from tests.helpers import ManualClock, fast_config, make_trigger, open_host
+from triggers._engine import claim_op
 from triggers._scheduler import Scheduler
+from triggers._slots import Slots, Taken
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -49,12 +51,7 @@ async def test_a_hint_seen_before_the_claim_began_needs_no_second_look(
             trigger_kind="test.work", payload=None, at=ms_to_datetime(clock() + HOUR_MS)
         )
         # Hold the ledger worker so that the claim stays queued while the hint arrives.
-        entered, release = threading.Event(), threading.Event()
-
-        def hold(tx: LedgerTx) -> None:
-            entered.set()
-            release.wait()
-
+        entered, release, hold = _hold()
         async with anyio.create_task_group() as tg:
             tg.start_soon(host.store.run, "blocker", hold)
             try:
@@ -70,3 +67,164 @@ async def test_a_hint_seen_before_the_claim_began_needs_no_second_look(
         assert state.status == "completed"
         await anyio.wait_all_tasks_blocked()  # a second look, if any, has been queued
     assert started == ["a"] * claims
+
+
+def _hold() -> tuple[threading.Event, threading.Event, Any]:
+    """A store operation that holds the ledger worker from ``entered`` until ``release``."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(tx: LedgerTx) -> None:
+        entered.set()
+        release.wait(10)
+
+    return entered, release, hold
+
+
+def _watch_claims(monkeypatch: pytest.MonkeyPatch) -> tuple[anyio.Event, list[bool]]:
+    """An event set once the first claim's answer for "a" has been handled, and whether the
+    scheduler then meant to look at "a" again (read right after that answer)."""
+    done = anyio.Event()
+    again: list[bool] = []
+    real = Scheduler._claimed
+
+    def claimed(self: Scheduler, actor_id: str, *args: Any) -> None:
+        real(self, actor_id, *args)
+        if actor_id == "a" and not again:
+            again.append(_looks_again(self, actor_id))
+            done.set()
+
+    monkeypatch.setattr(Scheduler, "_claimed", claimed)
+    return done, again
+
+
+def _looks_again(scheduler: Scheduler, actor_id: str) -> bool:
+    """The actor's work runs here, or the scheduler will look at the actor again."""
+    return (
+        any(key[0] == actor_id for key in scheduler._running)
+        or actor_id in scheduler._ready
+        or actor_id in scheduler._claiming
+        or actor_id in scheduler._armed
+    )
+
+
+async def test_a_rescan_during_a_queued_claim_redrives_the_dead_owners_claim(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim queued before a peer was found dead carries the old ``dead_owners`` list. The
+    rescan's hint that follows the discovery must send the scheduler back to the actor, even
+    though the queued claim's transaction begins after the hint: that claim cannot redrive
+    the dead peer's attempt. Otherwise the redrive waits for the lease to run out."""
+    clock = ManualClock()
+    # The dead peer's attempt: claimed by "ghost" with a lease far in the future.
+    async with open_host(tmp_path, make_trigger(), run_scheduler=False, clock=clock) as client:
+        agent = client.get("a")
+        intent = await agent.enqueue_trigger(
+            trigger_kind="test.work", payload=None, at=ms_to_datetime(clock() + 3 * HOUR_MS)
+        )
+        clock.advance(3 * HOUR_MS)
+        ghost = claim_op(
+            client.spec.registry, limit=10, host_id="ghost", lease_ms=10 * HOUR_MS,
+            dead_owners=(), own_tokens=frozenset(), max_redrives=5, slots=Slots(10),
+            taken=Taken(),
+        )  # fmt: skip
+        assert len((await client.store.run("a", ghost)).claimed) == 1
+
+    done, again = _watch_claims(monkeypatch)
+    config = fast_config(poll_interval=3600.0, lease=3600.0)
+    async with open_host(tmp_path, make_trigger(), clock=clock, config=config) as host:
+        scheduler = host.scheduler
+        assert scheduler is not None
+        dead: list[str] = []
+        scheduler._dead_owners = lambda: list(dead)  # what the host's registry says
+        entered, release, hold = _hold()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(host.store.run, "blocker", hold)
+            try:
+                assert await anyio.to_thread.run_sync(entered.wait, 10)
+                scheduler.hint("a")  # some change: a claim is queued (ghost still alive)
+                await anyio.wait_all_tasks_blocked()
+                assert "a" in scheduler._claiming
+                dead.append("ghost")  # the registry refresh finds the peer dead ...
+                scheduler.hint("a")  # ... and its rescan hints the actor, as rescan() does
+                clock.advance(1)  # time passes before the queued claim runs
+            finally:
+                release.set()
+            with anyio.fail_after(10):
+                await done.wait()
+        assert again == [True], "nothing redrives the dead peer's attempt before its lease ends"
+        with anyio.fail_after(10):
+            assert (await host.get("a").wait_for_intent(intent.id)).status == "completed"
+
+
+async def test_a_poll_row_that_fell_due_after_the_read_still_gets_a_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll reads at R a row due at D > R; by the time its hints go out the clock is past
+    D, so the hint marks the actor ready, with ``seen_at=R`` and no timer. A claim of the
+    actor that looked at R < looked_at < D found nothing due, yet is taken to have covered
+    the hint: the intent then waits for the next poll (a whole poll interval)."""
+    clock = ManualClock()
+    start = clock()
+    due = start + 2 * HOUR_MS  # beyond the first poll's horizon (start + 1 hour)
+    async with open_host(tmp_path, make_trigger(), run_scheduler=False, clock=clock) as client:
+        intent = await client.get("a").enqueue_trigger(
+            trigger_kind="test.work", payload=None, at=ms_to_datetime(due)
+        )
+
+    done, again = _watch_claims(monkeypatch)
+    config = fast_config(poll_interval=3600.0)
+    async with open_host(tmp_path, make_trigger(), clock=clock, config=config) as host:
+        scheduler = host.scheduler
+        store = host.store
+        assert scheduler is not None
+        await anyio.wait_all_tasks_blocked()
+        assert not _looks_again(scheduler, "a")  # the first poll did not reach it
+        clock.now = due - 20
+        entered1, release1, hold1 = _hold()
+        entered2, release2, hold2 = _hold()
+        real_run_index = store.run_index
+
+        async def run_index(fn: Any) -> Any:
+            if "_poll" not in fn.__qualname__:
+                return await real_run_index(fn)
+
+            def read(index: Any) -> Any:
+                result = fn(index)  # read at due - 20
+                clock.advance(5)  # the claim's batch starts at due - 15
+                return result
+
+            result = await real_run_index(read)
+            await anyio.to_thread.run_sync(entered2.wait, 10)  # the claim has looked
+            clock.advance(30)  # the hints go out at due + 15
+            return result
+
+        monkeypatch.setattr(store, "run_index", run_index)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(store.run, "b1", hold1)
+            try:
+                assert await anyio.to_thread.run_sync(entered1.wait, 10)
+                scheduler.hint("a")  # some change of "a": its claim is queued
+                await anyio.wait_all_tasks_blocked()
+                assert "a" in scheduler._claiming
+                tg.start_soon(store.run, "b2", hold2)  # runs in the claim's batch, after it
+                polled = anyio.Event()
+
+                async def poll() -> None:
+                    await scheduler._poll(clock())
+                    polled.set()
+
+                tg.start_soon(poll)  # its read is queued on the worker before the claim
+                await anyio.wait_all_tasks_blocked()
+                release1.set()
+                with anyio.fail_after(10):
+                    await polled.wait()  # the poll's hint arrived during the claim
+                assert "a" in scheduler._recheck
+            finally:
+                release1.set()
+                release2.set()
+            with anyio.fail_after(10):
+                await done.wait()
+        assert clock() >= due
+        assert again == [True], "the intent, due now, waits for the next poll"
+        with anyio.fail_after(10):
+            assert (await host.get("a").wait_for_intent(intent.id)).status == "completed"
