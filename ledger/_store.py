@@ -106,8 +106,8 @@ class _Shard:
     wake: anyio.Event = field(default_factory=anyio.Event)
     files: OrderedDict[str, LedgerFile] = field(default_factory=OrderedDict)
     idle: dict[str, None] = field(default_factory=dict)
-    """Open ledgers last seen with nothing pending or running, longest idle first: they
-    hibernate before the others."""
+    """Open ledgers last seen with nothing pending or running, least recently used first:
+    they hibernate before the others."""
     index: IndexDB | None = None
     raises: list[tuple[int | None, str, int]] = field(default_factory=list)
     """Index ``due`` raises put off until after the answers went out (see ``_commit_all``)."""
@@ -565,11 +565,14 @@ class LedgerStore(Store):
         file = shard.files.get(actor_id)
         if file is not None:
             shard.files.move_to_end(actor_id)
+            if actor_id in shard.idle:  # still idle, but just used: the last of them to go
+                del shard.idle[actor_id]
+                shard.idle[actor_id] = None
             return file
         budget = max(1, self.max_open // len(self._shards))
         while len(shard.files) >= budget:
-            # The longest idle actor goes first, so an actor whose claimed attempt has yet
-            # to settle keeps its file; else the least recently used.
+            # The least recently used idle actor goes first, so an actor whose claimed
+            # attempt has yet to settle keeps its file; else the least recently used.
             victim = next((a for a in shard.idle if a not in keep), None)
             if victim is None:
                 victim = next((a for a in shard.files if a not in keep), None)

@@ -462,6 +462,21 @@ def test_invalid_synchronous_is_refused(tmp_path: Path, value: Any) -> None:
 # -- hibernation -----------------------------------------------------------------------------
 
 
+def count_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The actor of every ledger file opened from now on, in order."""
+    from ledger._file import LedgerFile
+
+    opens: list[str] = []
+    real_open = LedgerFile.open.__func__  # type: ignore[attr-defined]
+
+    def counting_open(cls: type[LedgerFile], actor_id: str, *args: Any, **kw: Any) -> Any:
+        opens.append(actor_id)
+        return real_open(cls, actor_id, *args, **kw)
+
+    monkeypatch.setattr(LedgerFile, "open", classmethod(counting_open))
+    return opens
+
+
 def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -511,16 +526,7 @@ async def test_idle_actors_hibernate_before_a_running_one(
     """When a ledger must close, an actor whose work is all settled goes before one whose
     claimed attempt is still running, even if the settled one was used more recently: the
     running one then settles without reopening its file."""
-    from ledger._file import LedgerFile
-
-    opens: list[str] = []
-    real_open = LedgerFile.open.__func__  # type: ignore[attr-defined]
-
-    def counting_open(cls: type[LedgerFile], actor_id: str, *args: Any, **kw: Any) -> Any:
-        opens.append(actor_id)
-        return real_open(cls, actor_id, *args, **kw)
-
-    monkeypatch.setattr(LedgerFile, "open", classmethod(counting_open))
+    opens = count_opens(monkeypatch)
     gate = Gate()
     hold = make_trigger("test.hold", gate.acquire)
     async with open_host(tmp_path, make_trigger(), hold, max_open_ledgers=3) as host:
@@ -531,6 +537,21 @@ async def test_idle_actors_hibernate_before_a_running_one(
         gate.open(busy.id)
         assert (await host.get("busy").wait_for_intent(busy.id)).status == "completed"
     assert opens.count("busy") == 1, opens
+
+
+async def test_of_idle_actors_the_least_recently_used_hibernates_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading an idle actor keeps it open longer than an idle actor nobody used since."""
+    opens = count_opens(monkeypatch)
+    async with open_host(tmp_path, make_trigger(), max_open_ledgers=2) as host:
+        await run_one(host, "first")
+        await run_one(host, "second")
+        await host.get("first").events()  # now "second" is the idle one used least recently
+        await run_one(host, "third")  # one of the two must close
+        await host.get("first").events()
+    assert opens.count("first") == 1, opens
+    assert opens.count("second") == 1, opens
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
