@@ -63,8 +63,9 @@ class LedgerHandle(Protocol):
 
     ``next_id`` caches the next event id while a write transaction is open (writers of one
     actor are serialized); None when unknown. ``no_due_pending`` is True while the open
-    transaction knows that no intent of the actor is pending and due at its clock: a backend
-    may learn it with its lock, and any write that may make an intent due clears it.
+    transaction believes that no intent of the actor is pending and due at its clock: a
+    backend may learn it with its lock, and any write that may make an intent due clears it
+    (see ``LedgerTx.has_due_pending`` for what it may miss).
     """
 
     actor_id: str
@@ -473,9 +474,15 @@ class LedgerTx:
         self.effects.due_may_rise = True
         return row
 
-    def has_due_pending(self, kinds: Sequence[str]) -> bool:
-        """True if an intent of ``kinds`` is pending and due now."""
-        if self._file.no_due_pending:
+    def has_due_pending(self, kinds: Sequence[str], *, from_lock: bool = False) -> bool:
+        """True if an intent of ``kinds`` is pending and due now.
+
+        With ``from_lock``, the answer may come from what the actor's lock learned
+        (``no_due_pending``) without a read. That knowledge misses an intent that another
+        host committed while the lock waited: good enough for an eager claim's fairness,
+        not for deciding whether due work is left.
+        """
+        if from_lock and self._file.no_due_pending:
             return False
         row = self._file.conn.execute(
             "SELECT 1 FROM intents WHERE status = 'pending' AND due_at <= ?"

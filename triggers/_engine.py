@@ -83,7 +83,11 @@ def enqueue_op(
 
     def op(tx: LedgerTx) -> Enqueued:
         due = tx.now_ms if due_at is None else due_at
-        eager_ok = eager is not None and due <= tx.now_ms and not tx.has_due_pending(eager.kinds)
+        eager_ok = (
+            eager is not None
+            and due <= tx.now_ms
+            and not tx.has_due_pending(eager.kinds, from_lock=True)
+        )
         event, created = tx.append_intent(
             trigger_kind=trigger.kind,
             intent_event_kind=trigger.intent_event_kind,

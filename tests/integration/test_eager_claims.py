@@ -1,5 +1,7 @@
 """An enqueue that claims its own due intent at once (an eager claim) lets older due work
-go first, also when earlier operations of the same batch changed what is due."""
+go first, also when earlier operations of the same batch changed what is due; a full claim
+says whether due work is left, also when another host committed it while the claim waited
+for the actor's lock."""
 
 from __future__ import annotations
 
@@ -9,8 +11,11 @@ import anyio
 import pytest
 
 from ledger import dump_json
+from ledger._bridge import wait_for
+from tests import helpers
 from tests.helpers import make_trigger, open_store
-from triggers._engine import EagerClaim, Enqueued, enqueue_op
+from triggers._engine import ClaimResult, EagerClaim, Enqueued, claim_op, enqueue_op
+from triggers._slots import Slots, Taken
 from triggers._spec import TriggerRegistry
 
 if TYPE_CHECKING:
@@ -27,7 +32,9 @@ EAGER = EagerClaim("host-a", 60_000, REGISTRY.kinds)
 ACTOR = "eager"
 
 
-def enqueue(n: int, *, eager: bool, due_at: int | None = None) -> Callable[[LedgerTx], Enqueued]:
+def enqueue(
+    n: int, *, eager: bool = False, due_at: int | None = None
+) -> Callable[[LedgerTx], Enqueued]:
     payload = {"n": n}
     return enqueue_op(
         TRIGGER, payload, dump_json(payload), due_at, None, 0, EAGER if eager else None
@@ -100,3 +107,142 @@ async def test_eager_claims_follow_the_writes_earlier_in_their_batch(tmp_path: P
         assert isinstance(results[3], RuntimeError)
         outcome = [claimed(r) for i, r in enumerate(results) if i != 3]
         assert outcome == [True, True, False, True, False, False]
+
+
+NOW = 1_000_000
+
+
+def clock() -> int:
+    return NOW
+
+
+def claim(limit: int) -> Callable[[LedgerTx], ClaimResult]:
+    return claim_op(
+        REGISTRY,
+        limit=limit,
+        host_id="host-a",
+        lease_ms=60_000,
+        dead_owners=(),
+        own_tokens=set(),
+        max_redrives=5,
+        slots=Slots(100),
+        taken=Taken(),
+    )
+
+
+class Pending:
+    """One queued operation: ``done`` is set once it has run; ``value`` is its result or
+    its error."""
+
+    def __init__(self, store: Store, op: Callable[[LedgerTx], Any]) -> None:
+        self.done = anyio.Event()
+        self.value: Any = None
+        store.submit(ACTOR, op, self._after)
+
+    def _after(self, result: Any, error: BaseException | None) -> None:
+        self.value = error if error is not None else result
+        self.done.set()
+
+
+async def wait_for_lock_waiter(url: str) -> None:
+    """Return once some backend of the test database waits for a row lock (each check is a
+    round trip to the server; nothing sleeps)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        with anyio.fail_after(10):
+            while not await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ):
+                pass
+    finally:
+        await conn.close()
+
+
+async def test_a_full_claim_says_more_when_due_work_came_in_while_it_waited_for_the_lock(
+    tmp_path: Path, backend: str
+) -> None:
+    """Another host commits two due intents while this claim (of one) waits for the actor's
+    lock; the claim takes one and must say that more is due."""
+    if backend != "postgres":
+        pytest.skip("the lock's knowledge of what is due exists on PostgreSQL only")
+    url = helpers.DATABASE_URL
+    assert url is not None
+    async with (
+        open_store(tmp_path, shards=1, clock=clock) as host_a,
+        open_store(tmp_path, shards=1, clock=clock) as host_b,
+    ):
+        await host_a.run(ACTOR, lambda tx: None)  # the actor exists, nothing is due
+
+        # Host B records two due intents and keeps its transaction (and the lock) open.
+        holding, gate = anyio.Event(), anyio.Event()
+
+        def hold(tx: LedgerTx) -> None:
+            enqueue(1)(tx)
+            enqueue(2)(tx)
+            holding.set()
+            wait_for(gate.wait())  # the batch stays open, the actor's row stays locked
+
+        b_op = Pending(host_b, hold)
+        with anyio.fail_after(10):
+            await holding.wait()
+
+        # Host A's claim (batch of one) locks the actor: it waits for B.
+        a_op = Pending(host_a, claim(1))
+        await wait_for_lock_waiter(url)
+        gate.set()
+        with anyio.fail_after(10):
+            await b_op.done.wait()
+            await a_op.done.wait()
+        b_result, a_result = b_op.value, a_op.value
+        assert b_result is None, b_result
+        assert isinstance(a_result, ClaimResult), a_result
+        # The claim saw B's intents (its claim read is a later statement) and took one ...
+        assert len(a_result.claimed) == 1
+
+        # ... and one due intent is left pending, as a fresh transaction confirms.
+        def still_due(tx: LedgerTx) -> bool:
+            return tx.has_due_pending(REGISTRY.kinds)
+
+        assert await host_a.run(ACTOR, still_due)
+        # A full batch with due work left must say so, though the lock's snapshot predates
+        # B's commit (else the scheduler would rely on B's wake-up or the next poll).
+        assert a_result.more, "claim_op reported more=False while a due intent was pending"
+
+
+async def test_rolled_back_operations_leave_no_stale_knowledge(tmp_path: Path) -> None:
+    """An eager enqueue rolled back after its claim, and a nested savepoint that appended and
+    rolled back, leave what the batch knows to be due right."""
+
+    def eager_then_fail(tx: LedgerTx) -> None:
+        enqueue(10, eager=True)(tx)
+        raise RuntimeError("rolled back")
+
+    def nested(tx: LedgerTx) -> None:
+        try:
+            with tx.savepoint():
+                enqueue(11)(tx)
+                raise RuntimeError("inner")
+        except RuntimeError:
+            pass
+
+    async with open_store(tmp_path, clock=clock) as store:
+        await store.run(ACTOR, lambda tx: None)
+        # Queued with no await in between: one batch, one lock, one flag.
+        ops = [
+            Pending(store, eager_then_fail),
+            Pending(store, nested),
+            Pending(store, enqueue(12)),  # due, left pending
+            Pending(store, enqueue(13, eager=True)),  # must not overtake 12
+            Pending(store, claim(1)),
+        ]
+        with anyio.fail_after(10):
+            for op in ops:
+                await op.done.wait()
+        assert isinstance(ops[0].value, RuntimeError)
+        assert ops[3].value.claimed is None
+        result = ops[4].value
+        assert len(result.claimed) == 1
+        assert result.more  # 13 is still due
