@@ -84,6 +84,18 @@ def rate(count: float, seconds: float) -> str:
 RAW_PAYLOAD = json.dumps({"kind": "bench", "pad": "x" * 172}, separators=(",", ":"))
 
 
+def _create_raw_tables(conn: sqlite3.Connection) -> None:
+    """The events and intents tables of the raw baselines, shaped like the ledger's."""
+    conn.execute(
+        "CREATE TABLE events (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL, kind TEXT NOT NULL,"
+        " payload TEXT NOT NULL, intent_event_id INTEGER)"
+    )
+    conn.execute(
+        "CREATE TABLE intents (id INTEGER PRIMARY KEY, status TEXT NOT NULL,"
+        " attempts INTEGER NOT NULL DEFAULT 0, updated_at INTEGER)"
+    )
+
+
 def raw_sqlite_rate(
     path: Path, synchronous: str, *, seconds: float = 3.0, intents: int = 1000
 ) -> float:
@@ -100,18 +112,11 @@ def raw_sqlite_rate(
     try:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute(f"PRAGMA synchronous = {synchronous}")
-        conn.execute(
-            "CREATE TABLE events (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL, kind TEXT NOT NULL,"
-            " payload TEXT NOT NULL, intent_event_id INTEGER)"
-        )
+        _create_raw_tables(conn)
         # The ledger's events table carries this index too (it serves reads by intent).
         conn.execute(
             "CREATE INDEX events_by_intent ON events (intent_event_id)"
             " WHERE intent_event_id IS NOT NULL"
-        )
-        conn.execute(
-            "CREATE TABLE intents (id INTEGER PRIMARY KEY, status TEXT NOT NULL,"
-            " attempts INTEGER NOT NULL DEFAULT 0, updated_at INTEGER)"
         )
         conn.executemany(
             "INSERT INTO intents (id, status) VALUES (?, 'pending')",
@@ -158,14 +163,7 @@ def raw_cycle_rate(directory: Path, synchronous: str, *, files: int = 2000) -> f
         conn = sqlite3.connect(path, isolation_level=None)
         try:
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.execute(
-                "CREATE TABLE events (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL,"
-                " kind TEXT NOT NULL, payload TEXT NOT NULL, intent_event_id INTEGER)"
-            )
-            conn.execute(
-                "CREATE TABLE intents (id INTEGER PRIMARY KEY, status TEXT NOT NULL,"
-                " attempts INTEGER NOT NULL DEFAULT 0, updated_at INTEGER)"
-            )
+            _create_raw_tables(conn)
             conn.execute("INSERT INTO intents (id, status) VALUES (1, 'pending')")
         finally:
             conn.close()

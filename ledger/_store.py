@@ -794,12 +794,11 @@ class LedgerStore(Store):
         look), so the raises wait until the answers are out: they run in a hop of their own
         once the shard is idle (or in a batch, when too many have piled up).
         """
+        shard.idle.pop(state.file.actor_id, None)
         try:
             next_due = LedgerTx(state.file, now_ms, ()).next_due()
         except sqlite3.Error:
-            shard.idle.pop(state.file.actor_id, None)
             return  # ``due`` stays early: harmless
-        shard.idle.pop(state.file.actor_id, None)
         if next_due is None:
             shard.idle[state.file.actor_id] = None
         shard.raises.append((next_due, state.file.actor_id, state.gen))

@@ -157,8 +157,11 @@ class Scheduler:
         now = self.store.clock()
         if due_ms is None or due_ms <= now:
             if actor_id in self._claiming:
-                seen = now if seen_at is None else max(seen_at, due_ms or seen_at)
-                self._recheck[actor_id] = max(seen, self._recheck.get(actor_id, seen))
+                if seen_at is None:
+                    seen_at = now
+                elif due_ms is not None:
+                    seen_at = max(seen_at, due_ms)  # it became due only then
+                self._recheck_after(actor_id, seen_at)
             else:
                 self._ready[actor_id] = None
             self._dispatch_wake.set()
@@ -325,9 +328,14 @@ class Scheduler:
             actor_id = next(iter(self._ready))
             del self._ready[actor_id]
             if actor_id in self._claiming:
-                self._recheck[actor_id] = self.store.clock()
+                self._recheck_after(actor_id, self.store.clock())
                 continue
             self._start_claim(actor_id)
+
+    def _recheck_after(self, actor_id: str, seen_at: int) -> None:
+        """Have the claim in flight for ``actor_id`` look again unless it began after
+        ``seen_at`` (the latest such time counts)."""
+        self._recheck[actor_id] = max(seen_at, self._recheck.get(actor_id, seen_at))
 
     def _start_claim(self, actor_id: str) -> None:
         """Queue a claim transaction for ``actor_id``; ``_claimed`` handles its result."""

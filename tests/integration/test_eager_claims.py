@@ -54,25 +54,11 @@ def failing(op: Callable[[LedgerTx], Any]) -> Callable[[LedgerTx], Any]:
 async def one_batch(store: Store, ops: list[Callable[[LedgerTx], Any]]) -> list[Any]:
     """Run ``ops`` on one actor, queued together so that they share one batch; each gives
     its result or its error."""
-    results: list[Any] = [None] * len(ops)
-    done = anyio.Event()
-    left = len(ops)
-
-    def after(i: int) -> Callable[[Any, BaseException | None], None]:
-        def record(result: Any, error: BaseException | None) -> None:
-            nonlocal left
-            results[i] = error if error is not None else result
-            left -= 1
-            if not left:
-                done.set()
-
-        return record
-
-    for i, op in enumerate(ops):
-        store.submit(ACTOR, op, after(i))
+    pending = [Pending(store, op) for op in ops]  # no await in between: one batch
     with anyio.fail_after(10):
-        await done.wait()
-    return results
+        for each in pending:
+            await each.done.wait()
+    return [each.value for each in pending]
 
 
 def claimed(result: Any) -> bool:
