@@ -28,7 +28,7 @@ _BUSY_MS = 50
 class LedgerFile:
     """An open SQLite connection to one actor's ledger, verified to belong to that actor."""
 
-    __slots__ = ("actor_id", "conn", "next_id", "no_due_pending", "path", "relpath")
+    __slots__ = ("_busy_ms", "actor_id", "conn", "next_id", "no_due_pending", "path", "relpath")
 
     def __init__(self, actor_id: str, path: Path, relpath: str, conn: sqlite3.Connection) -> None:
         self.actor_id = actor_id
@@ -40,6 +40,7 @@ class LedgerFile:
         self.next_id: int | None = None
         # SQLite reads cost no round trip: has_due_pending always asks the file.
         self.no_due_pending = False
+        self._busy_ms = _BUSY_MS  # the connection's busy_timeout, as last set
 
     @classmethod
     def open(
@@ -89,6 +90,25 @@ class LedgerFile:
             conn.close()
             raise
         return cls(actor_id, path, relpath, conn)
+
+    def begin(self, *, write: bool) -> None:
+        """Open a transaction; a write transaction takes the file's write lock at once.
+
+        Taking the write lock never waits: a batch holds the locks of the actors it has
+        already begun, so waiting here while another process's batch waits for one of those
+        would stall both for the whole busy timeout, actor after actor. The caller puts a
+        locked actor's operations off to a later batch instead. A read transaction keeps the
+        short busy timeout (readers of a WAL file wait only while another opener recovers it).
+
+        Raises:
+            sqlite3.OperationalError: the file is locked ("database is locked"), or another
+                SQLite error.
+        """
+        wanted = 0 if write else _BUSY_MS
+        if self._busy_ms != wanted:
+            self.conn.execute(f"PRAGMA busy_timeout = {wanted}")
+            self._busy_ms = wanted
+        self.conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
 
     def write(self, sql: str, parameters: Sequence[Any], /) -> None:
         """Run a write whose result nobody reads (at once: SQLite statements cost no round

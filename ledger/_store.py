@@ -696,7 +696,7 @@ class LedgerStore(Store):
         conn = file.conn
         write = any(r.write for r in requests)
         try:
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            file.begin(write=write)
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) and "busy" not in str(exc):
                 error = _wrap(file.path, exc)

@@ -28,6 +28,7 @@ from ledger import (
     ledger_relpath,
     ms_to_datetime,
 )
+from ledger import _file as ledger_file
 from ledger._index import IndexDB
 from ledger._schema import FORMAT, SCHEMA_VERSION
 from tests.helpers import DONE, Gate, fast_config, make_trigger, open_host, open_store
@@ -392,6 +393,42 @@ async def test_ledger_being_created_elsewhere_is_busy_not_corrupt(tmp_path: Path
             assert event.id == 1
     finally:
         other.close()
+
+
+async def test_a_batch_never_waits_for_a_ledger_locked_elsewhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An actor whose ledger another process holds locked is put off at once, and the rest of
+    the batch commits: a batch never sits on the locks it has taken while it waits for one
+    more (two hosts' batches would stall each other, actor after actor)."""
+    monkeypatch.setattr(ledger_file, "_BUSY_MS", 600_000)  # any wait would hang the batch
+    async with LedgerStore(tmp_path) as store:
+        for actor_id in ("held", "free"):
+            await store.run(actor_id, insert("created"))
+        other = raw(ledger_path(tmp_path.resolve(), "held"))
+        done = {"held": anyio.Event(), "free": anyio.Event()}
+        kinds: dict[str, str | BaseException | None] = {}
+
+        def after(actor_id: str) -> Any:
+            def record(event: Event | None, error: BaseException | None) -> None:
+                kinds[actor_id] = error if event is None else event.kind
+                done[actor_id].set()
+
+            return record
+
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            store.submit("held", insert("late"), after("held"))  # one batch, locked first
+            store.submit("free", insert("soon"), after("free"))
+            with anyio.fail_after(30):
+                await done["free"].wait()
+            assert kinds == {"free": "soon"}, "the locked actor waits for a later batch"
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        with anyio.fail_after(30):
+            await done["held"].wait()
+        assert kinds == {"free": "soon", "held": "late"}
 
 
 # -- schema versions and reopening -----------------------------------------------------------
