@@ -33,7 +33,16 @@ from ._errors import (
     PayloadError,
 )
 from ._index import ProcessInfo
-from ._store import Clock, Committed, LedgerClosedError, Store, _Request, _Shard, system_clock
+from ._store import (
+    Clock,
+    Committed,
+    LedgerClosedError,
+    Store,
+    _Request,
+    _Shard,
+    group_writes,
+    system_clock,
+)
 from ._tx import LedgerTx, TxEffects
 
 if TYPE_CHECKING:
@@ -906,7 +915,7 @@ class PostgresStore(Store):
         A failure to lock (the lock timeout) fails the whole batch. ``alone``: this is the
         batch's only operation, so a failure rolls the whole transaction back instead.
         """
-        write = any(r.write for r in requests)
+        write = group_writes(requests)
         create = any(r.create for r in requests)
         scope = _Scope(actor_id, conn)
         if not self._enter(conn, scope, write, create, now_ms):

@@ -73,6 +73,22 @@ class Committed:
     effects: TxEffects
 
 
+Write = bool | Callable[[], bool]
+"""Whether an operation writes: fixed, or asked on the worker thread right before its
+transaction begins (each time: an operation put off to a later batch is asked again)."""
+
+
+def group_writes(requests: Sequence[_Request[Any]]) -> bool:
+    """Whether any of one actor's operations writes (every question is asked)."""
+    write = False
+    for request in requests:
+        wanted = request.write
+        if wanted is not True and wanted is not False:
+            wanted = wanted()
+        write = write or wanted
+    return write
+
+
 class _Request(Generic[T]):
     __slots__ = (
         "actor_id", "after", "busy_since", "create", "done", "error", "fn", "result", "write"
@@ -82,7 +98,7 @@ class _Request(Generic[T]):
         self,
         actor_id: str,
         fn: Callable[[LedgerTx], T],
-        write: bool,
+        write: Write,
         done: anyio.Event,
         after: Callable[[T | None, BaseException | None], None] | None = None,
         create: bool = True,
@@ -306,10 +322,14 @@ class Store:
         fn: Callable[[LedgerTx], T],
         after: Callable[[T | None, BaseException | None], None],
         *,
-        write: bool = True,
+        write: Write = True,
     ) -> None:
         """Queue ``fn`` like ``run`` without waiting: ``after(result, error)`` is called on
         the event loop once it has run (the store drains queued operations before closing).
+
+        ``write`` may be a function, asked on the worker thread right before the transaction
+        begins (again if the operation is put off): an operation that may find it has nothing
+        to write then takes no write lock, unless another operation of its actor does.
 
         Raises:
             LedgerClosedError: the store is closed (``after`` is not called).
@@ -321,7 +341,7 @@ class Store:
         self,
         actor_id: str,
         fn: Callable[[LedgerTx], T],
-        write: bool,
+        write: Write,
         create: bool,
         after: Callable[[T | None, BaseException | None], None] | None,
     ) -> _Request[T]:
@@ -694,7 +714,7 @@ class LedgerStore(Store):
     ) -> _Open | None:
         """Open the actor's transaction and run its operations in savepoints."""
         conn = file.conn
-        write = any(r.write for r in requests)
+        write = group_writes(requests)
         try:
             file.begin(write=write)
         except sqlite3.OperationalError as exc:

@@ -340,8 +340,19 @@ class Scheduler:
     def _start_claim(self, actor_id: str) -> None:
         """Queue a claim transaction for ``actor_id``; ``_claimed`` handles its result."""
         taken = Taken()
+        writable = False
+
+        def write() -> bool:
+            # Asked just before the transaction begins: with no free slot the claim can only
+            # find that out, so it takes no write lock (another host may want the actor).
+            nonlocal writable
+            writable = self._slots.free > 0
+            return writable
 
         def op(tx: LedgerTx) -> ClaimResult:
+            if not writable:
+                # No capacity: the actor stays ready and is claimed when a slot frees.
+                return ClaimResult([], more=True, looked_at=tx.now_ms)
             # Built as the transaction runs, not when it is queued: the owners known to be
             # dead by then count (a rescan's hint relies on it, see ``hint``).
             return claim_op(
@@ -361,7 +372,7 @@ class Scheduler:
 
         self._claiming.add(actor_id)
         try:
-            self.store.submit(actor_id, op, after)
+            self.store.submit(actor_id, op, after, write=write)
         except LedgerError:
             self._claiming.discard(actor_id)  # the store is closing
 

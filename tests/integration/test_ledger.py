@@ -431,6 +431,53 @@ async def test_a_batch_never_waits_for_a_ledger_locked_elsewhere(
         assert kinds == {"free": "soon", "held": "late"}
 
 
+async def test_an_operation_asked_whether_it_writes_takes_no_lock_it_does_not_need(
+    tmp_path: Path,
+) -> None:
+    """``write`` given as a function is asked on the worker thread right before the
+    transaction begins. Answered False, the operation runs while another process holds the
+    ledger's write lock; answered True, it is put off to a later batch, asked again there, and
+    runs once the lock is gone."""
+    async with LedgerStore(tmp_path) as store:
+        await store.run("a", insert("created"))
+        other = raw(ledger_path(tmp_path.resolve(), "a"))
+        answers: dict[str, Any] = {}
+        done = {"reader": anyio.Event(), "writer": anyio.Event()}
+        asked_twice = threading.Event()
+        asks: list[bool] = []
+
+        def after(name: str) -> Any:
+            def record(result: Any, error: BaseException | None) -> None:
+                answers[name] = error if error is not None else result
+                done[name].set()
+
+            return record
+
+        def writes() -> bool:
+            asks.append(True)
+            if len(asks) == 2:
+                asked_twice.set()
+            return True
+
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            store.submit("a", read_all, after("reader"), write=lambda: False)
+            with anyio.fail_after(30):
+                await done["reader"].wait()
+            assert [event.kind for event in answers["reader"]] == ["created"]
+            store.submit("a", insert("late"), after("writer"), write=writes)
+            with anyio.fail_after(30):
+                await anyio.to_thread.run_sync(asked_twice.wait)
+            assert "writer" not in answers, "put off while the lock is held"
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        with anyio.fail_after(30):
+            await done["writer"].wait()
+        assert answers["writer"].kind == "late"
+        assert len(asks) >= 2
+
+
 # -- schema versions and reopening -----------------------------------------------------------
 
 

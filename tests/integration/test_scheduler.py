@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
 
-from ledger import ms_to_datetime
-from tests.helpers import ManualClock, fast_config, make_trigger, open_host
+from ledger import IntentStatus, ledger_relpath, ms_to_datetime
+from tests.helpers import Gate, ManualClock, fast_config, make_trigger, open_host
 from triggers._engine import claim_op
 from triggers._scheduler import Scheduler
 from triggers._slots import Slots, Taken
@@ -228,3 +229,48 @@ async def test_a_poll_row_that_fell_due_after_the_read_still_gets_a_look(
         assert again == [True], "the intent, due now, waits for the next poll"
         with anyio.fail_after(10):
             assert (await host.get("a").wait_for_intent(intent.id)).status == "completed"
+
+
+async def test_a_claim_with_no_free_slot_takes_no_write_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that finds every slot taken as its transaction begins can only find that out:
+    it answers at once, leaving the actor ready, without the ledger's write lock, so neither
+    waits for another process that holds it nor holds it against that process."""
+    answers: list[BaseException | None] = []
+    answered = anyio.Event()
+    real = Scheduler._claimed
+
+    def claimed(self: Scheduler, actor_id: str, taken: Taken, result: Any, error: Any) -> None:
+        real(self, actor_id, taken, result, error)
+        if actor_id == "b":
+            answers.append(error)
+            answered.set()
+
+    monkeypatch.setattr(Scheduler, "_claimed", claimed)
+    gate = Gate()
+    config = fast_config(max_concurrency=1, poll_interval=3600.0)
+    trigger = make_trigger(acquire=gate.acquire)
+    async with open_host(tmp_path, trigger, config=config, lock_timeout=1.0) as host:
+        scheduler = host.scheduler
+        assert scheduler is not None
+        first = await host.get("a").enqueue_trigger(trigger_kind="test.work")
+        await gate.wait_started(first.id)
+        second = await host.get("b").enqueue_trigger(trigger_kind="test.work")
+        assert scheduler._slots.free == 0
+        other = sqlite3.connect(host.data_dir / ledger_relpath("b"), isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process writes to "b"
+        try:
+            scheduler._start_claim("b")
+            with anyio.fail_after(30):
+                await answered.wait()
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        assert answers == [None], "answered without waiting for the lock"
+        assert "b" in scheduler._ready, "claimed once a slot frees"
+        gate.open(first.id)
+        gate.open(second.id)
+        with anyio.fail_after(30):
+            state = await host.get("b").wait_for_intent(second.id)
+        assert state.status is IntentStatus.COMPLETED
