@@ -75,7 +75,8 @@ class Committed:
 
 Write = bool | Callable[[], bool]
 """Whether an operation writes: fixed, or asked on the worker thread right before its
-transaction begins (each time: an operation put off to a later batch is asked again)."""
+transaction begins (each time: an operation put off to a later batch is asked again). The
+function must not raise; an operation that answered False must not write."""
 
 
 def group_writes(requests: Sequence[_Request[Any]]) -> bool:
@@ -83,9 +84,9 @@ def group_writes(requests: Sequence[_Request[Any]]) -> bool:
     write = False
     for request in requests:
         wanted = request.write
-        if wanted is not True and wanted is not False:
+        if callable(wanted):
             wanted = wanted()
-        write = write or wanted
+        write = write or bool(wanted)
     return write
 
 

@@ -340,17 +340,17 @@ class Scheduler:
     def _start_claim(self, actor_id: str) -> None:
         """Queue a claim transaction for ``actor_id``; ``_claimed`` handles its result."""
         taken = Taken()
-        writable = False
+        writable: bool | None = None  # as last answered, right before the transaction
 
         def write() -> bool:
-            # Asked just before the transaction begins: with no free slot the claim can only
-            # find that out, so it takes no write lock (another host may want the actor).
+            # With no free slot the claim can only find that out, so it asks for no write
+            # lock (another host may want the actor's ledger meanwhile).
             nonlocal writable
             writable = self._slots.free > 0
             return writable
 
         def op(tx: LedgerTx) -> ClaimResult:
-            if not writable:
+            if writable is False:
                 # No capacity: the actor stays ready and is claimed when a slot frees.
                 return ClaimResult([], more=True, looked_at=tx.now_ms)
             # Built as the transaction runs, not when it is queued: the owners known to be

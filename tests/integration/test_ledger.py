@@ -431,6 +431,48 @@ async def test_a_batch_never_waits_for_a_ledger_locked_elsewhere(
         assert kinds == {"free": "soon", "held": "late"}
 
 
+@pytest.mark.contract
+async def test_an_operation_asked_whether_it_writes_runs_alone_or_beside_a_writer(
+    tmp_path: Path,
+) -> None:
+    """An operation whose ``write`` function answers False runs and returns what it read,
+    alone or in one batch with a writer of the same actor (whose write commits); each
+    question is asked once per batch."""
+    async with open_store(tmp_path) as store:
+        await store.run("a", insert("created"))
+        asks: list[str] = []
+        answers: dict[str, Any] = {}
+        done = anyio.Event()
+
+        def no(name: str) -> Any:
+            def ask() -> bool:
+                asks.append(name)
+                return False
+
+            return ask
+
+        def after(name: str, expected: int) -> Any:
+            def record(result: Any, error: BaseException | None) -> None:
+                answers[name] = error if error is not None else result
+                if len(answers) == expected:
+                    done.set()
+
+            return record
+
+        store.submit("a", read_all, after("reader", 2), write=no("reader"))  # one batch
+        store.submit("a", insert("beside"), after("writer", 2))
+        with anyio.fail_after(30):
+            await done.wait()
+        assert [event.kind for event in answers["reader"]] == ["created"]
+        assert answers["writer"].kind == "beside"
+        done = anyio.Event()
+        store.submit("a", read_all, after("alone", 3), write=no("alone"))
+        with anyio.fail_after(30):
+            await done.wait()
+        assert [event.kind for event in answers["alone"]] == ["created", "beside"]
+        assert asks == ["reader", "alone"]
+
+
 async def test_an_operation_asked_whether_it_writes_takes_no_lock_it_does_not_need(
     tmp_path: Path,
 ) -> None:
@@ -466,8 +508,7 @@ async def test_an_operation_asked_whether_it_writes_takes_no_lock_it_does_not_ne
                 await done["reader"].wait()
             assert [event.kind for event in answers["reader"]] == ["created"]
             store.submit("a", insert("late"), after("writer"), write=writes)
-            with anyio.fail_after(30):
-                await anyio.to_thread.run_sync(asked_twice.wait)
+            assert await anyio.to_thread.run_sync(asked_twice.wait, 30)
             assert "writer" not in answers, "put off while the lock is held"
         finally:
             other.execute("ROLLBACK")
