@@ -650,27 +650,28 @@ class LedgerStore(Store):
         opened: list[_Open] = []
         budget = max(1, self.max_open // len(self._shards))
         keep: set[str] = set()
+        files: list[tuple[LedgerFile, list[_Request[Any]]]] = []
+        # Every ledger is opened before any transaction begins: opening may wait for a file
+        # another process is creating, and no lock of this batch is held meanwhile.
+        for actor_id, requests in groups.items():
+            if len(keep) >= budget:
+                deferred += requests  # never hold more ledgers open than the budget
+                continue
+            keep.add(actor_id)
+            try:
+                create = any(r.create for r in requests)
+                files.append((self._open_file(shard, actor_id, keep, create), requests))
+            except LedgerBusyError as exc:
+                self._defer_busy(exc.path, requests, busy)
+            except LedgerError as exc:
+                for request in requests:
+                    request.error = exc
+            except Exception as exc:
+                error = LedgerWriteError(self.data_dir / ledger_relpath(actor_id), repr(exc))
+                for request in requests:
+                    request.error = error
         try:
-            for actor_id, requests in groups.items():
-                if len(keep) >= budget:
-                    deferred += requests  # never hold more ledgers open than the budget
-                    continue
-                keep.add(actor_id)
-                try:
-                    create = any(r.create for r in requests)
-                    file = self._open_file(shard, actor_id, keep, create)
-                except LedgerBusyError as exc:
-                    self._defer_busy(exc.path, requests, busy)
-                    continue
-                except LedgerError as exc:
-                    for request in requests:
-                        request.error = exc
-                    continue
-                except Exception as exc:
-                    error = LedgerWriteError(self.data_dir / ledger_relpath(actor_id), repr(exc))
-                    for request in requests:
-                        request.error = error
-                    continue
+            for file, requests in files:
                 state = self._begin(file, requests, now_ms, busy)
                 if state is not None:
                     opened.append(state)

@@ -431,6 +431,58 @@ async def test_a_batch_never_waits_for_a_ledger_locked_elsewhere(
         assert kinds == {"free": "soon", "held": "late"}
 
 
+async def test_a_batch_opens_its_ledgers_before_it_locks_any(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a ledger may wait for another process that is creating it; meanwhile the batch
+    holds no lock of its other actors, so other processes may write to them."""
+    monkeypatch.setattr(ledger_file, "_BUSY_MS", 600_000)
+    opening = threading.Event()
+    real_open = ledger_file.LedgerFile.open
+
+    def open_file(actor_id: str, *args: Any, **kwargs: Any) -> ledger_file.LedgerFile:
+        if actor_id == "fresh":
+            opening.set()
+        return real_open(actor_id, *args, **kwargs)
+
+    monkeypatch.setattr(ledger_file.LedgerFile, "open", open_file)
+    async with LedgerStore(tmp_path) as store:
+        await store.run("free", insert("created"))
+        fresh = ledger_path(tmp_path.resolve(), "fresh")
+        fresh.parent.mkdir(parents=True, exist_ok=True)
+        creator = raw(fresh)  # another process, in the middle of creating "fresh"
+        creator.execute("PRAGMA journal_mode = WAL")
+        creator.execute("BEGIN IMMEDIATE")
+        kinds: dict[str, Any] = {}
+        done = anyio.Event()
+
+        def after(actor_id: str) -> Any:
+            def record(event: Event | None, error: BaseException | None) -> None:
+                kinds[actor_id] = error if event is None else event.kind
+                if len(kinds) == 2:
+                    done.set()
+
+            return record
+
+        try:
+            store.submit("free", insert("soon"), after("free"))  # one batch, "free" first
+            store.submit("fresh", insert("new"), after("fresh"))
+            assert await anyio.to_thread.run_sync(opening.wait, 30)
+            writer = raw(ledger_path(tmp_path.resolve(), "free"))
+            try:
+                writer.execute("PRAGMA busy_timeout = 0")
+                writer.execute("BEGIN IMMEDIATE")  # "database is locked" if the batch held it
+                writer.execute("ROLLBACK")
+            finally:
+                writer.close()
+        finally:
+            creator.execute("ROLLBACK")
+            creator.close()
+        with anyio.fail_after(30):
+            await done.wait()
+        assert kinds == {"free": "soon", "fresh": "new"}
+
+
 @pytest.mark.contract
 async def test_an_operation_asked_whether_it_writes_runs_alone_or_beside_a_writer(
     tmp_path: Path,
