@@ -641,7 +641,6 @@ class LedgerStore(Store):
         """
         if len(shard.raises) >= _MAX_PUT_OFF:
             self._apply_raises(shard)  # never idle: keep the backlog bounded
-        now_ms = self.clock()
         groups: dict[str, list[_Request[Any]]] = {}
         for request in batch:
             groups.setdefault(request.actor_id, []).append(request)
@@ -651,8 +650,9 @@ class LedgerStore(Store):
         budget = max(1, self.max_open // len(self._shards))
         keep: set[str] = set()
         files: list[tuple[LedgerFile, list[_Request[Any]]]] = []
-        # Every ledger is opened before any transaction begins: opening may wait for a file
-        # another process is creating, and no lock of this batch is held meanwhile.
+        # Every ledger is opened before any transaction begins, so no lock of this batch is
+        # held while an open wakes a hibernated file, waits for a file another process is
+        # creating, or registers a new actor in index.db.
         for actor_id, requests in groups.items():
             if len(keep) >= budget:
                 deferred += requests  # never hold more ledgers open than the budget
@@ -670,6 +670,7 @@ class LedgerStore(Store):
                 error = LedgerWriteError(self.data_dir / ledger_relpath(actor_id), repr(exc))
                 for request in requests:
                     request.error = error
+        now_ms = self.clock()  # after the opens: the operations' clock is not stale by them
         try:
             for file, requests in files:
                 state = self._begin(file, requests, now_ms, busy)
