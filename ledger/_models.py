@@ -49,6 +49,30 @@ class Event(BaseModel):
     intent_event_id: int | None = None
 
 
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+
+
+def make_event(id: int, ts: int, kind: str, payload: JSON, intent_event_id: int | None) -> Event:
+    """An ``Event`` from values the ledger trusts (read back or just written), unvalidated.
+
+    The same object ``Event.model_construct`` builds with every field given, built directly:
+    the ledger makes one per event it writes or reads, and the generic constructor costs
+    several times more than the rest of an event's insert.
+    """
+    event = _new_object(Event)
+    _set_attribute(
+        event,
+        "__dict__",
+        {"id": id, "ts": ts, "kind": kind, "payload": payload, "intent_event_id": intent_event_id},
+    )
+    _set_attribute(event, "__pydantic_fields_set__", {"id", "ts", "kind", "payload",
+                                                      "intent_event_id"})  # fmt: skip
+    _set_attribute(event, "__pydantic_extra__", None)
+    _set_attribute(event, "__pydantic_private__", None)
+    return event
+
+
 class IntentState(BaseModel):
     """The schedule row of one intent: the cursor the scheduler works from, not the truth."""
 

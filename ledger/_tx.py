@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ._errors import PayloadError
-from ._models import JSON, Event, IntentState, IntentStatus, Projection, ms_to_datetime
+from ._models import JSON, Event, IntentState, IntentStatus, Projection, make_event, ms_to_datetime
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Sequence
@@ -83,6 +83,10 @@ class LedgerHandle(Protocol):
     def integrity_check(self) -> list[str]: ...
 
 
+_encode = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+"""Compact JSON text (``json.dumps`` with these options builds a new encoder per call)."""
+
+
 def dump_json(value: JSON, *, what: str = "payload") -> str:
     """Serialize ``value`` to compact JSON, refusing NaN/Infinity and oversized values.
 
@@ -92,7 +96,7 @@ def dump_json(value: JSON, *, what: str = "payload") -> str:
     """
     try:
         _check_shape(value)
-        text = json.dumps(value, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        text = _encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise PayloadError(f"{what} is not storable as JSON: {exc}") from None
     if len(text) > MAX_PAYLOAD_BYTES // 4 and len(text.encode()) > MAX_PAYLOAD_BYTES:
@@ -271,9 +275,7 @@ class LedgerTx:
             (event_id, self.now_ms, kind, text, intent_event_id),
         )
         file.next_id = event_id + 1
-        event = Event.model_construct(
-            id=event_id, ts=self.now_ms, kind=kind, payload=payload, intent_event_id=intent_event_id
-        )
+        event = make_event(event_id, self.now_ms, kind, payload, intent_event_id)
         self.effects.events = True
         if self._projections:
             self._pending_events.append(event)
@@ -304,9 +306,7 @@ class LedgerTx:
             sql += " LIMIT ?"
             params.append(limit)
         return [
-            Event.model_construct(
-                id=row[0], ts=row[1], kind=row[2], payload=_load(row[3]), intent_event_id=row[4]
-            )
+            make_event(row[0], row[1], row[2], _load(row[3]), row[4])
             for row in self._file.conn.execute(sql, params)
         ]
 
@@ -620,7 +620,7 @@ class LedgerTx:
         self._file.write(
             "UPDATE intents SET status = ?, finished_at = ?, terminal_event_ids = ?,"
             " claim_token = NULL, lease_until = NULL WHERE id = ?",
-            (status.value, self.now_ms, json.dumps(list(event_ids)), intent_event_id),
+            (status.value, self.now_ms, _encode(list(event_ids)), intent_event_id),
         )
         self.effects.due_may_rise = True
         self.effects.terminal = True
