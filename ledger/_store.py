@@ -12,6 +12,7 @@ there; this module is the only writer of both.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 import sqlite3
@@ -100,7 +101,7 @@ class _Request(Generic[T]):
         actor_id: str,
         fn: Callable[[LedgerTx], T],
         write: Write,
-        done: anyio.Event,
+        done: asyncio.Event,
         after: Callable[[T | None, BaseException | None], None] | None = None,
         create: bool = True,
     ) -> None:
@@ -119,8 +120,10 @@ class _Request(Generic[T]):
 class _Shard:
     number: int
     pending: list[_Request[Any]] = field(default_factory=list)
-    done: anyio.Event = field(default_factory=anyio.Event)
-    wake: anyio.Event = field(default_factory=anyio.Event)
+    # asyncio's own events (the store runs on asyncio, see ``_worker.py``): these are set
+    # and replaced on every batch, and anyio's wrapper costs several times more.
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
     files: OrderedDict[str, LedgerFile] = field(default_factory=OrderedDict)
     idle: dict[str, None] = field(default_factory=dict)
     """Open ledgers last seen with nothing pending or running, least recently used first:
@@ -392,10 +395,12 @@ class Store:
                 if self._closing:
                     return
                 await shard.wake.wait()
-                shard.wake = anyio.Event()
+                shard.wake = asyncio.Event()
                 continue
             batch = self._take_batch(shard)
-            done, shard.done = shard.done, anyio.Event()
+            if not shard.pending and shard.wake.is_set():
+                shard.wake = asyncio.Event()  # it announced what this batch took
+            done, shard.done = shard.done, asyncio.Event()
             for request in shard.pending:
                 request.done = shard.done  # left for a later batch: wait for that one
             try:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-
-import anyio
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -14,10 +13,12 @@ Job = tuple[Callable[..., Awaitable[None]], tuple[Any, ...]]
 
 
 class _Idle:
-    __slots__ = ("event", "job")
+    """An idle task's mailbox: the job it is given, and the future that wakes it."""
 
-    def __init__(self) -> None:
-        self.event = anyio.Event()
+    __slots__ = ("job", "wake")
+
+    def __init__(self, wake: asyncio.Future[None]) -> None:
+        self.wake = wake
         self.job: Job | None = None
 
 
@@ -38,19 +39,23 @@ class TaskPool:
 
     def start_soon(self, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         """Run ``fn(*args)`` on an idle task or a new one."""
-        if self._idle:
+        while self._idle:
             idle = self._idle.pop()
-            idle.job = (fn, args)
-            idle.event.set()
-        else:
-            self._tg.start_soon(self._work, (fn, args))
+            if not idle.wake.done():  # else its task was cancelled with the group
+                idle.job = (fn, args)
+                idle.wake.set_result(None)
+                return
+        self._tg.start_soon(self._work, (fn, args))
 
     async def _work(self, job: Job) -> None:
+        # A bare asyncio future per wait (the pool runs on asyncio, as the store does):
+        # anyio's Event costs several times more, once per attempt.
+        loop = asyncio.get_running_loop()
         while True:
             fn, args = job
             await fn(*args)
-            idle = _Idle()
+            idle = _Idle(loop.create_future())
             self._idle.append(idle)
-            await idle.event.wait()
+            await idle.wake
             assert idle.job is not None
             job = idle.job

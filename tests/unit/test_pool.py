@@ -55,6 +55,27 @@ async def test_pool_job_error_reaches_the_task_group() -> None:
     assert caught.group_contains(RuntimeError, match="boom")
 
 
+async def test_pool_takes_a_job_while_its_group_is_cancelled() -> None:
+    """A job given after the group was cancelled (an ``after`` callback of a transaction that
+    was in flight) does not raise: the idle tasks are gone, so it gets a task of its own,
+    which runs until its first checkpoint, as any task started in a cancelled group."""
+    ran: list[str] = []
+
+    async def job(name: str) -> None:
+        ran.append(name)
+
+    async with anyio.create_task_group() as tg:
+        pool = TaskPool(tg)
+        pool.start_soon(job, "first")
+        await anyio.wait_all_tasks_blocked()
+        assert ran == ["first"]  # its task now waits, idle
+        tg.cancel_scope.cancel()
+        with anyio.CancelScope(shield=True):
+            await anyio.wait_all_tasks_blocked()  # the idle task has been cancelled
+            pool.start_soon(job, "late")
+    assert ran == ["first", "late"]
+
+
 def test_slots_never_go_below_zero_across_threads() -> None:
     """take() hands out at most the free slots, whichever threads take and give."""
     slots = Slots(10)
