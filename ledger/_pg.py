@@ -810,7 +810,7 @@ class PostgresStore(Store):
 
     async def _run_batch(
         self, shard: _Shard, batch: list[_Request[Any]]
-    ) -> tuple[list[Committed], list[_Request[Any]], bool]:
+    ) -> tuple[list[Committed], list[_Request[Any]], tuple[str, ...]]:
         with anyio.CancelScope(shield=True):
             for attempt in range(2):
                 conn = self._conns[shard.number]
@@ -818,7 +818,7 @@ class PostgresStore(Store):
                     committed = await run_bridged(self._execute, conn, batch)
                     if committed and self._hooks:
                         self._run_hooks(committed)
-                    return committed, [], False
+                    return committed, [], ()
                 except _Lost as lost:
                     with contextlib.suppress(TimeoutError, LedgerError):
                         self._conns[shard.number] = await self._reconnect()
@@ -831,7 +831,7 @@ class PostgresStore(Store):
                         error = LedgerWriteError(self.location, message)
                         for request in batch:
                             request.result, request.error = None, error
-                        return [], [], False
+                        return [], [], ()
         raise AssertionError("unreachable")
 
     def _execute(self, conn: PgConnection, batch: list[_Request[Any]]) -> list[Committed]:

@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -131,6 +131,9 @@ class _Shard:
     index: IndexDB | None = None
     raises: list[tuple[int | None, str, int]] = field(default_factory=list)
     """Index ``due`` raises put off until after the answers went out (see ``_commit_all``)."""
+    held: dict[str, float] = field(default_factory=dict)
+    """Actors whose ledger another process held locked, with the ``time.monotonic()`` at
+    which their queued operations may be tried again; the rest of the queue goes on."""
 
 
 @dataclass(slots=True)
@@ -145,6 +148,9 @@ class _Open:
 
 _RAISE_DELAY = 0.005
 """Seconds an idle shard waits for new work before applying its put-off ``due`` raises."""
+_HOLD = 0.01
+"""Seconds before the operations of an actor whose ledger another process held locked are
+tried again."""
 _MAX_PUT_OFF = 1024
 
 
@@ -266,8 +272,9 @@ class Store:
 
     async def _run_batch(
         self, shard: _Shard, batch: list[_Request[Any]]
-    ) -> tuple[list[Committed], list[_Request[Any]], bool]:
-        """Run a batch; returns what committed, requests put off, and whether to back off."""
+    ) -> tuple[list[Committed], list[_Request[Any]], Collection[str]]:
+        """Run a batch; returns what committed, the requests put off, and the actors among
+        them whose ledger another process held locked (they are held back for ``_HOLD``)."""
         raise NotImplementedError
 
     async def _idle(self, shard: _Shard) -> bool:
@@ -398,17 +405,28 @@ class Store:
                 shard.wake = asyncio.Event()
                 continue
             batch = self._take_batch(shard)
+            if not batch:
+                # All that is queued is for actors locked by another process: wait until the
+                # first of them may be tried again, or for new work.
+                shard.wake = asyncio.Event()
+                with anyio.move_on_after(min(shard.held.values()) - time.monotonic()):
+                    await shard.wake.wait()
+                continue
             if not shard.pending and shard.wake.is_set():
                 shard.wake = asyncio.Event()  # it announced what this batch took
             done, shard.done = shard.done, asyncio.Event()
             for request in shard.pending:
                 request.done = shard.done  # left for a later batch: wait for that one
             try:
-                committed, deferred, busy = await self._run_batch(shard, batch)
+                committed, deferred, locked = await self._run_batch(shard, batch)
             except Exception as exc:  # a bug or an unexpected SQLite state: fail the batch
                 for request in batch:
                     request.error, request.result = exc, None
-                committed, deferred, busy = [], [], False
+                committed, deferred, locked = [], [], ()
+            if locked:
+                retry_at = time.monotonic() + _HOLD
+                for actor_id in locked:
+                    shard.held[actor_id] = retry_at
             if deferred:
                 # Put off (ledger locked elsewhere, or over the open-file budget): they run
                 # in a later batch, whose event they now wait for.
@@ -432,28 +450,33 @@ class Store:
             if committed:
                 for listener in self._listeners:
                     listener(committed)
-            if busy:
-                await anyio.sleep(0.01)
 
     def _take_batch(self, shard: _Shard) -> list[_Request[Any]]:
         """Take the queued requests of at most ``budget`` actors (oldest first); the rest wait
-        for the next batch, so a batch never holds more ledgers open than the budget."""
+        for the next batch, so a batch never holds more ledgers open than the budget. The
+        requests of held actors (locked by another process a moment ago) stay queued."""
         pending = shard.pending
         budget = self._batch_actors
-        actors: set[str] = set()
-        for request in pending:
-            actors.add(request.actor_id)
-            if len(actors) > budget:
-                break
-        else:
-            shard.pending = []
-            return pending
+        held = shard.held
+        if held:
+            now = time.monotonic()
+            for actor_id in [actor_id for actor_id, until in held.items() if until <= now]:
+                del held[actor_id]
+        if not held:
+            actors: set[str] = set()
+            for request in pending:
+                actors.add(request.actor_id)
+                if len(actors) > budget:
+                    break
+            else:
+                shard.pending = []
+                return pending
         chosen: set[str] = set()
         batch: list[_Request[Any]] = []
         rest: list[_Request[Any]] = []
         for request in pending:
             actor_id = request.actor_id
-            if actor_id in chosen or len(chosen) < budget:
+            if actor_id not in held and (actor_id in chosen or len(chosen) < budget):
                 chosen.add(actor_id)
                 batch.append(request)
             else:
@@ -567,7 +590,7 @@ class LedgerStore(Store):
 
     async def _run_batch(
         self, shard: _Shard, batch: list[_Request[Any]]
-    ) -> tuple[list[Committed], list[_Request[Any]], bool]:
+    ) -> tuple[list[Committed], list[_Request[Any]], Collection[str]]:
         return await self._workers[shard.number].run(self._execute, shard, batch)
 
     async def _idle(self, shard: _Shard) -> bool:
@@ -638,11 +661,11 @@ class LedgerStore(Store):
 
     def _execute(
         self, shard: _Shard, batch: list[_Request[Any]]
-    ) -> tuple[list[Committed], list[_Request[Any]], bool]:
+    ) -> tuple[list[Committed], list[_Request[Any]], set[str]]:
         """Run one batch: one transaction per actor, then the index bookkeeping.
 
-        Returns what committed, the requests put off to a later batch, and whether any were
-        put off because another process held a lock (the pump then backs off briefly).
+        Returns what committed, the requests put off to a later batch, and the actors whose
+        ledger another process held locked (the pump holds them back briefly).
         """
         if len(shard.raises) >= _MAX_PUT_OFF:
             self._apply_raises(shard)  # never idle: keep the backlog bounded
@@ -697,7 +720,7 @@ class LedgerStore(Store):
                 self._put_off_raise(shard, state, now_ms)
             elif state.effects.new_due is not None:
                 shard.idle.pop(state.file.actor_id, None)
-        return committed, deferred + busy, bool(busy)
+        return committed, deferred + busy, {request.actor_id for request in busy}
 
     def _defer_busy(
         self, path: Path, requests: list[_Request[Any]], busy: list[_Request[Any]]

@@ -431,6 +431,58 @@ async def test_a_batch_never_waits_for_a_ledger_locked_elsewhere(
         assert kinds == {"free": "soon", "held": "late"}
 
 
+async def test_an_actor_locked_elsewhere_is_held_back_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once an actor was found locked by another process, its queued operations wait out a
+    short hold before they are tried again, while the operations of other actors go on at
+    once: the shard neither retries the locked actor in every batch nor pauses for it."""
+    from ledger import _store
+
+    monkeypatch.setattr(_store, "_HOLD", 3600.0)  # held for the whole test, unless released
+    async with LedgerStore(tmp_path) as store:
+        for actor_id in ("held", "free"):
+            await store.run(actor_id, insert("created"))
+        other = raw(ledger_path(tmp_path.resolve(), "held"))
+        tries = 0
+        tried = threading.Event()
+
+        def write() -> bool:
+            nonlocal tries
+            tries += 1  # asked right before each try to begin the actor's transaction
+            tried.set()
+            return True
+
+        done = anyio.Event()
+        kinds: list[str | BaseException | None] = []
+
+        def after(event: Event | None, error: BaseException | None) -> None:
+            kinds.append(error if event is None else event.kind)
+            done.set()
+
+        shard = store._shards[hash("held") % len(store._shards)]
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            store.submit("held", insert("late"), after, write=write)
+            with anyio.fail_after(30):
+                await anyio.to_thread.run_sync(tried.wait)
+            for n in range(3):  # later batches run while the actor is held...
+                with anyio.fail_after(30):
+                    event = await store.run("free", insert(f"soon{n}"))
+                assert event.kind == f"soon{n}"
+                assert "held" in shard.held
+            assert tries == 1, "...without trying the held actor again"
+            assert kinds == []
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        shard.held["held"] = 0.0  # the hold is over
+        shard.wake.set()
+        with anyio.fail_after(30):
+            await done.wait()
+        assert (kinds, tries) == (["late"], 2)
+
+
 async def test_a_batch_opens_its_ledgers_before_it_locks_any(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
