@@ -162,6 +162,10 @@ def _migrate(conn: sqlite3.Connection, path: Path, actor_id: str) -> None:
 def _verify(conn: sqlite3.Connection, path: Path, actor_id: str) -> None:
     try:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):
+            raise  # another process holds the file for now: ``open`` reports it as busy
+        raise LedgerCorruptError(path, f"no ledger metadata ({exc})") from exc
     except sqlite3.DatabaseError as exc:
         raise LedgerCorruptError(path, f"no ledger metadata ({exc})") from exc
     if meta.get("format") != FORMAT:
