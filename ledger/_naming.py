@@ -17,7 +17,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 _SLUG_MAX = 40
 
 
-@functools.lru_cache(maxsize=16384)
 def check_actor_id(actor_id: str) -> None:
     """Validate an actor name (cached: it is checked on every ledger operation).
 
@@ -31,12 +30,20 @@ def check_actor_id(actor_id: str) -> None:
 def ledger_relpath(actor_id: str) -> PurePosixPath:
     """Return the ledger file path for ``actor_id``, relative to the data directory.
 
+    Cached for the most recent 16,384 names: it is asked on every ledger operation and by
+    every ``host.get(name)``, and a SHA-256 and a slug cost far more than a lookup.
+
     Raises:
         TypeError: if ``actor_id`` is not a string.
         ValueError: if ``actor_id`` is empty, holds a NUL character or a lone surrogate.
     """
-    if not isinstance(actor_id, str):
+    if not isinstance(actor_id, str):  # before the cache, which would hash any value
         raise TypeError(f"actor name must be a str, not {type(actor_id).__name__}")
+    return _relpath(actor_id)
+
+
+@functools.lru_cache(maxsize=16384)
+def _relpath(actor_id: str) -> PurePosixPath:
     if not actor_id:
         raise ValueError("actor name must not be empty")
     if "\x00" in actor_id:

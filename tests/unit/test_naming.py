@@ -137,9 +137,17 @@ def test_nul_is_refused(name: str) -> None:
 
 @pytest.mark.parametrize("name", [None, 1, b"bytes", ["a"], Path("a")])
 def test_non_str_is_refused(name: Any) -> None:
-    """A name that is not a str raises TypeError."""
-    with pytest.raises(TypeError):
+    """A name that is not a str raises TypeError saying so (an unhashable one too: the check
+    comes before the cache)."""
+    with pytest.raises(TypeError, match="actor name must be a str"):
         ledger_relpath(name)
+
+
+def test_a_cached_path_is_the_path() -> None:
+    """The cache gives back the very path computed the first time, for every caller."""
+    first = ledger_relpath("cached-name")
+    assert ledger_relpath("cached-name") is first
+    assert first == PurePosixPath("actors", first.parts[1], first.name)
 
 
 names = st.text(min_size=1, max_size=300).filter(lambda s: "\x00" not in s)
