@@ -47,6 +47,13 @@ class LedgerWriteError(LedgerError):
         super().__init__(f"could not write {_where(path)}: {detail}; nothing was written")
 
 
+def is_locked(error: BaseException) -> bool:
+    """True if SQLite refused because another connection holds the file ("database is
+    locked" or "busy"): a wait or a retry may succeed, unlike any other error."""
+    message = str(error)
+    return "locked" in message or "busy" in message
+
+
 def _where(path: Path | str) -> str:
     """``ledger file PATH``, or ``ledger database URL`` for a database URL."""
     text = str(path)

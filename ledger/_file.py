@@ -12,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._errors import LedgerBusyError, LedgerCorruptError, LedgerWriteError
+from ._errors import LedgerBusyError, LedgerCorruptError, LedgerWriteError, is_locked
 from ._schema import FORMAT, MIGRATIONS, SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -78,7 +78,7 @@ class LedgerFile:
         except sqlite3.OperationalError as exc:
             conn.close()
             message = str(exc)
-            if "locked" in message or "busy" in message:
+            if is_locked(exc):
                 raise LedgerBusyError(path, 0.0) from exc
             if "unable to open" in message or "disk" in message or "readonly" in message:
                 raise LedgerWriteError(path, message) from exc
@@ -162,11 +162,9 @@ def _migrate(conn: sqlite3.Connection, path: Path, actor_id: str) -> None:
 def _verify(conn: sqlite3.Connection, path: Path, actor_id: str) -> None:
     try:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-    except sqlite3.OperationalError as exc:
-        if "locked" in str(exc) or "busy" in str(exc):
-            raise  # another process holds the file for now: ``open`` reports it as busy
-        raise LedgerCorruptError(path, f"no ledger metadata ({exc})") from exc
     except sqlite3.DatabaseError as exc:
+        if is_locked(exc):
+            raise  # another process holds the file for now: ``open`` reports it as busy
         raise LedgerCorruptError(path, f"no ledger metadata ({exc})") from exc
     if meta.get("format") != FORMAT:
         raise LedgerCorruptError(path, "a SQLite database that is not a ledger")

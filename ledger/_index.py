@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from ._errors import LedgerBusyError, LedgerCorruptError, LedgerWriteError
+from ._errors import LedgerBusyError, LedgerCorruptError, LedgerWriteError, is_locked
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -110,10 +110,10 @@ class IndexDB:
                 # Processes opening a new data directory together race to switch index.db to
                 # WAL and create its tables; SQLite answers "locked" without waiting for that.
                 message = str(exc)
-                if ("locked" in message or "busy" in message) and time.monotonic() < deadline:
+                if is_locked(exc) and time.monotonic() < deadline:
                     time.sleep(_OPEN_RETRY_S)
                     continue
-                if "locked" in message or "busy" in message:
+                if is_locked(exc):
                     raise LedgerBusyError(path, _OPEN_TIMEOUT_S) from exc
                 if "malformed" in message or "not a database" in message:
                     raise LedgerCorruptError(path, message) from exc

@@ -34,6 +34,7 @@ from ._errors import (
     LedgerError,
     LedgerNotFoundError,
     LedgerWriteError,
+    is_locked,
 )
 from ._file import LedgerFile, Synchronous
 from ._index import Directory, IndexDB
@@ -749,7 +750,7 @@ class LedgerStore(Store):
         try:
             file.begin(write=write)
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
+            if not is_locked(exc):
                 error = _wrap(file.path, exc)
                 for request in requests:
                     request.error = error
