@@ -194,7 +194,7 @@ class Agent:
         not_found = CancelResult(status=CancelStatus.NOT_FOUND, intent_event_id=intent_event_id)
         if not storable:
             return not_found
-        return await self._read(op, not_found, write=True)
+        return await self._read(op, not_found, write=True, reads=intent_event_id)
 
     async def _ledger_op(
         self, fn: Callable[[LedgerTx], T], *, write: bool = True, create: bool = False
@@ -209,10 +209,20 @@ class Agent:
 
     # -- reads ----------------------------------------------------------------------------
 
-    async def _read(self, op: Callable[[LedgerTx], T], missing: T, *, write: bool = False) -> T:
-        """Run ``op`` without creating a ledger: an actor that has none answers ``missing``."""
+    async def _read(
+        self,
+        op: Callable[[LedgerTx], T],
+        missing: T,
+        *,
+        write: bool = False,
+        reads: int | None = None,
+    ) -> T:
+        """Run ``op`` without creating a ledger: an actor that has none answers ``missing``.
+        ``reads``: the intent whose row ``op`` reads (see ``Store.run``)."""
         try:
-            return await self._host.store.run(self.actor_id, op, write=write, create=False)
+            return await self._host.store.run(
+                self.actor_id, op, write=write, create=False, reads=reads
+            )
         except LedgerNotFoundError:
             return missing
 
@@ -254,7 +264,9 @@ class Agent:
         """
         if not _check_id(intent_event_id):
             raise IntentNotFoundError(self.actor_id, intent_event_id)
-        row = await self._read(lambda tx: tx.intent_row(intent_event_id), None)
+        row = await self._read(
+            lambda tx: tx.intent_row(intent_event_id), None, reads=intent_event_id
+        )
         if row is None:
             raise IntentNotFoundError(self.actor_id, intent_event_id)
         return row.state()

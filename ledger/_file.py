@@ -28,7 +28,9 @@ _BUSY_MS = 50
 class LedgerFile:
     """An open SQLite connection to one actor's ledger, verified to belong to that actor."""
 
-    __slots__ = ("_busy_ms", "actor_id", "conn", "next_id", "no_due_pending", "path", "relpath")
+    __slots__ = (
+        "_busy_ms", "actor_id", "conn", "next_id", "no_due_pending", "path", "relpath", "rows"
+    )  # fmt: skip
 
     def __init__(self, actor_id: str, path: Path, relpath: str, conn: sqlite3.Connection) -> None:
         self.actor_id = actor_id
@@ -40,6 +42,8 @@ class LedgerFile:
         self.next_id: int | None = None
         # SQLite reads cost no round trip: has_due_pending always asks the file.
         self.no_due_pending = False
+        # Nor does reading an intent's row: nothing is read ahead (see ``LedgerHandle``).
+        self.rows: dict[int, tuple[Any, ...]] = {}
         self._busy_ms = _BUSY_MS  # the connection's busy_timeout, as last set
 
     @classmethod

@@ -58,6 +58,7 @@ T = TypeVar("T")
 SCHEMA = "durable_triggers"
 """The PostgreSQL schema holding every table of the store."""
 
+_MAX_ID = (1 << 63) - 1  # PostgreSQL's bigint
 _MIGRATION_LOCK = 0x64745F6D6967  # pg_advisory_lock key: one migrator at a time
 _LOCK_TIMEOUT = "10s"
 _RECONNECT_S = 10.0
@@ -158,6 +159,67 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT intent_event_id, seq, data FROM all_stream_chunks
         WHERE actor_id = current_setting('dt.actor', true);
     """,
+    # One round trip locks every actor of a batch, in the order given (callers sort the
+    # names: one lock order for every batch, so none deadlock), and reads the schedule rows
+    # its operations are known to read. Each statement of a VOLATILE function takes a fresh
+    # snapshot: the rows and the due check are read after the locks are held.
+    """
+    CREATE FUNCTION enter_batch(
+        actors text[], writers boolean[], creators boolean[], now_ms bigint,
+        read_actors text[], read_ids bigint[]
+    ) RETURNS TABLE (
+        actor text, last_event_id bigint, no_due_pending boolean,
+        id bigint, trigger_kind text, status text, due_at bigint, created_at bigint,
+        attempts integer, redrives integer, redrive integer, claim_token text,
+        claimed_by text, lease_until bigint, cancel_requested_at bigint, cancel_reason text,
+        cancel_requested_by text, idempotency_key text, finished_at bigint,
+        terminal_event_ids text
+    ) LANGUAGE plpgsql VOLATILE AS $$
+    #variable_conflict use_column
+    DECLARE
+        i integer;
+        last bigint;
+    BEGIN
+        FOR i IN 1 .. coalesce(array_length(actors, 1), 0) LOOP
+            IF writers[i] THEN
+                SELECT l.last_event_id INTO last FROM actor_ledgers l
+                    WHERE l.actor_id = actors[i] FOR UPDATE;
+                IF NOT FOUND AND creators[i] THEN
+                    INSERT INTO actor_ledgers (actor_id, created_at)
+                        VALUES (actors[i], now_ms) ON CONFLICT (actor_id) DO NOTHING;
+                    SELECT l.last_event_id INTO last FROM actor_ledgers l
+                        WHERE l.actor_id = actors[i] FOR UPDATE;
+                END IF;
+            ELSE
+                SELECT l.last_event_id INTO last FROM actor_ledgers l
+                    WHERE l.actor_id = actors[i] FOR SHARE;
+                IF NOT FOUND AND creators[i] THEN
+                    INSERT INTO actor_ledgers (actor_id, created_at)
+                        VALUES (actors[i], now_ms) ON CONFLICT (actor_id) DO NOTHING;
+                    SELECT l.last_event_id INTO last FROM actor_ledgers l
+                        WHERE l.actor_id = actors[i] FOR SHARE;
+                END IF;
+            END IF;
+            CONTINUE WHEN NOT FOUND;  -- no such actor: its operations are told so
+            actor := actors[i];
+            last_event_id := last;
+            no_due_pending := writers[i] AND NOT EXISTS (
+                SELECT 1 FROM all_intents t WHERE t.actor_id = actors[i]
+                    AND t.status = 'pending' AND t.due_at <= now_ms);
+            RETURN NEXT;
+        END LOOP;
+        RETURN QUERY SELECT t.actor_id, NULL::bigint, NULL::boolean, t.id, t.trigger_kind,
+            t.status, t.due_at, t.created_at, t.attempts, t.redrives, t.redrive,
+            t.claim_token, t.claimed_by, t.lease_until, t.cancel_requested_at,
+            t.cancel_reason, t.cancel_requested_by, t.idempotency_key, t.finished_at,
+            t.terminal_event_ids
+            FROM unnest(read_actors, read_ids) AS r(a, n)
+            JOIN all_intents t ON t.actor_id = r.a AND t.id = r.n;
+        IF array_length(actors, 1) > 0 THEN
+            PERFORM set_config('dt.actor', actors[1], true);
+        END IF;
+    END $$;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -246,7 +308,8 @@ class PgConnection:
     with queued writes: every statement sees the ones before it), and with ``COMMIT``. A
     read of another actor goes ahead of it: the views show one actor's rows, so it cannot
     see them. ``dt.actor`` is set inside the text wherever the queued writes change actor,
-    and put back after.
+    and left on ``actor``, the actor whose operation runs now (a statement run at once
+    while the server's ``dt.actor`` is another first sends the queue, to switch it).
 
     Savepoints cost nothing until sent. Released unsent, a savepoint's command is dropped
     and its writes stay; rolled back unsent, the writes queued after it are dropped, never
@@ -266,6 +329,7 @@ class PgConnection:
         "_prepared",
         "_queue",
         "_savepoints",
+        "_sent",
         "aborted",
         "actor",
         "location",
@@ -281,9 +345,12 @@ class PgConnection:
         self._dirty: set[str] = set()
         """The actors with writes in the queue."""
         self._savepoints: list[list[Any]] = []
-        """``[name, sent]`` of the savepoints that exist, innermost last."""
+        """``[name, sent, actor]`` of the savepoints that exist, innermost last."""
         self.actor: str | None = None
-        """What the server's ``dt.actor`` is, for the statements sent so far."""
+        """The actor whose operation runs: the views must show it to its statements."""
+        self._sent: str | None = None
+        """What the server's ``dt.actor`` is, for the statements sent so far (None: not
+        known)."""
         self._prepared: dict[str, str] = {}
         """Deferred statements prepared on this connection, by text: their name."""
         self.aborted = False
@@ -300,19 +367,32 @@ class PgConnection:
                 raise PayloadError("PostgreSQL text cannot hold NUL characters")
         returning = " RETURNING " in sql
         rows = returning or head.startswith(_ROWS)
-        if self._queue and (returning or not rows or self.actor in self._dirty):
+        if self._sent != self.actor or (
+            self._queue and (returning or not rows or self.actor in self._dirty)
+        ):
             self._flush()
         return self._send(sql, parameters, rows)
 
-    def lock(self, sql: str, parameters: Sequence[Any], actor: str) -> Any:
-        """Run the read that locks ``actor``'s row and points ``dt.actor`` at it: its row,
-        or None. It goes ahead of the queue, which holds only other actors' writes (each is
-        sent under its own actor)."""
-        assert actor not in self._dirty, "an actor entered twice in one batch"
-        row = self._send(sql, parameters, True).fetchone()
-        if row is not None:
-            self.actor = actor
-        return row
+    def enter(
+        self,
+        actors: list[str],
+        writers: list[bool],
+        creators: list[bool],
+        now_ms: int,
+        reads: tuple[list[str], list[int]],
+    ) -> list[Any]:
+        """Lock ``actors`` (sorted) and read ahead the schedule rows ``reads`` names, in one
+        round trip (``enter_batch``, at the start of a transaction): a row per actor found,
+        then the rows. The server's ``dt.actor`` is left on the first actor."""
+        assert not self._queue, "actors are entered at the start of a transaction"
+        found = self._send(
+            "SELECT * FROM enter_batch(?, ?, ?, ?, ?, ?)",
+            (actors, writers, creators, now_ms, *reads),
+            True,
+        )._rows
+        if actors:
+            self._sent = self.actor = actors[0]
+        return found
 
     def _send(self, sql: str, parameters: Sequence[Any], rows: bool) -> _Result:
         text = _translate(sql)
@@ -331,7 +411,7 @@ class PgConnection:
         return _Result([], int(tail) if tail.isdigit() else -1)
 
     def executemany(self, sql: str, parameters: Iterable[Sequence[Any]], /) -> None:
-        if self._queue:
+        if self._queue or self._sent != self.actor:
             self._flush()
         try:
             wait_for(self.raw.executemany(_translate(sql), list(parameters)))
@@ -366,7 +446,7 @@ class PgConnection:
         stack = self._savepoints
         found = next((i for i in range(len(stack) - 1, -1, -1) if stack[i][0] == name), None)
         if command == "SAVEPOINT":
-            stack.append([name, False])
+            stack.append([name, False, self.actor])
             self._queue.append((f"SAVEPOINT {name}", self.actor, False))
             return
         if found is None:
@@ -391,6 +471,9 @@ class PgConnection:
             self._dirty.clear()
             commands.append(f"ROLLBACK TO SAVEPOINT {name}")
             wait_for(self.raw.execute("; ".join(commands)))
+            # The rollback undid the switches after the savepoint: the server's ``dt.actor``
+            # is what it was there, the savepoint's own actor (see ``_script``).
+            self._sent = stack[found][2]
             self.aborted = False
             return
         # Never sent: nothing after it reached the server. Its command may be missing from
@@ -419,7 +502,7 @@ class PgConnection:
         under. A savepoint is taken under its own actor too: rolling back to it undoes the
         switches after it, and must leave the views on the actor that rolls back."""
         statements: list[str] = []
-        current = self.actor
+        current = self._sent
         for text, actor, write in self._queue:
             if not (write or savepoints):
                 continue
@@ -443,7 +526,9 @@ class PgConnection:
             # the transaction, it must not commit. Only a rollback to a savepoint sent
             # before (whose operation owns all that was queued since) can save it.
             self.aborted = True
+            self._sent = None
             raise
+        self._sent = self.actor
         for entry in self._savepoints:
             entry[1] = True
 
@@ -462,7 +547,7 @@ class PgConnection:
         self._queue.clear()
         self._dirty.clear()
         self._savepoints.clear()
-        self.actor = None
+        self.actor = self._sent = None
         self.aborted = False
 
     def begin(self) -> None:
@@ -493,13 +578,14 @@ class PgConnection:
 class _Scope:
     """One actor's ledger inside a batch transaction (``dt.actor`` set to it)."""
 
-    __slots__ = ("actor_id", "conn", "next_id", "no_due_pending")
+    __slots__ = ("actor_id", "conn", "next_id", "no_due_pending", "rows")
 
     def __init__(self, actor_id: str, conn: PgConnection) -> None:
         self.actor_id = actor_id
         self.conn = conn
         self.next_id: int | None = None
         self.no_due_pending = False
+        self.rows: dict[int, tuple[Any, ...]] = {}
 
     def write(self, sql: str, parameters: Sequence[Any], /) -> None:
         """Queue a write whose result nobody reads (sent with the next statement that needs
@@ -845,8 +931,12 @@ class PostgresStore(Store):
         progress = _Progress()
         try:
             conn.begin()
-            for actor_id in sorted(groups):  # one lock order for every batch: no deadlocks
-                state = self._run_actor(conn, actor_id, groups[actor_id], now_ms, alone, progress)
+            actors = sorted(groups)  # one lock order for every batch: no deadlocks
+            scopes = self._enter(conn, actors, groups, now_ms)
+            for actor_id in actors:
+                state = self._run_actor(
+                    conn, scopes.get(actor_id), actor_id, groups[actor_id], now_ms, alone, progress
+                )
                 if state is not None:
                     opened.append(state)
             if conn.raw.is_closed():
@@ -904,26 +994,26 @@ class PostgresStore(Store):
     def _run_actor(
         self,
         conn: PgConnection,
+        scope: _Scope | None,
         actor_id: str,
         requests: list[_Request[Any]],
         now_ms: int,
         alone: bool,
         progress: _Progress,
     ) -> _Done | None:
-        """Lock one actor, then run its operations, each in a (lazy) savepoint.
+        """Run one (locked) actor's operations, each in a (lazy) savepoint; ``scope`` is
+        None if the actor has no ledger.
 
-        A failure to lock (the lock timeout) fails the whole batch. ``alone``: this is the
-        batch's only operation, so a failure rolls the whole transaction back instead.
+        ``alone``: this is the batch's only operation, so a failure rolls the whole
+        transaction back instead.
         """
-        write = group_writes(requests)
-        create = any(r.create for r in requests)
-        scope = _Scope(actor_id, conn)
-        if not self._enter(conn, scope, write, create, now_ms):
+        if scope is None:
             for request in requests:
                 request.error = LedgerNotFoundError(actor_id)
             if alone:
                 raise _Discard
             return None
+        conn.actor = actor_id
         state = _Done(actor_id, [], TxEffects())
         for request in requests:
             tx = LedgerTx(scope, now_ms, self.projections)
@@ -949,37 +1039,38 @@ class PostgresStore(Store):
         return state
 
     def _enter(
-        self, conn: PgConnection, scope: _Scope, write: bool, create: bool, now_ms: int
-    ) -> bool:
-        """Lock the actor's row (creating it if asked) and point the views at it; a writer
-        also learns, in the same round trip, the next event id and whether any intent is
-        pending and due (if none, an eager claim's fairness check needs no read)."""
-        actor_id = scope.actor_id
-        params: tuple[str | int, ...]
-        if write:
-            lock = (
-                "SELECT set_config('dt.actor', ?, true), last_event_id, NOT EXISTS ("
-                "SELECT 1 FROM all_intents WHERE actor_id = ? AND status = 'pending'"
-                " AND due_at <= ?) FROM actor_ledgers WHERE actor_id = ? FOR UPDATE"
-            )
-            params = (actor_id, actor_id, now_ms, actor_id)
-        else:
-            lock = (
-                "SELECT set_config('dt.actor', ?, true) FROM actor_ledgers"
-                " WHERE actor_id = ? FOR SHARE"
-            )
-            params = (actor_id, actor_id)
-        row = conn.lock(lock, params, actor_id)
-        if row is None and create:
-            conn.execute(
-                "INSERT INTO actor_ledgers (actor_id, created_at) VALUES (?, ?)"
-                " ON CONFLICT (actor_id) DO NOTHING",
-                (actor_id, now_ms),
-            )
-            row = conn.lock(lock, params, actor_id)
-        if row is None:
-            return False
-        if write:
-            scope.next_id = int(row[1] or 0) + 1
-            scope.no_due_pending = bool(row[2])
-        return True
+        self,
+        conn: PgConnection,
+        actors: list[str],
+        groups: dict[str, list[_Request[Any]]],
+        now_ms: int,
+    ) -> dict[str, _Scope]:
+        """Lock the batch's ``actors`` (sorted), creating those asked for, in one round
+        trip: a scope per actor found.
+
+        A writer's scope learns the next event id and whether any intent is pending and due
+        (if none, an eager claim's fairness check needs no read); every scope holds the
+        schedule rows its operations said they read (``_Request.reads``), read under the
+        lock. A failure to lock (the lock timeout) fails the whole batch.
+        """
+        writers = [group_writes(groups[actor_id]) for actor_id in actors]
+        creators = [any(r.create for r in groups[actor_id]) for actor_id in actors]
+        read_actors: list[str] = []
+        read_ids: list[int] = []
+        for actor_id in actors:
+            for request in groups[actor_id]:
+                if request.reads is not None and 0 < request.reads <= _MAX_ID:
+                    read_actors.append(actor_id)
+                    read_ids.append(request.reads)
+        writer = dict(zip(actors, writers, strict=True))
+        scopes: dict[str, _Scope] = {}
+        for row in conn.enter(actors, writers, creators, now_ms, (read_actors, read_ids)):
+            actor_id = row[0]
+            if row[3] is None:
+                scope = scopes[actor_id] = _Scope(actor_id, conn)
+                if writer[actor_id]:
+                    scope.next_id = int(row[1]) + 1
+                    scope.no_due_pending = bool(row[2])
+            else:
+                scopes[actor_id].rows[row[3]] = tuple(row)[3:]
+        return scopes

@@ -94,7 +94,8 @@ def group_writes(requests: Sequence[_Request[Any]]) -> bool:
 
 class _Request(Generic[T]):
     __slots__ = (
-        "actor_id", "after", "busy_since", "create", "done", "error", "fn", "result", "write"
+        "actor_id", "after", "busy_since", "create", "done", "error", "fn", "reads", "result",
+        "write",
     )  # fmt: skip
 
     def __init__(
@@ -105,8 +106,11 @@ class _Request(Generic[T]):
         done: asyncio.Event,
         after: Callable[[T | None, BaseException | None], None] | None = None,
         create: bool = True,
+        reads: int | None = None,
     ) -> None:
         self.create = create
+        self.reads = reads
+        """The intent whose row the operation reads: a backend may fetch it with the lock."""
         self.actor_id = actor_id
         self.fn = fn
         self.write = write
@@ -292,6 +296,7 @@ class Store:
         write: bool = True,
         after: Callable[[T | None, BaseException | None], None] | None = None,
         create: bool = True,
+        reads: int | None = None,
     ) -> T:
         """Run ``fn`` in a transaction of ``actor_id``'s ledger and return its result.
 
@@ -304,6 +309,9 @@ class Store:
         With ``create=False`` an actor without a ledger is not created: ``LedgerNotFoundError``
         is raised instead (for reads and for answers such as ``not_found``).
 
+        ``reads`` names the intent whose row ``fn`` reads with ``tx.intent_row`` (a hint: a
+        backend that pays a round trip per statement fetches the row with the actor's lock).
+
         Raises:
             LedgerNotFoundError: ``create=False`` and the actor has no ledger.
             LedgerCorruptError: the actor's ledger file is damaged or foreign.
@@ -312,7 +320,7 @@ class Store:
             LedgerClosedError: the store is closed.
         """
         try:
-            request = self._queue(actor_id, fn, write, create, after)
+            request = self._queue(actor_id, fn, write, create, after, reads)
         except (TypeError, ValueError, LedgerClosedError) as exc:
             if after is not None:
                 after(None, exc)
@@ -335,6 +343,7 @@ class Store:
         after: Callable[[T | None, BaseException | None], None],
         *,
         write: Write = True,
+        reads: int | None = None,
     ) -> None:
         """Queue ``fn`` like ``run`` without waiting: ``after(result, error)`` is called on
         the event loop once it has run (the store drains queued operations before closing).
@@ -347,7 +356,7 @@ class Store:
             LedgerClosedError: the store is closed (``after`` is not called).
             ValueError, TypeError: the actor name is invalid (``after`` is not called).
         """
-        self._queue(actor_id, fn, write, True, after)
+        self._queue(actor_id, fn, write, True, after, reads)
 
     def _queue(
         self,
@@ -356,12 +365,13 @@ class Store:
         write: Write,
         create: bool,
         after: Callable[[T | None, BaseException | None], None] | None,
+        reads: int | None = None,
     ) -> _Request[T]:
         check_actor_id(actor_id)  # before anything is queued
         if self._closing or self._tg is None:
             raise LedgerClosedError
         shard = self._shards[hash(actor_id) % len(self._shards)]
-        request: _Request[T] = _Request(actor_id, fn, write, shard.done, after, create)
+        request: _Request[T] = _Request(actor_id, fn, write, shard.done, after, create, reads)
         shard.pending.append(request)
         if not shard.wake.is_set():
             shard.wake.set()

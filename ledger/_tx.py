@@ -66,11 +66,17 @@ class LedgerHandle(Protocol):
     transaction believes that no intent of the actor is pending and due at its clock: a
     backend may learn it with its lock, and any write that may make an intent due clears it
     (see ``LedgerTx.has_due_pending`` for what it may miss).
+
+    ``rows`` holds schedule rows (all columns, by intent id) that a backend read with the
+    actor's lock for the operations it was asked about (``Store.run(reads=)``). An entry is
+    current until the transaction writes that intent: ``LedgerTx`` takes it out on its first
+    read, and forgets it on every write of the intent (of all of them on a write of many).
     """
 
     actor_id: str
     next_id: int | None
     no_due_pending: bool
+    rows: dict[int, tuple[Any, ...]]
 
     @property
     def conn(self) -> Connection: ...
@@ -351,6 +357,7 @@ class LedgerTx:
                 self._file.write(
                     "UPDATE intents SET idempotency_key = NULL WHERE id = ?", (intent_id,)
                 )
+                self._forget(intent_id)
         event = self.insert_event(intent_event_kind, payload, SELF, text=text)
         self._file.write(
             "INSERT INTO intents (id, trigger_kind, status, due_at, created_at, idempotency_key)"
@@ -364,6 +371,11 @@ class LedgerTx:
 
     def intent_row(self, intent_event_id: int) -> IntentRow | None:
         """The schedule row of one intent, or None."""
+        rows = self._file.rows
+        if rows:
+            row = rows.pop(intent_event_id, None)
+            if row is not None:
+                return IntentRow(*row)
         row = self._file.conn.execute(
             f"SELECT {_ROW_COLUMNS} FROM intents WHERE id = ?", (intent_event_id,)
         ).fetchone()
@@ -418,6 +430,7 @@ class LedgerTx:
             row.lease_until = lease_until
             row.attempts += 1
             self._file.write(_CLAIM, (row.claim_token, host_id, lease_until, row.attempts, row.id))
+            self._forget(row.id)
             claimed.append(row)
         if claimed:
             self.effects.due_may_rise = True
@@ -468,6 +481,7 @@ class LedgerTx:
             " redrives = redrives + 1, redrive = 1 WHERE id = ? AND claim_token = ?",
             (token, host_id, lease_until, row.id, row.claim_token),
         )
+        self._forget(row.id)
         row.claim_token, row.claimed_by, row.lease_until = token, host_id, lease_until
         row.redrives += 1
         row.redrive = 1
@@ -577,6 +591,7 @@ class LedgerTx:
             " WHERE id = ? AND status = 'running' AND claim_token = ?",
             (due_at, 0 if count_attempt else 1, int(redrive), intent_event_id, token),
         )
+        self._forget(intent_event_id)
         if cur.rowcount != 1:
             return False
         self._note_due(due_at)
@@ -597,6 +612,7 @@ class LedgerTx:
             " WHERE id = ?",
             (due_at, intent_event_id),
         )
+        self._forget(intent_event_id)
         self._note_due(due_at)
 
     def wake(self, intent_event_id: int, due_at: int) -> bool:
@@ -610,6 +626,7 @@ class LedgerTx:
             " WHERE id = ? AND status = 'pending'",
             (due_at, due_at, intent_event_id),
         )
+        self._forget(intent_event_id)
         if cur.rowcount != 1:
             return False
         self._note_due(due_at)
@@ -622,6 +639,7 @@ class LedgerTx:
             " claim_token = NULL, lease_until = NULL WHERE id = ?",
             (status.value, self.now_ms, _encode(list(event_ids)), intent_event_id),
         )
+        self._forget(intent_event_id)
         self.effects.due_may_rise = True
         self.effects.terminal = True
 
@@ -649,6 +667,7 @@ class LedgerTx:
             " cancel_requested_by = ? WHERE id = ? AND cancel_requested_at IS NULL",
             (self.now_ms, reason, requested_by, intent_event_id),
         )
+        self._forget(intent_event_id)
         first = cur.rowcount == 1
         if first and row is not None:
             row.cancel_requested_at = self.now_ms
@@ -677,6 +696,7 @@ class LedgerTx:
     def renew_leases(self, host_id: str, lease_until: int, tokens: Iterable[str]) -> int:
         """Extend the leases of this host's claims with the given tokens."""
         conn = self._file.conn
+        self._file.rows.clear()
         count = 0
         for token in tokens:
             count += conn.execute(
@@ -694,6 +714,12 @@ class LedgerTx:
             " UNION ALL SELECT min(lease_until) FROM intents WHERE status = 'running')"
         ).fetchone()
         return None if row[0] is None else int(row[0])
+
+    def _forget(self, intent_event_id: int) -> None:
+        """This transaction writes the intent: a row read with the lock is no longer current."""
+        rows = self._file.rows
+        if rows:
+            rows.pop(intent_event_id, None)
 
     def _note_due(self, due_at: int) -> None:
         if due_at <= self.now_ms:

@@ -555,7 +555,7 @@ class Scheduler:
             )
 
         try:
-            self.store.submit(attempt.actor_id, op, after)
+            self.store.submit(attempt.actor_id, op, after, reads=row.id)
         except LedgerError as exc:
             after(None, exc)
 
@@ -574,7 +574,7 @@ class Scheduler:
             for delay in (0.05, 0.2, 1.0, 5.0):
                 await anyio.sleep(delay)
                 try:
-                    settled = await self.store.run(attempt.actor_id, op)
+                    settled = await self.store.run(attempt.actor_id, op, reads=claimed.row.id)
                     break
                 except LedgerError as exc:
                     log.warning("settle_failed", error=str(exc))
@@ -641,7 +641,7 @@ class _Backend:
                 check(tx)
             return tx.insert_event(kind, payload, intent_event_id, text=text)
 
-        event = await self._store.run(actor_id, op)
+        event = await self._store.run(actor_id, op, reads=intent_event_id)
         if event is None:
             raise ClaimLostError(f"intent {intent_event_id} of {actor_id!r}: the claim was lost")
         return event

@@ -1,0 +1,188 @@
+"""Schedule rows read ahead with an actor's lock (``Store.run(reads=)``) are never stale.
+
+On PostgreSQL a batch locks its actors and reads the rows its operations name in one round
+trip, before any of them runs. An operation earlier in the same batch may write that row:
+the later read must see the write, as it would on SQLite, where nothing is read ahead.
+Each case below writes an intent one way, then reads it with the hint, in one batch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+
+from ledger import IntentStatus
+from tests.helpers import open_store
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from pathlib import Path
+
+    from ledger import LedgerTx, Store
+
+pytestmark = [pytest.mark.anyio, pytest.mark.contract]
+
+KIND = "k"
+NOW = 1_000_000
+LATER = NOW + 60_000
+
+
+def _pending(due_at: int = 0, key: str | None = None) -> Callable[[LedgerTx], int]:
+    def op(tx: LedgerTx) -> int:
+        event, _ = tx.append_intent(
+            trigger_kind=KIND,
+            intent_event_kind="k.requested",
+            payload=None,
+            due_at=due_at,
+            idempotency_key=key,
+        )
+        return event.id
+
+    return op
+
+
+def _claim(tx: LedgerTx) -> None:
+    [row] = tx.claim_due(limit=1, host_id="h", lease_until=LATER, tokens=["t1"], kinds=[KIND])
+    assert row.claim_token == "t1"
+
+
+def _running(tx: LedgerTx) -> int:
+    intent_id = _pending()(tx)
+    _claim(tx)
+    return intent_id
+
+
+def _finished(tx: LedgerTx) -> int:
+    intent_id = _running(tx)
+    tx.finish(intent_id, IntentStatus.COMPLETED, [intent_id])
+    return intent_id
+
+
+def _reclaim(tx: LedgerTx, intent_id: int) -> None:
+    [row] = tx.intent_rows(status="running")  # not through intent_row: the entry stays
+    assert row.id == intent_id
+    tx.reclaim(row, token="t2", host_id="h2", lease_until=LATER + 1)
+
+
+def _reuse_key(tx: LedgerTx, intent_id: int) -> None:
+    _, created = tx.append_intent(
+        trigger_kind=KIND,
+        intent_event_kind="k.requested",
+        payload=None,
+        due_at=0,
+        idempotency_key="key",
+        key_retention_ms=0,
+    )
+    assert created
+
+
+# name: (set-up returning the intent id, a write of that intent)
+CASES: dict[str, tuple[Callable[[LedgerTx], int], Callable[[LedgerTx, int], Any]]] = {
+    "request_cancel": (
+        _pending(),
+        lambda tx, i: tx.request_cancel(i, reason="stop", requested_by="test"),
+    ),
+    "release": (
+        _running,
+        lambda tx, i: tx.release(i, "t1", due_at=LATER, count_attempt=True, redrive=False),
+    ),
+    "reschedule": (_running, lambda tx, i: tx.reschedule(i, LATER)),
+    "wake": (_pending(due_at=LATER), lambda tx, i: tx.wake(i, 5)),
+    "finish": (_running, lambda tx, i: tx.finish(i, IntentStatus.FAILED, [i])),
+    "reclaim": (_running, _reclaim),
+    "claim_due": (_pending(), lambda tx, i: _claim(tx)),
+    "renew_leases": (_running, lambda tx, i: tx.renew_leases("h", LATER + 5, ["t1"])),
+    "idempotency key reused": (
+        lambda tx: _finished(tx) and _pending(key="key")(tx),
+        lambda tx, i: (tx.finish(i, IntentStatus.COMPLETED, [i]), _reuse_key(tx, i)),
+    ),
+}
+
+
+async def _one_batch(
+    store: Store, ops: list[tuple[Callable[[LedgerTx], Any], int | None]]
+) -> list[Any]:
+    """Queue ``ops`` of actor ``a`` (each with its ``reads`` hint) with no await in between,
+    so a one-shard store runs them in one batch; their results, in order."""
+    results: dict[int, tuple[Any, BaseException | None]] = {}
+    finished = anyio.Event()
+
+    def after(index: int) -> Callable[[Any, BaseException | None], None]:
+        def done(result: Any, error: BaseException | None) -> None:
+            results[index] = (result, error)
+            if len(results) == len(ops):
+                finished.set()
+
+        return done
+
+    for index, (fn, reads) in enumerate(ops):
+        store.submit("a", fn, after(index), reads=reads)
+    with anyio.fail_after(20):
+        await finished.wait()
+    for _, error in results.values():
+        if error is not None:
+            raise error
+    return [results[index][0] for index in range(len(ops))]
+
+
+def _row(intent_id: int) -> Callable[[LedgerTx], Any]:
+    return lambda tx: tx.intent_row(intent_id)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_a_row_read_ahead_shows_the_writes_made_before_it_in_the_batch(
+    case: str, tmp_path: Path
+) -> None:
+    set_up, write = CASES[case]
+    async with open_store(tmp_path, shards=1, clock=lambda: NOW) as store:
+        intent_id = await store.run("a", set_up)
+        before = await store.run("a", _row(intent_id))
+        _, read = await _one_batch(
+            store, [(lambda tx: write(tx, intent_id), None), (_row(intent_id), intent_id)]
+        )
+        after = await store.run("a", _row(intent_id))
+    assert after != before, "the case must change the row"
+    assert read == after
+
+
+@pytest.mark.parametrize("case", list(CASES))
+async def test_a_row_read_ahead_and_used_before_a_write_is_the_row_before_it(
+    case: str, tmp_path: Path
+) -> None:
+    set_up, write = CASES[case]
+    async with open_store(tmp_path, shards=1, clock=lambda: NOW) as store:
+        intent_id = await store.run("a", set_up)
+        before = await store.run("a", _row(intent_id))
+        read, _, again = await _one_batch(
+            store,
+            [
+                (_row(intent_id), intent_id),
+                (lambda tx: write(tx, intent_id), None),
+                (_row(intent_id), intent_id),
+            ],
+        )
+        after = await store.run("a", _row(intent_id))
+    assert read == before
+    assert again == after != before
+
+
+async def test_a_hint_for_a_missing_intent_reads_none(tmp_path: Path) -> None:
+    async with open_store(tmp_path, shards=1, clock=lambda: NOW) as store:
+        intent_id = await store.run("a", _pending())
+        rows = await _one_batch(
+            store, [(_row(intent_id + 1), intent_id + 1), (_row(0), 0), (_row(-4), -4)]
+        )
+    assert rows == [None, None, None]
+
+
+async def test_a_hint_for_another_intent_does_not_answer_for_it(tmp_path: Path) -> None:
+    async with open_store(tmp_path, shards=1, clock=lambda: NOW) as store:
+        one = await store.run("a", _running)
+        two = await store.run("a", _pending(due_at=LATER))
+        first, second = await _one_batch(store, [(_row(one), two), (_row(two), one)])
+    assert first is not None
+    assert (first.id, first.status) == (one, "running")
+    assert second is not None
+    assert (second.id, second.status) == (two, "pending")
