@@ -54,8 +54,9 @@ def _running(tx: LedgerTx) -> int:
     return intent_id
 
 
-def _finished(tx: LedgerTx) -> int:
-    intent_id = _running(tx)
+def _finished_with_key(tx: LedgerTx) -> int:
+    intent_id = _pending(key="key")(tx)
+    _claim(tx)
     tx.finish(intent_id, IntentStatus.COMPLETED, [intent_id])
     return intent_id
 
@@ -94,10 +95,7 @@ CASES: dict[str, tuple[Callable[[LedgerTx], int], Callable[[LedgerTx, int], Any]
     "reclaim": (_running, _reclaim),
     "claim_due": (_pending(), lambda tx, i: _claim(tx)),
     "renew_leases": (_running, lambda tx, i: tx.renew_leases("h", LATER + 5, ["t1"])),
-    "idempotency key reused": (
-        lambda tx: _finished(tx) and _pending(key="key")(tx),
-        lambda tx, i: (tx.finish(i, IntentStatus.COMPLETED, [i]), _reuse_key(tx, i)),
-    ),
+    "idempotency key reused": (_finished_with_key, _reuse_key),
 }
 
 
