@@ -177,44 +177,48 @@ MIGRATIONS: tuple[str, ...] = (
     ) LANGUAGE plpgsql VOLATILE AS $$
     #variable_conflict use_column
     DECLARE
-        i integer;
+        a record;
+        r record;
         last bigint;
     BEGIN
-        FOR i IN 1 .. coalesce(array_length(actors, 1), 0) LOOP
-            IF writers[i] THEN
+        FOR a IN SELECT * FROM unnest(actors, writers, creators) WITH ORDINALITY
+                AS u(name, writer, creator, n) ORDER BY n LOOP
+            IF a.writer THEN
                 SELECT l.last_event_id INTO last FROM actor_ledgers l
-                    WHERE l.actor_id = actors[i] FOR UPDATE;
-                IF NOT FOUND AND creators[i] THEN
+                    WHERE l.actor_id = a.name FOR UPDATE;
+                IF NOT FOUND AND a.creator THEN
                     INSERT INTO actor_ledgers (actor_id, created_at)
-                        VALUES (actors[i], now_ms) ON CONFLICT (actor_id) DO NOTHING;
+                        VALUES (a.name, now_ms) ON CONFLICT (actor_id) DO NOTHING;
                     SELECT l.last_event_id INTO last FROM actor_ledgers l
-                        WHERE l.actor_id = actors[i] FOR UPDATE;
+                        WHERE l.actor_id = a.name FOR UPDATE;
                 END IF;
             ELSE
                 SELECT l.last_event_id INTO last FROM actor_ledgers l
-                    WHERE l.actor_id = actors[i] FOR SHARE;
-                IF NOT FOUND AND creators[i] THEN
+                    WHERE l.actor_id = a.name FOR SHARE;
+                IF NOT FOUND AND a.creator THEN
                     INSERT INTO actor_ledgers (actor_id, created_at)
-                        VALUES (actors[i], now_ms) ON CONFLICT (actor_id) DO NOTHING;
+                        VALUES (a.name, now_ms) ON CONFLICT (actor_id) DO NOTHING;
                     SELECT l.last_event_id INTO last FROM actor_ledgers l
-                        WHERE l.actor_id = actors[i] FOR SHARE;
+                        WHERE l.actor_id = a.name FOR SHARE;
                 END IF;
             END IF;
             CONTINUE WHEN NOT FOUND;  -- no such actor: its operations are told so
-            actor := actors[i];
+            actor := a.name;
             last_event_id := last;
-            no_due_pending := writers[i] AND NOT EXISTS (
-                SELECT 1 FROM all_intents t WHERE t.actor_id = actors[i]
+            no_due_pending := a.writer AND NOT EXISTS (
+                SELECT 1 FROM all_intents t WHERE t.actor_id = a.name
                     AND t.status = 'pending' AND t.due_at <= now_ms);
             RETURN NEXT;
         END LOOP;
-        RETURN QUERY SELECT t.actor_id, NULL::bigint, NULL::boolean, t.id, t.trigger_kind,
-            t.status, t.due_at, t.created_at, t.attempts, t.redrives, t.redrive,
-            t.claim_token, t.claimed_by, t.lease_until, t.cancel_requested_at,
-            t.cancel_reason, t.cancel_requested_by, t.idempotency_key, t.finished_at,
-            t.terminal_event_ids
-            FROM unnest(read_actors, read_ids) AS r(a, n)
-            JOIN all_intents t ON t.actor_id = r.a AND t.id = r.n;
+        -- One index lookup each (a join's plan, made without the arrays' sizes, may scan).
+        FOR r IN SELECT * FROM unnest(read_actors, read_ids) AS u(name, n) LOOP
+            RETURN QUERY SELECT t.actor_id, NULL::bigint, NULL::boolean, t.id,
+                t.trigger_kind, t.status, t.due_at, t.created_at, t.attempts, t.redrives,
+                t.redrive, t.claim_token, t.claimed_by, t.lease_until, t.cancel_requested_at,
+                t.cancel_reason, t.cancel_requested_by, t.idempotency_key, t.finished_at,
+                t.terminal_event_ids
+                FROM all_intents t WHERE t.actor_id = r.name AND t.id = r.n;
+        END LOOP;
         IF array_length(actors, 1) > 0 THEN
             PERFORM set_config('dt.actor', actors[1], true);
         END IF;
