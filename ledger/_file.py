@@ -41,7 +41,7 @@ class LedgerFile:
         # is max(id) + 1); None when unknown. Reset at BEGIN and after a rollback.
         self.next_id: int | None = None
         # SQLite reads cost no round trip: has_due_pending always asks the file.
-        self.no_due_pending = False
+        self.no_due_pending: bool | None = None
         # Nor does reading an intent's row: nothing is read ahead (see ``LedgerHandle``).
         self.rows: dict[int, tuple[Any, ...]] = {}
         self._busy_ms = _BUSY_MS  # the connection's busy_timeout, as last set

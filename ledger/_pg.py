@@ -8,7 +8,8 @@ Every table leads with ``actor_id``, so the schema can be distributed by actor u
 Writers of one actor are serialized by a row lock on its ``actor_ledgers`` row, held to the
 end of the transaction (readers take a share lock): event ids grow in commit order across
 any number of hosts, and a claim or a terminal transition can never race another host's.
-Locks are taken in actor-name order, so two batches never deadlock.
+A batch takes all its locks at its start, in one round trip (``enter_batch``), in actor-name
+order, so two batches never deadlock.
 
 A batch of operations (many actors) is one transaction: group commit, as on SQLite.
 """
@@ -588,7 +589,7 @@ class _Scope:
         self.actor_id = actor_id
         self.conn = conn
         self.next_id: int | None = None
-        self.no_due_pending = False
+        self.no_due_pending: bool | None = None
         self.rows: dict[int, tuple[Any, ...]] = {}
 
     def write(self, sql: str, parameters: Sequence[Any], /) -> None:
@@ -1024,6 +1025,7 @@ class PostgresStore(Store):
             if not alone:
                 conn.execute("SAVEPOINT op")
             progress.ran = True
+            due_known = scope.no_due_pending
             try:
                 request.result = request.fn(tx)
                 tx.flush_projections()
@@ -1035,6 +1037,7 @@ class PostgresStore(Store):
                     raise _Discard from exc
                 conn.execute("ROLLBACK TO op")
                 scope.next_id = None
+                scope.no_due_pending = due_known  # what the rolled-back writes changed
                 continue
             if not alone:
                 conn.execute("RELEASE op")
@@ -1075,6 +1078,6 @@ class PostgresStore(Store):
                 if writer[actor_id]:
                     scope.next_id = int(row[1]) + 1
                     scope.no_due_pending = bool(row[2])
-            else:
+            elif actor_id in scopes:
                 scopes[actor_id].rows[row[3]] = tuple(row)[3:]
         return scopes

@@ -62,10 +62,12 @@ class LedgerHandle(Protocol):
     """One actor's ledger inside an open transaction: a SQLite file or a PostgreSQL scope.
 
     ``next_id`` caches the next event id while a write transaction is open (writers of one
-    actor are serialized); None when unknown. ``no_due_pending`` is True while the open
-    transaction believes that no intent of the actor is pending and due at its clock: a
-    backend may learn it with its lock, and any write that may make an intent due clears it
-    (see ``LedgerTx.has_due_pending`` for what it may miss).
+    actor are serialized); None when unknown. ``no_due_pending`` is what the open transaction
+    knows of the actor's intents pending and due at its clock, for an eager claim's
+    fairness (``LedgerTx.has_due_pending(from_lock=True)``): True, none; False, one may be;
+    None, nothing is known (ask). A backend may learn it with its lock; a write that may
+    make an intent due turns True into False, and a rolled-back operation puts back what
+    was known before it.
 
     ``rows`` holds schedule rows (all columns, by intent id) that a backend read with the
     actor's lock for the operations it was asked about (``Store.run(reads=)``). An entry is
@@ -75,7 +77,7 @@ class LedgerHandle(Protocol):
 
     actor_id: str
     next_id: int | None
-    no_due_pending: bool
+    no_due_pending: bool | None
     rows: dict[int, tuple[Any, ...]]
 
     @property
@@ -492,12 +494,14 @@ class LedgerTx:
         """True if an intent of ``kinds`` is pending and due now.
 
         With ``from_lock``, the answer may come from what the actor's lock learned
-        (``no_due_pending``) without a read. That knowledge misses an intent that another
-        host committed while the lock waited: good enough for an eager claim's fairness,
-        not for deciding whether due work is left.
+        (``no_due_pending``) without a read. It may say True where a read would say False:
+        the lock saw a due intent of another kind, or one that an earlier operation of the
+        transaction has claimed since. Good enough for an eager claim's fairness (the
+        intent is then claimed by the scheduler), not for deciding whether due work is left.
         """
-        if from_lock and self._file.no_due_pending:
-            return False
+        known = self._file.no_due_pending
+        if from_lock and known is not None:
+            return not known
         row = self._file.conn.execute(
             "SELECT 1 FROM intents WHERE status = 'pending' AND due_at <= ?"
             f" AND trigger_kind IN ({','.join('?' * len(kinds))}) LIMIT 1",
@@ -542,6 +546,7 @@ class LedgerTx:
         conn = self._file.conn
         conn.execute("SAVEPOINT nested")
         pending = len(self._pending_events)
+        due_known = self._file.no_due_pending
         # What others are told must have committed: a rolled-back block's cancels and notices
         # go with it (the other effects are hints, harmless when spurious).
         cancels = len(self.effects.cancels or ())
@@ -550,6 +555,7 @@ class LedgerTx:
             yield
         except BaseException:
             self._file.next_id = None
+            self._file.no_due_pending = due_known
             del self._pending_events[pending:]
             if self.effects.cancels:
                 del self.effects.cancels[cancels:]
@@ -722,7 +728,7 @@ class LedgerTx:
             rows.pop(intent_event_id, None)
 
     def _note_due(self, due_at: int) -> None:
-        if due_at <= self.now_ms:
+        if due_at <= self.now_ms and self._file.no_due_pending:
             self._file.no_due_pending = False
         current = self.effects.new_due
         if current is None or due_at < current:

@@ -61,6 +61,20 @@ async def one_batch(store: Store, ops: list[Callable[[LedgerTx], Any]]) -> list[
     return [each.value for each in pending]
 
 
+def nested_enqueue(n: int) -> Callable[[LedgerTx], None]:
+    """An operation that records a due intent in a nested savepoint, then rolls it back."""
+
+    def op(tx: LedgerTx) -> None:
+        try:
+            with tx.savepoint():
+                enqueue(n)(tx)
+                raise RuntimeError("inner")
+        except RuntimeError:
+            pass
+
+    return op
+
+
 def claimed(result: Any) -> bool:
     assert isinstance(result, Enqueued), result
     return result.claimed is not None
@@ -206,20 +220,12 @@ async def test_rolled_back_operations_leave_no_stale_knowledge(tmp_path: Path) -
         enqueue(10, eager=True)(tx)
         raise RuntimeError("rolled back")
 
-    def nested(tx: LedgerTx) -> None:
-        try:
-            with tx.savepoint():
-                enqueue(11)(tx)
-                raise RuntimeError("inner")
-        except RuntimeError:
-            pass
-
     async with open_store(tmp_path, clock=clock) as store:
         await store.run(ACTOR, lambda tx: None)
         # Queued with no await in between: one batch, one lock, one flag.
         ops = [
             Pending(store, eager_then_fail),
-            Pending(store, nested),
+            Pending(store, nested_enqueue(11)),
             Pending(store, enqueue(12)),  # due, left pending
             Pending(store, enqueue(13, eager=True)),  # must not overtake 12
             Pending(store, claim(1)),
@@ -232,3 +238,17 @@ async def test_rolled_back_operations_leave_no_stale_knowledge(tmp_path: Path) -
         result = ops[4].value
         assert len(result.claimed) == 1
         assert result.more  # 13 is still due
+
+
+async def test_a_rolled_back_savepoint_leaves_eager_claims_going(tmp_path: Path) -> None:
+    """A nested savepoint that made an intent due and rolled back leaves nothing due: the
+    eager claim after it in the same batch goes ahead (on PostgreSQL the batch puts back
+    what it knew before the savepoint; SQLite reads)."""
+    async with open_store(tmp_path, clock=clock) as store:
+        await store.run(ACTOR, lambda tx: None)
+        ops = [Pending(store, nested_enqueue(21)), Pending(store, enqueue(22, eager=True))]
+        with anyio.fail_after(10):
+            for op in ops:
+                await op.done.wait()
+        assert ops[0].value is None
+        assert claimed(ops[1].value)
