@@ -95,6 +95,44 @@ async def test_hosts_starting_together_migrate_once(database_url: str) -> None:
     assert count == 8
 
 
+async def test_a_version_1_database_is_migrated_with_its_due_work(database_url: str) -> None:
+    """A database written by schema version 1 (one pending and one expired running intent)
+    is upgraded on start; the scan for due actors finds both, and the pending one is
+    claimed (entering the batch through the version 2 function)."""
+    from ledger._pg import MIGRATIONS, PgDirectory
+
+    conn = await asyncpg.connect(database_url, server_settings={"search_path": SCHEMA})
+    try:
+        await conn.execute(f"CREATE SCHEMA {SCHEMA}")
+        await conn.execute("CREATE TABLE schema_version (version integer NOT NULL)")
+        await conn.execute(MIGRATIONS[0])
+        await conn.execute("INSERT INTO schema_version VALUES (1)")
+        await conn.execute(
+            "INSERT INTO actor_ledgers (actor_id, created_at) VALUES ('a', 0), ('b', 0);"
+            "INSERT INTO all_events (actor_id, id, ts, kind, payload, intent_event_id)"
+            " VALUES ('a', 1, 0, 'k.requested', 'null', 1), ('b', 1, 0, 'k.requested', 'null', 1);"
+            "INSERT INTO all_intents (actor_id, id, trigger_kind, status, due_at, created_at,"
+            " lease_until, claim_token) VALUES ('a', 1, 'k', 'pending', 5, 0, NULL, NULL),"
+            " ('b', 1, 'k', 'running', 0, 0, 7, 't')"
+        )
+    finally:
+        await conn.close()
+    async with PostgresStore(database_url, shards=1) as store:
+        due = await store.run_index(
+            lambda directory: (
+                directory.due_before(100, 10) if isinstance(directory, PgDirectory) else None
+            )
+        )
+        claimed = await store.run(
+            "a",
+            lambda tx: tx.claim_due(
+                limit=5, host_id="h", lease_until=50, tokens=iter(["t2"]), kinds=["k"]
+            ),
+        )
+    assert due == [("a", 5), ("b", 7)]  # earliest first
+    assert [(row.id, row.claim_token) for row in claimed] == [(1, "t2")]
+
+
 async def test_a_newer_schema_is_refused(database_url: str) -> None:
     """A database migrated by a newer version is refused with a clear error, untouched."""
     async with PostgresStore(database_url):
