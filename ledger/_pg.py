@@ -575,7 +575,9 @@ class PgConnection:
     def begin(self) -> None:
         """Start a transaction."""
         self._reset()
-        wait_for(self.raw.execute("BEGIN"))
+        # Whatever the database's default: each statement must see what committed before
+        # it, so rows read after a lock wait (``enter_batch``) are current.
+        wait_for(self.raw.execute("BEGIN ISOLATION LEVEL READ COMMITTED"))
 
     def commit(self) -> None:
         """Send what is queued and commit (one round trip), or raise if a failed statement

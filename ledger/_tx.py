@@ -375,9 +375,11 @@ class LedgerTx:
             " VALUES (?, ?, 'pending', ?, ?, ?)",
             (event.id, trigger_kind, due_at, self.now_ms, idempotency_key),
         )
-        # Only this intent may now be due: ``claim_new`` of it restores the knowledge.
-        self._appended = event.id if self._file.no_due_pending else None
+        # Only this intent may now be due: ``claim_new`` of it restores the knowledge, unless
+        # another write makes an intent due first (``_note_due``).
+        nothing_due = self._file.no_due_pending
         self._note_due(due_at)
+        self._appended = event.id if nothing_due else None
         return event, True
 
     def intent_row(self, intent_event_id: int) -> IntentRow | None:
@@ -737,8 +739,10 @@ class LedgerTx:
             rows.pop(intent_event_id, None)
 
     def _note_due(self, due_at: int) -> None:
-        if due_at <= self.now_ms and self._file.no_due_pending:
-            self._file.no_due_pending = False
+        if due_at <= self.now_ms:
+            self._appended = None
+            if self._file.no_due_pending:
+                self._file.no_due_pending = False
         current = self.effects.new_due
         if current is None or due_at < current:
             self.effects.new_due = due_at

@@ -209,3 +209,20 @@ def run_example(script: str, data_dir: Path) -> list[str]:
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     return result.stdout.splitlines()
+
+
+async def wait_for_lock_waiter(url: str) -> None:
+    """Return once some backend of the test database waits for a row lock (each check is a
+    round trip to the server; nothing sleeps)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        with anyio.fail_after(10):
+            while not await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            ):
+                pass
+    finally:
+        await conn.close()

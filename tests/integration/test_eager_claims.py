@@ -13,7 +13,7 @@ import pytest
 from ledger import dump_json
 from ledger._bridge import wait_for
 from tests import helpers
-from tests.helpers import make_trigger, open_store
+from tests.helpers import make_trigger, open_store, wait_for_lock_waiter
 from triggers._engine import ClaimResult, EagerClaim, Enqueued, claim_op, enqueue_op
 from triggers._slots import Slots, Taken
 from triggers._spec import TriggerRegistry
@@ -144,23 +144,6 @@ class Pending:
         self.done.set()
 
 
-async def wait_for_lock_waiter(url: str) -> None:
-    """Return once some backend of the test database waits for a row lock (each check is a
-    round trip to the server; nothing sleeps)."""
-    import asyncpg
-
-    conn = await asyncpg.connect(url)
-    try:
-        with anyio.fail_after(10):
-            while not await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND wait_event_type = 'Lock'"
-            ):
-                pass
-    finally:
-        await conn.close()
-
-
 async def test_a_full_claim_says_more_when_due_work_came_in_while_it_waited_for_the_lock(
     tmp_path: Path, backend: str
 ) -> None:
@@ -252,3 +235,31 @@ async def test_a_rolled_back_savepoint_leaves_eager_claims_going(tmp_path: Path)
                 await op.done.wait()
         assert ops[0].value is None
         assert claimed(ops[1].value)
+
+
+async def test_a_claim_of_the_new_intent_keeps_another_due_intent_known(
+    tmp_path: Path,
+) -> None:
+    """Record an intent, make an older one due, then claim the new one: the batch must
+    still know that something is due (the claim restores "nothing due" only if the new
+    intent was the only write that made one due)."""
+
+    def later(tx: LedgerTx) -> int:
+        return enqueue(30, due_at=NOW + 60_000)(tx).event.id
+
+    def op(older: int) -> Callable[[LedgerTx], tuple[bool, bool]]:
+        def run(tx: LedgerTx) -> tuple[bool, bool]:
+            new = enqueue(31)(tx).event
+            assert tx.wake(older, NOW)
+            tx.claim_new(
+                new, trigger_kind=TRIGGER.kind, due_at=NOW, idempotency_key=None,
+                token="t", host_id="host-a", lease_until=NOW + 5,
+            )  # fmt: skip
+            kinds = REGISTRY.kinds
+            return tx.has_due_pending(kinds, from_lock=True), tx.has_due_pending(kinds)
+
+        return run
+
+    async with open_store(tmp_path, clock=clock) as store:
+        older = await store.run(ACTOR, later)
+        assert await store.run(ACTOR, op(older)) == (True, True)

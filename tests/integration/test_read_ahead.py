@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from ledger import IntentStatus
-from tests.helpers import open_store
+from tests.helpers import open_store, wait_for_lock_waiter
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -184,3 +184,65 @@ async def test_a_hint_for_another_intent_does_not_answer_for_it(tmp_path: Path) 
     assert (first.id, first.status) == (one, "running")
     assert second is not None
     assert (second.id, second.status) == (two, "pending")
+
+
+async def test_rows_read_after_a_lock_wait_are_current_under_repeatable_read(
+    backend: str,
+) -> None:
+    """A database whose default isolation is REPEATABLE READ: a batch still sees, in the
+    rows it reads ahead, what the batch it waited for committed (batches begin READ
+    COMMITTED)."""
+    if backend != "postgres":
+        pytest.skip("isolation levels and lock waits between stores are PostgreSQL's")
+    import asyncpg
+
+    from tests import helpers
+
+    database_url = helpers.DATABASE_URL
+    assert database_url is not None
+    from ledger._bridge import wait_for
+    from ledger.postgres import PostgresStore
+
+    conn = await asyncpg.connect(database_url)
+    try:
+        name = await conn.fetchval("SELECT current_database()")
+        await conn.execute(
+            f"ALTER DATABASE {name} SET default_transaction_isolation = 'repeatable read'"
+        )
+    finally:
+        await conn.close()
+    async with (
+        PostgresStore(database_url, shards=1, clock=lambda: NOW) as one,
+        PostgresStore(database_url, shards=1, clock=lambda: NOW) as two,
+    ):
+        intent_id = await one.run("a", _pending())
+        holding, gate = anyio.Event(), anyio.Event()
+
+        def cancel_and_hold(tx: LedgerTx) -> None:
+            tx.request_cancel(intent_id, reason="stop", requested_by=None)
+            holding.set()
+            wait_for(gate.wait())  # the batch stays open: a's row stays locked
+
+        done: dict[str, Any] = {}
+        both = anyio.Event()
+
+        def record(name: str) -> Callable[[Any, BaseException | None], None]:
+            def after(result: Any, error: BaseException | None) -> None:
+                done[name] = (result, error)
+                if len(done) == 2:
+                    both.set()
+
+            return after
+
+        one.submit("a", cancel_and_hold, record("one"))
+        with anyio.fail_after(10):
+            await holding.wait()
+        two.submit("a", _row(intent_id), record("two"), reads=intent_id)
+        await wait_for_lock_waiter(database_url)
+        gate.set()
+        with anyio.fail_after(10):
+            await both.wait()
+    assert done["one"][1] is None
+    row, error = done["two"]
+    assert error is None
+    assert row.cancel_reason == "stop"
