@@ -104,6 +104,8 @@ class ActorHost:
                 projections=spec.projections,
                 shards=2 if shards is None else shards,
                 clock=clock,
+                # The kinds an eager claim asks about: those this host's scheduler runs.
+                due_kinds=spec.registry.kinds if run_scheduler else None,
             )
         else:
             assert data_dir is not None

@@ -179,7 +179,7 @@ MIGRATIONS: tuple[str, ...] = (
         WHERE (CASE WHEN status = 'running' THEN lease_until END) IS NOT NULL;
     CREATE FUNCTION enter_batch(
         actors text[], writers boolean[], creators boolean[], now_ms bigint,
-        read_actors text[], read_ids bigint[]
+        read_actors text[], read_ids bigint[], due_kinds text[]
     ) RETURNS TABLE (
         actor text, last_event_id bigint, no_due_pending boolean,
         id bigint, trigger_kind text, status text, due_at bigint, created_at bigint,
@@ -220,7 +220,8 @@ MIGRATIONS: tuple[str, ...] = (
             last_event_id := last;
             no_due_pending := a.writer AND NOT EXISTS (
                 SELECT 1 FROM all_intents t WHERE t.actor_id = a.name
-                    AND t.status = 'pending' AND t.due_at <= now_ms);
+                    AND t.status = 'pending' AND t.due_at <= now_ms
+                    AND (due_kinds IS NULL OR t.trigger_kind = ANY (due_kinds)));
             RETURN NEXT;
         END LOOP;
         -- One index lookup each (a join's plan, made without the arrays' sizes, may scan).
@@ -402,14 +403,15 @@ class PgConnection:
         creators: list[bool],
         now_ms: int,
         reads: tuple[list[str], list[int]],
+        due_kinds: list[str] | None,
     ) -> list[Any]:
         """Lock ``actors`` (sorted) and read ahead the schedule rows ``reads`` names, in one
         round trip (``enter_batch``, at the start of a transaction): a row per actor found,
         then the rows. The server's ``dt.actor`` is left on the first actor."""
         assert not self._queue, "actors are entered at the start of a transaction"
         found = self._send(
-            "SELECT * FROM enter_batch(?, ?, ?, ?, ?, ?)",
-            (actors, writers, creators, now_ms, *reads),
+            "SELECT * FROM enter_batch(?, ?, ?, ?, ?, ?, ?)",
+            (actors, writers, creators, now_ms, *reads, due_kinds),
             True,
         )._rows
         if actors:
@@ -808,6 +810,9 @@ class PostgresStore(Store):
             name.
         clock: the time source, epoch milliseconds.
         batch_actors: most actors in one batch transaction.
+        due_kinds: the trigger kinds whose due work a batch's lock looks for, to answer an
+            eager claim's fairness check without a read (the kinds its host runs); None,
+            every kind.
     """
 
     def __init__(
@@ -818,12 +823,14 @@ class PostgresStore(Store):
         shards: int = 2,
         clock: Clock = system_clock,
         batch_actors: int = 256,
+        due_kinds: Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             projections=projections, shards=shards, clock=clock, batch_actors=batch_actors
         )
         self.url = url
         self.location = redact(url)
+        self.due_kinds = None if due_kinds is None else list(due_kinds)
         self._conns: dict[int, PgConnection] = {}
         self._index: PgConnection | None = None
         self._index_lock = anyio.Lock()
@@ -1088,7 +1095,8 @@ class PostgresStore(Store):
                     read_ids.append(request.reads)
         writer = dict(zip(actors, writers, strict=True))
         scopes: dict[str, _Scope] = {}
-        for row in conn.enter(actors, writers, creators, now_ms, (read_actors, read_ids)):
+        reads = (read_actors, read_ids)
+        for row in conn.enter(actors, writers, creators, now_ms, reads, self.due_kinds):
             actor_id = row[0]
             if row[3] is None:
                 scope = scopes[actor_id] = _Scope(actor_id, conn)

@@ -505,10 +505,12 @@ class LedgerTx:
         """True if an intent of ``kinds`` is pending and due now.
 
         With ``from_lock``, the answer may come from what the actor's lock learned
-        (``no_due_pending``) without a read. It may say True where a read would say False:
-        the lock saw a due intent of another kind, or one that an earlier operation of the
-        transaction has claimed since. Good enough for an eager claim's fairness (the
-        intent is then claimed by the scheduler), not for deciding whether due work is left.
+        (``no_due_pending``) without a read: ``kinds`` must then be the kinds the lock
+        looked for (the host's, see ``PostgresStore(due_kinds=)``). It may say True where a
+        read would say False: a due intent the lock saw may have been claimed by an earlier
+        operation of the transaction since, and a write that makes an intent due counts
+        whatever its kind. Good enough for an eager claim's fairness (the intent is then
+        claimed by the scheduler), not for deciding whether due work is left.
         """
         known = self._file.no_due_pending
         if from_lock and known is not None:

@@ -263,3 +263,25 @@ async def test_a_claim_of_the_new_intent_keeps_another_due_intent_known(
     async with open_store(tmp_path, clock=clock) as store:
         older = await store.run(ACTOR, later)
         assert await store.run(ACTOR, op(older)) == (True, True)
+
+
+async def test_due_work_of_kinds_the_host_does_not_run_leaves_eager_claims_going(
+    backend: str,
+) -> None:
+    """The lock looks for due work of the host's kinds only: a due intent of a kind run
+    elsewhere does not send this host's new intents to the scheduler."""
+    if backend != "postgres":
+        pytest.skip("the lock's knowledge of what is due exists on PostgreSQL only")
+    from ledger.postgres import PostgresStore
+
+    other = TriggerRegistry([make_trigger("test.elsewhere")]).get("test.elsewhere")
+    payload = {"n": 40}
+    elsewhere = enqueue_op(other, payload, dump_json(payload), None, None, 0, None)
+    url = helpers.DATABASE_URL
+    assert url is not None
+    for due_kinds, claims in ((REGISTRY.kinds, True), (None, False)):
+        async with PostgresStore(url, shards=1, clock=clock, due_kinds=due_kinds) as store:
+            actor = f"kinds-{claims}"
+            await store.run(actor, elsewhere)
+            result = await store.run(actor, enqueue(41, eager=True))
+            assert claimed(result) is claims, due_kinds

@@ -205,8 +205,8 @@ async def test_entering_a_batch_looks_at_the_actors_own_rows(
         notices.clear()
         async with analyzed.transaction():
             await analyzed.fetch(
-                "SELECT * FROM enter_batch($1, $2, $3, $4, $5, $6)",
-                [ACTOR], [True], [False], 10_000, [ACTOR], [7],
+                "SELECT * FROM enter_batch($1, $2, $3, $4, $5, $6, $7)",
+                [ACTOR], [True], [False], 10_000, [ACTOR], [7], ["k"],
             )  # fmt: skip
         for notice in notices:
             plan = json.loads(notice[notice.index("{") :])
