@@ -730,7 +730,7 @@ class LedgerTx:
         row = self._file.conn.execute(
             "SELECT min(t) FROM ("
             " SELECT min(due_at) AS t FROM intents WHERE status = 'pending'"
-            " UNION ALL SELECT min(lease_until) FROM intents WHERE status = 'running')"
+            " UNION ALL SELECT min(lease_until) FROM intents WHERE status = 'running') AS due"
         ).fetchone()
         return None if row[0] is None else int(row[0])
 

@@ -98,7 +98,8 @@ PER_ACTOR: dict[str, Callable[[LedgerTx], object]] = {
     "has_due_pending": lambda tx: tx.has_due_pending(["k"]),
     "lost_claims": lambda tx: tx.lost_claims(["dead"]),
     "renew_leases": lambda tx: tx.renew_leases("h", 9, ["t"]),
-}  # (``next_due`` is SQLite's: PostgreSQL reads due times from the intents themselves)
+    "next_due": lambda tx: tx.next_due(),  # the SQLite store's, valid here too
+}
 
 
 async def _plans(conn: asyncpg.Connection, sql: str, parameters: Sequence[Any]) -> list[str]:
