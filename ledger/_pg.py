@@ -216,12 +216,12 @@ MIGRATIONS: tuple[str, ...] = (
                 END IF;
             END IF;
             CONTINUE WHEN NOT FOUND;  -- no such actor: its operations are told so
-            actor := a.name;
-            last_event_id := last;
-            no_due_pending := a.writer AND NOT EXISTS (
+            actor := a.name;  -- a reader learns neither the next id nor what is due
+            last_event_id := CASE WHEN a.writer THEN last END;
+            no_due_pending := CASE WHEN a.writer THEN NOT EXISTS (
                 SELECT 1 FROM all_intents t WHERE t.actor_id = a.name
                     AND t.status = 'pending' AND t.due_at <= now_ms
-                    AND (due_kinds IS NULL OR t.trigger_kind = ANY (due_kinds)));
+                    AND (due_kinds IS NULL OR t.trigger_kind = ANY (due_kinds))) END;
             RETURN NEXT;
         END LOOP;
         -- One index lookup each (a join's plan, made without the arrays' sizes, may scan).
@@ -1093,16 +1093,15 @@ class PostgresStore(Store):
                 if request.reads is not None and 0 < request.reads <= _MAX_ID:
                     read_actors.append(actor_id)
                     read_ids.append(request.reads)
-        writer = dict(zip(actors, writers, strict=True))
         scopes: dict[str, _Scope] = {}
         reads = (read_actors, read_ids)
         for row in conn.enter(actors, writers, creators, now_ms, reads, self.due_kinds):
             actor_id = row[0]
             if row[3] is None:
                 scope = scopes[actor_id] = _Scope(actor_id, conn)
-                if writer[actor_id]:
+                if row[1] is not None:  # a writer's
                     scope.next_id = int(row[1]) + 1
-                    scope.no_due_pending = bool(row[2])
+                    scope.no_due_pending = row[2]
             elif actor_id in scopes:
                 scopes[actor_id].rows[row[3]] = tuple(row)[3:]
         return scopes
