@@ -13,6 +13,10 @@ its share of the no-op intents from ``--callers`` concurrent caller tasks, one
 host's scheduler claims whatever is due, wherever it was enqueued. The clock runs from the
 "go" line sent to all hosts until every intent has its terminal fact.
 
+CPU per intent, over the same span: the host processes', and the server's (its processes on
+this machine, the watching connection included). Hosts added on other machines bring their
+own CPU; the server's share is what they all draw on.
+
 The limit: asyncpg doing one event insert + one row update per transaction, on 1 and on 8
 connections, on the same server (tables shaped like the ledger's).
 """
@@ -29,7 +33,15 @@ from typing import TYPE_CHECKING
 
 import anyio
 import asyncpg
-from _common import environment, loadavg, metric, one_trigger_spec, postgres_url, quiet_logs
+from _common import (
+    cpu_seconds,
+    environment,
+    loadavg,
+    metric,
+    one_trigger_spec,
+    postgres_url,
+    quiet_logs,
+)
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from actors import ActorHost
@@ -166,8 +178,31 @@ class Host:
             await self.process.wait()
 
 
-async def end_to_end(url: str, hosts: int, intents: int, actors: int, callers: int) -> float:
-    """Intents/s with ``hosts`` host processes; the database is emptied first."""
+def _server_cpu(pids: list[int]) -> dict[int, float]:
+    """CPU seconds used so far by those of ``pids`` that are PostgreSQL processes of this
+    machine (none if the server is elsewhere)."""
+    found = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                if b"postgres" not in fh.read():
+                    continue
+            found[pid] = cpu_seconds(pid)
+        except OSError:
+            continue
+    return found
+
+
+async def _server_pids(conn: asyncpg.Connection) -> list[int]:
+    """The server's processes: backends and background workers."""
+    return [row[0] for row in await conn.fetch("SELECT pid FROM pg_stat_activity")]
+
+
+async def end_to_end(
+    url: str, hosts: int, intents: int, actors: int, callers: int
+) -> tuple[float, float, float | None]:
+    """Intents/s with ``hosts`` host processes, and CPU µs per intent of the host processes
+    and of the server (None if it runs elsewhere); the database is emptied first."""
     conn = await asyncpg.connect(url)
     try:
         exists = await conn.fetchval("SELECT to_regclass($1)", f"{SCHEMA}.all_events")
@@ -187,6 +222,8 @@ async def end_to_end(url: str, hosts: int, intents: int, actors: int, callers: i
             procs.append(Host(process))
         for host in procs:
             await host.expect("ready")
+        host_cpu = sum(cpu_seconds(host.process.pid) for host in procs)
+        server_cpu = _server_cpu(await _server_pids(conn))
         start = time.perf_counter()
         for host in procs:
             await host.send("go\n")
@@ -203,6 +240,13 @@ async def end_to_end(url: str, hosts: int, intents: int, actors: int, callers: i
         ):
             await anyio.sleep(0.01)
         elapsed = time.perf_counter() - start
+        host_cpu = sum(cpu_seconds(host.process.pid) for host in procs) - host_cpu
+        server_end = _server_cpu(await _server_pids(conn))
+        server_used = (
+            sum(used - server_cpu.get(pid, 0.0) for pid, used in server_end.items())
+            if server_end
+            else None
+        )
         done = await conn.fetchval(
             f"SELECT count(*) FROM {SCHEMA}.all_events WHERE kind = $1", DONE
         )
@@ -212,7 +256,12 @@ async def end_to_end(url: str, hosts: int, intents: int, actors: int, callers: i
             await host.stop()
     finally:
         await conn.close()
-    return total / elapsed
+    per_intent = 1e6 / total
+    return (
+        total / elapsed,
+        host_cpu * per_intent,
+        None if server_used is None else server_used * per_intent,
+    )
 
 
 def main() -> None:
@@ -238,7 +287,7 @@ def main() -> None:
         metric("raw_asyncpg_8_connections", f"{raw8:,.0f} tx/s (insert + update)")
         rates: dict[int, float] = {}
         for hosts in args.hosts:
-            rates[hosts] = anyio.run(
+            rates[hosts], host_cpu, server_cpu = anyio.run(
                 end_to_end, url, hosts, args.intents, args.actors, args.callers
             )
             ratio = rates[hosts] / raw8
@@ -248,6 +297,11 @@ def main() -> None:
                 f"{rates[hosts]:,.0f} intents/s = {ratio:.2f} x raw 8-connection "
                 f"(target >= 1), {low:.1f}-{high:.1f} x procrastinate's 170-230 jobs/s "
                 "(target >= 10)",
+            )
+            metric(
+                f"cpu_per_intent_{hosts}_host{'s' if hosts > 1 else ''}",
+                f"hosts {host_cpu:,.0f} us, server "
+                + ("elsewhere" if server_cpu is None else f"{server_cpu:,.0f} us"),
             )
         if 1 in rates and 2 in rates:
             metric("scaling_1_to_2_hosts", f"{rates[2] / rates[1]:.2f} x (target >= 1.6)")

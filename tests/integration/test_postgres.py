@@ -97,8 +97,9 @@ async def test_hosts_starting_together_migrate_once(database_url: str) -> None:
 
 async def test_a_version_1_database_is_migrated_with_its_due_work(database_url: str) -> None:
     """A database written by schema version 1 (one pending and one expired running intent)
-    is upgraded on start; the scan for due actors finds both, and the pending one is
-    claimed (entering the batch through the version 2 function)."""
+    is upgraded on start; the scan for due actors finds both, the pending one is claimed
+    (entering the batch through the current function), and the next event continues the
+    ids."""
     from ledger._pg import MIGRATIONS, PgDirectory
 
     conn = await asyncpg.connect(database_url, server_settings={"search_path": SCHEMA})
@@ -129,8 +130,10 @@ async def test_a_version_1_database_is_migrated_with_its_due_work(database_url: 
                 limit=5, host_id="h", lease_until=50, tokens=iter(["t2"]), kinds=["k"]
             ),
         )
+        event = await store.run("b", lambda tx: tx.insert_event(kind="x", payload=None))
     assert due == [("a", 5), ("b", 7)]  # earliest first
     assert [(row.id, row.claim_token) for row in claimed] == [(1, "t2")]
+    assert event.id == 2
 
 
 async def test_a_newer_schema_is_refused(database_url: str) -> None:
@@ -186,6 +189,44 @@ async def test_event_ids_follow_commit_order_across_stores(database_url: str) ->
                     writers.start_soon((one if n % 2 else two).run, "shared", append)
             done.set()
     assert seen == list(range(1, writes + 1))
+
+
+async def test_batches_that_only_read_share_the_actor(database_url: str) -> None:
+    """While one host's batch that only reads holds an actor, another host's batch that
+    only reads it runs at once; one that writes it waits for the first to end."""
+    from ledger._bridge import wait_for
+    from tests.helpers import wait_for_lock_waiter
+
+    async with (
+        PostgresStore(database_url, shards=1) as one,
+        PostgresStore(database_url, shards=1) as two,
+    ):
+        await one.run("a", lambda tx: tx.insert_event("x", {}))
+        holding, gate = anyio.Event(), anyio.Event()
+        ended: list[str] = []
+
+        def read_and_hold(tx: LedgerTx) -> None:
+            tx.events()
+            holding.set()
+            wait_for(gate.wait())  # the batch stays open, holding its lock on a
+
+        one.submit("a", read_and_hold, lambda _r, _e: ended.append("held"), write=False)
+        try:
+            with anyio.fail_after(10):
+                await holding.wait()
+                ids = await two.run("a", lambda tx: [e.id for e in tx.events()], write=False)
+            assert ids == [1]
+            assert ended == []
+            wrote = anyio.Event()
+            two.submit("a", lambda tx: tx.insert_event("y", {}), lambda _r, _e: wrote.set())
+            await wait_for_lock_waiter(database_url)
+            assert not wrote.is_set()
+        finally:
+            gate.set()  # else closing the store would wait for the held batch
+        with anyio.fail_after(10):
+            await wrote.wait()
+        assert ended == ["held"]
+        assert [e.kind for e in await one.run("a", lambda tx: tx.events())] == ["x", "y"]
 
 
 async def test_a_server_restart_is_survived(postgres_server: PostgresServer) -> None:
