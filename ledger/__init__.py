@@ -31,6 +31,7 @@ from ._store import system_clock as system_clock
 from ._tx import MAX_PAYLOAD_BYTES as MAX_PAYLOAD_BYTES
 from ._tx import IntentRow as IntentRow
 from ._tx import LedgerTx as LedgerTx
+from ._tx import NewClaim as NewClaim
 from ._tx import TxEffects as TxEffects
 from ._tx import check_text as check_text
 from ._tx import dump_json as dump_json
@@ -55,6 +56,7 @@ __all__ = [
     "LedgerStore",
     "LedgerTx",
     "LedgerWriteError",
+    "NewClaim",
     "PayloadError",
     "ProcessInfo",
     "Projection",

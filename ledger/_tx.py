@@ -158,6 +158,41 @@ def _load(text: str) -> JSON:
     return json.loads(text)
 
 
+@dataclass(frozen=True, slots=True)
+class NewClaim:
+    """A claim taken by the operation that records the intent (``append_intent(claim=)``):
+    the schedule row is written running, never pending."""
+
+    token: str
+    host_id: str
+    lease_until: int
+
+    def row(
+        self, intent_event_id: int, trigger_kind: str, due_at: int, created_at: int,
+        idempotency_key: str | None,
+    ) -> IntentRow:  # fmt: skip
+        """The schedule row ``append_intent`` writes for this claim (the same arguments)."""
+        return IntentRow(
+            id=intent_event_id,
+            trigger_kind=trigger_kind,
+            status="running",
+            due_at=due_at,
+            created_at=created_at,
+            attempts=1,
+            redrives=0,
+            redrive=0,
+            claim_token=self.token,
+            claimed_by=self.host_id,
+            lease_until=self.lease_until,
+            cancel_requested_at=None,
+            cancel_reason=None,
+            cancel_requested_by=None,
+            idempotency_key=idempotency_key,
+            finished_at=None,
+            terminal_event_ids=None,
+        )
+
+
 @dataclass(slots=True)
 class IntentRow:
     """A schedule row as the engine sees it (all columns)."""
@@ -241,8 +276,7 @@ class LedgerTx:
         effects: what this operation changed (read by the store after commit).
     """
 
-    __slots__ = ("_appended", "_file", "_pending_events", "_projections", "actor_id", "effects",
-                 "now_ms")  # fmt: skip
+    __slots__ = ("_file", "_pending_events", "_projections", "actor_id", "effects", "now_ms")
 
     def __init__(
         self, file: LedgerHandle, now_ms: int, projections: Sequence[Projection[Any]]
@@ -252,7 +286,6 @@ class LedgerTx:
         self._pending_events: list[Event] = []
         self.actor_id = file.actor_id
         self.now_ms = now_ms
-        self._appended: int | None = None
         self.effects = TxEffects()
 
     # -- events ---------------------------------------------------------------------------
@@ -344,11 +377,16 @@ class LedgerTx:
         idempotency_key: str | None = None,
         key_retention_ms: int = 0,
         text: str | None = None,
+        claim: NewClaim | None = None,
     ) -> tuple[Event, bool]:
         """Record an intent event and its schedule row (``pending`` at ``due_at``).
 
         With an ``idempotency_key``, an existing intent holding that key is returned instead
         while it is live or ended less than ``key_retention_ms`` ago.
+
+        With ``claim``, a new intent is claimed as it is recorded: its row is written
+        ``running`` (``claim.row(...)``), as ``claim_due`` would leave it, with one write
+        instead of two. The caller must know that the intent is due and may go first.
 
         Returns:
             ``(intent_event, created)``.
@@ -370,16 +408,22 @@ class LedgerTx:
                 )
                 self._forget(intent_id)
         event = self.insert_event(intent_event_kind, payload, SELF, text=text)
-        self._file.write(
-            "INSERT INTO intents (id, trigger_kind, status, due_at, created_at, idempotency_key)"
-            " VALUES (?, ?, 'pending', ?, ?, ?)",
-            (event.id, trigger_kind, due_at, self.now_ms, idempotency_key),
-        )
-        # Only this intent may now be due: ``claim_new`` of it restores the knowledge, unless
-        # another write makes an intent due first (``_note_due``).
-        nothing_due = self._file.no_due_pending
-        self._note_due(due_at)
-        self._appended = event.id if nothing_due else None
+        if claim is None:
+            self._file.write(
+                "INSERT INTO intents (id, trigger_kind, status, due_at, created_at,"
+                " idempotency_key) VALUES (?, ?, 'pending', ?, ?, ?)",
+                (event.id, trigger_kind, due_at, self.now_ms, idempotency_key),
+            )
+            self._note_due(due_at)
+        else:
+            self._file.write(
+                "INSERT INTO intents (id, trigger_kind, status, due_at, created_at,"
+                " idempotency_key, attempts, claim_token, claimed_by, lease_until)"
+                " VALUES (?, ?, 'running', ?, ?, ?, 1, ?, ?, ?)",
+                (event.id, trigger_kind, due_at, self.now_ms, idempotency_key, claim.token,
+                 claim.host_id, claim.lease_until),
+            )  # fmt: skip
+            self.effects.due_may_rise = True
         return event, True
 
     def intent_row(self, intent_event_id: int) -> IntentRow | None:
@@ -448,44 +492,6 @@ class LedgerTx:
         if claimed:
             self.effects.due_may_rise = True
         return claimed
-
-    def claim_new(
-        self,
-        event: Event,
-        *,
-        trigger_kind: str,
-        due_at: int,
-        idempotency_key: str | None,
-        token: str,
-        host_id: str,
-        lease_until: int,
-    ) -> IntentRow:
-        """Claim the intent ``append_intent`` just created in this operation (``event``, with
-        the same arguments), as ``claim_due`` would, without reading its row back."""
-        row = IntentRow(
-            id=event.id,
-            trigger_kind=trigger_kind,
-            status="running",
-            due_at=due_at,
-            created_at=self.now_ms,
-            attempts=1,
-            redrives=0,
-            redrive=0,
-            claim_token=token,
-            claimed_by=host_id,
-            lease_until=lease_until,
-            cancel_requested_at=None,
-            cancel_reason=None,
-            cancel_requested_by=None,
-            idempotency_key=idempotency_key,
-            finished_at=None,
-            terminal_event_ids=None,
-        )
-        self._file.write(_CLAIM, (token, host_id, lease_until, row.attempts, row.id))
-        self.effects.due_may_rise = True
-        if self._appended == event.id:
-            self._file.no_due_pending = True  # as it was before ``append_intent``
-        return row
 
     def reclaim(self, row: IntentRow, *, token: str, host_id: str, lease_until: int) -> IntentRow:
         """Take over a running intent whose claim was lost, as a redrive (new token)."""
@@ -741,10 +747,8 @@ class LedgerTx:
             rows.pop(intent_event_id, None)
 
     def _note_due(self, due_at: int) -> None:
-        if due_at <= self.now_ms:
-            self._appended = None
-            if self._file.no_due_pending:
-                self._file.no_due_pending = False
+        if due_at <= self.now_ms and self._file.no_due_pending:
+            self._file.no_due_pending = False
         current = self.effects.new_due
         if current is None or due_at < current:
             self.effects.new_due = due_at

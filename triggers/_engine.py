@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from ledger import JSON, Event, IntentRow, IntentStatus, LedgerTx, ms_to_datetime
+from ledger import JSON, Event, IntentRow, IntentStatus, LedgerTx, NewClaim, ms_to_datetime
 
 from ._abort import AbortError, reason_text
 from ._errors import FatalError, IntentRejectedError, TriggerDefinitionError
@@ -83,11 +83,14 @@ def enqueue_op(
 
     def op(tx: LedgerTx) -> Enqueued:
         due = tx.now_ms if due_at is None else due_at
-        eager_ok = (
+        claim = None
+        if (
             eager is not None
             and due <= tx.now_ms
             and not tx.has_due_pending(eager.kinds, from_lock=True)
-        )
+        ):
+            # No older due intent waits, so the scheduler would claim this one next.
+            claim = NewClaim(new_token(), eager.host_id, tx.now_ms + eager.lease_ms)
         event, created = tx.append_intent(
             trigger_kind=trigger.kind,
             intent_event_kind=trigger.intent_event_kind,
@@ -96,22 +99,13 @@ def enqueue_op(
             idempotency_key=idempotency_key,
             key_retention_ms=key_retention_ms,
             text=text,
+            claim=claim,
         )
-        if not (eager_ok and created and eager is not None):
+        if claim is None or not created:
             return Enqueued(event, created)
-        lease_until = tx.now_ms + eager.lease_ms
-        # No older due intent waits, so the scheduler would claim this one next.
-        row = tx.claim_new(
-            event,
-            trigger_kind=trigger.kind,
-            due_at=due,
-            idempotency_key=idempotency_key,
-            token=new_token(),
-            host_id=eager.host_id,
-            lease_until=lease_until,
-        )
+        row = claim.row(event.id, trigger.kind, due, tx.now_ms, idempotency_key)
         # Nothing is pending now; the index only needs to know when the lease runs out.
-        tx.effects.new_due = lease_until
+        tx.effects.new_due = claim.lease_until
         return Enqueued(event, created, Claimed(row, payload))
 
     return op

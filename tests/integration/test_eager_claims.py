@@ -5,6 +5,7 @@ for the actor's lock."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -237,32 +238,23 @@ async def test_a_rolled_back_savepoint_leaves_eager_claims_going(tmp_path: Path)
         assert claimed(ops[1].value)
 
 
-async def test_a_claim_of_the_new_intent_keeps_another_due_intent_known(
+async def test_an_eagerly_claimed_intent_is_written_as_the_claim_reports_it(
     tmp_path: Path,
 ) -> None:
-    """Record an intent, make an older one due, then claim the new one: the batch must
-    still know that something is due (the claim restores "nothing due" only if the new
-    intent was the only write that made one due)."""
-
-    def later(tx: LedgerTx) -> int:
-        return enqueue(30, due_at=NOW + 60_000)(tx).event.id
-
-    def op(older: int) -> Callable[[LedgerTx], tuple[bool, bool]]:
-        def run(tx: LedgerTx) -> tuple[bool, bool]:
-            new = enqueue(31)(tx).event
-            assert tx.wake(older, NOW)
-            tx.claim_new(
-                new, trigger_kind=TRIGGER.kind, due_at=NOW, idempotency_key=None,
-                token="t", host_id="host-a", lease_until=NOW + 5,
-            )  # fmt: skip
-            kinds = REGISTRY.kinds
-            return tx.has_due_pending(kinds, from_lock=True), tx.has_due_pending(kinds)
-
-        return run
-
+    """The row an eager claim reports (built without a read) is the row in the ledger, and
+    it is the row a claim of a pending intent leaves, but for the token."""
     async with open_store(tmp_path, clock=clock) as store:
-        older = await store.run(ACTOR, later)
-        assert await store.run(ACTOR, op(older)) == (True, True)
+        [eager] = await one_batch(store, [enqueue(1, eager=True)])
+        [later] = await one_batch(store, [enqueue(2)])
+        [scheduled] = await one_batch(store, [claim(1)])
+        eager_row = eager.claimed.row
+        assert await store.run(ACTOR, lambda tx: tx.intent_row(eager_row.id)) == eager_row
+        [claimed_later] = scheduled.claimed
+        later_row = await store.run(ACTOR, lambda tx: tx.intent_row(later.event.id))
+        assert later_row == claimed_later.row
+        assert later_row is not None
+        assert later_row.status == "running"
+        assert replace(later_row, id=eager_row.id, claim_token=eager_row.claim_token) == eager_row
 
 
 async def test_due_work_of_kinds_the_host_does_not_run_leaves_eager_claims_going(

@@ -18,6 +18,7 @@ import pytest
 
 from ledger import IntentStatus, LedgerTx
 from ledger._pg import PgDirectory, _translate
+from ledger._tx import _CLAIM
 from ledger.postgres import PostgresStore
 
 if TYPE_CHECKING:
@@ -79,11 +80,7 @@ def _sent(call: Callable[[LedgerTx], object]) -> list[tuple[str, Sequence[Any]]]
 
 
 BY_ID: dict[str, Callable[[LedgerTx], object]] = {
-    "claim": lambda tx: tx.claim_new(
-        tx.insert_event("k.requested", None),
-        trigger_kind="k", due_at=0, idempotency_key=None, token="t", host_id="h",
-        lease_until=9,
-    ),
+    "claim": lambda tx: tx._file.write(_CLAIM, ("t", "h", 9, 1, 7)),  # claim_due's, per row
     "holds_claim": lambda tx: tx.holds_claim(7, "t"),
     "release": lambda tx: tx.release(7, "t", due_at=9, count_attempt=True, redrive=False),
     "wake": lambda tx: tx.wake(7, 9),
