@@ -250,6 +250,8 @@ MIGRATIONS: tuple[str, ...] = (
     # else ``FOR SHARE``. (A reader in a batch with writers waits for another host's readers
     # too; taking two strengths in one order would need a statement per actor.)
     #
+    # Its statements keep one generic plan each (the arrays' sizes vary, so the default
+    # would plan them again on every call: about half the cost of a one-actor batch).
     # Each actor's last id and due check, and each row read ahead, are looked up apart, by
     # the actor's own keys: a ``LATERAL`` subquery with ``LIMIT`` or ``OFFSET`` stays a
     # lookup per row. (As a plain join or an ``EXISTS``, a plan made without the arrays'
@@ -268,7 +270,7 @@ MIGRATIONS: tuple[str, ...] = (
         claimed_by text, lease_until bigint, cancel_requested_at bigint, cancel_reason text,
         cancel_requested_by text, idempotency_key text, finished_at bigint,
         terminal_event_ids text
-    ) LANGUAGE plpgsql VOLATILE AS $$
+    ) LANGUAGE plpgsql VOLATILE SET plan_cache_mode = force_generic_plan AS $$
     #variable_conflict use_column
     DECLARE
         found_actors text[];
