@@ -217,7 +217,7 @@ async def test_entering_a_batch_looks_at_the_actors_own_rows(
         " SET auto_explain.log_nested_statements = on; SET auto_explain.log_level = notice;"
         " SET auto_explain.log_format = json"
     )
-    for mode in ("force_custom_plan", "force_generic_plan"):
+    for mode in ("force_custom_plan", "force_generic_plan"):  # (the function sets its own)
         await analyzed.execute(f"SET plan_cache_mode = {mode}")
         notices.clear()
         async with analyzed.transaction():
