@@ -338,6 +338,8 @@ LEASE = "(CASE WHEN status = 'running' THEN lease_until END)"
 _PARAM = re.compile(r"\?")
 _translated: dict[str, str] = {}
 _ROWS = ("SELECT", "WITH", "VALUES")
+_savepoint_commands: dict[str, tuple[str, str]] = {}
+"""Savepoint statement texts already parsed: ``(SAVEPOINT | RELEASE | ROLLBACK, name)``."""
 
 
 def _translate(sql: str) -> str:
@@ -379,6 +381,10 @@ def _literal(value: object) -> str:
     every connection in ``connect``); a NUL, which PostgreSQL's text cannot hold, or a lone
     surrogate, which UTF-8 cannot, goes the parameter way, to be refused alone.
     """
+    if type(value) is str and value.isascii():  # the common case first
+        if "\x00" in value:
+            raise TypeError("no literal for a str holding NUL")
+        return "'" + value.replace("'", "''") + "'"
     if value is None:
         return "NULL"
     if isinstance(value, bool):
@@ -457,7 +463,8 @@ class PgConnection:
         self._dirty: set[str] = set()
         """The actors with writes in the queue."""
         self._savepoints: list[list[Any]] = []
-        """``[name, sent, actor]`` of the savepoints that exist, innermost last."""
+        """``[name, sent, actor, queued command]`` of the savepoints that exist, innermost
+        last."""
         self.actor: str | None = None
         """The actor whose operation runs: the views must show it to its statements."""
         self._sent: str | None = None
@@ -468,9 +475,15 @@ class PgConnection:
         self.aborted = False
 
     def execute(self, sql: str, parameters: Sequence[Any] = (), /) -> _Result:
-        head = sql.lstrip()[:10].upper()
-        if head.startswith(("SAVEPOINT", "RELEASE", "ROLLBACK ")):
-            self._savepoint_command(head.split()[0], sql.split()[-1])
+        savepoint = _savepoint_commands.get(sql)
+        if savepoint is None:
+            head = sql.lstrip()[:10].upper()
+            if head.startswith(("SAVEPOINT", "RELEASE", "ROLLBACK ")):
+                savepoint = (head.split()[0], sql.split()[-1])
+                if len(_savepoint_commands) < 64:  # the ledger's few texts, parsed once
+                    _savepoint_commands[sql] = savepoint
+        if savepoint is not None:
+            self._savepoint_command(*savepoint)
             return _Result([], -1)
         for value in parameters:
             if isinstance(value, str) and "\x00" in value:
@@ -557,12 +570,15 @@ class PgConnection:
 
     def _savepoint_command(self, command: str, name: str) -> None:
         stack = self._savepoints
-        found = next((i for i in range(len(stack) - 1, -1, -1) if stack[i][0] == name), None)
         if command == "SAVEPOINT":
-            stack.append([name, False, self.actor])
-            self._queue.append((f"SAVEPOINT {name}", self.actor, False))
+            item = ("SAVEPOINT " + name, self.actor, False)
+            stack.append([name, False, self.actor, item])
+            self._queue.append(item)
             return
-        if found is None:
+        found = len(stack) - 1  # the innermost, most often
+        while found >= 0 and stack[found][0] != name:
+            found -= 1
+        if found < 0:
             return  # released already, or rolled back past
         if stack[found][1]:
             if command == "RELEASE":
@@ -591,7 +607,7 @@ class PgConnection:
             return
         # Never sent: nothing after it reached the server. Its command may be missing from
         # the queue if a failed send took it; then only a rollback further out can help.
-        command_at = self._queued_savepoint(name)
+        command_at = self._queued_savepoint(stack[found][3])
         if command == "RELEASE":
             # Its writes join the enclosing scope; it and the (unsent) savepoints inside it go.
             del stack[found:]
@@ -603,10 +619,11 @@ class PgConnection:
             del self._queue[command_at + 1 :]
             self._dirty = {actor for _, actor, write in self._queue if write and actor}
 
-    def _queued_savepoint(self, name: str) -> int | None:
-        command = f"SAVEPOINT {name}"
-        for index in range(len(self._queue) - 1, -1, -1):
-            if self._queue[index][0] == command and not self._queue[index][2]:
+    def _queued_savepoint(self, item: tuple[str, str | None, bool]) -> int | None:
+        """Where the savepoint's command (``item``, itself) is in the queue, if it is."""
+        queue = self._queue
+        for index in range(len(queue) - 1, -1, -1):
+            if queue[index] is item:
                 return index
         return None
 
