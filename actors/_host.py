@@ -316,8 +316,10 @@ class ActorHost:
         by_actor: dict[str, list[int]] = {}
         for actor_id, intent_event_id in scheduler.running_attempts():
             by_actor.setdefault(actor_id, []).append(intent_event_id)
-        for actor_id, ids in by_actor.items():
-            await self._deliver_verified(actor_id, ids)
+        # All at once: the checks share batches, rather than one batch each in turn.
+        async with anyio.create_task_group() as tg:
+            for actor_id, ids in by_actor.items():
+                tg.start_soon(self._deliver_verified, actor_id, ids)
 
     async def _deliver_verified(self, actor_id: str, ids: list[int]) -> None:
         scheduler = self.scheduler
@@ -339,7 +341,9 @@ class ActorHost:
             return found
 
         try:
-            found = await self.store.run(actor_id, read, write=False, create=False)
+            found = await self.store.run(
+                actor_id, read, write=False, create=False, reads=tuple(ids)
+            )
         except LedgerError as exc:
             _log.warning("cancel_check_failed", actor=actor_id, error=str(exc))
             return

@@ -1196,9 +1196,13 @@ class PostgresStore(Store):
         read_ids: list[int] = []
         for actor_id in actors:
             for request in groups[actor_id]:
-                if request.reads is not None and 0 < request.reads <= _MAX_ID:
-                    read_actors.append(actor_id)
-                    read_ids.append(request.reads)
+                wanted = request.reads
+                if wanted is None:
+                    continue
+                for intent_event_id in (wanted,) if isinstance(wanted, int) else wanted:
+                    if 0 < intent_event_id <= _MAX_ID:
+                        read_actors.append(actor_id)
+                        read_ids.append(intent_event_id)
         scopes: dict[str, _Scope] = {}
         reads = (read_actors, read_ids)
         for row in conn.enter(actors, writers, creators, now_ms, reads, self.due_kinds):

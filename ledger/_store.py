@@ -76,6 +76,8 @@ class Committed:
 
 
 Write = bool | Callable[[], bool]
+Reads = int | tuple[int, ...] | None
+"""The intent id(s) whose schedule row an operation reads (``Store.run(reads=)``)."""
 """Whether an operation writes: fixed, or asked on the worker thread right before its
 transaction begins (each time: an operation put off to a later batch is asked again). The
 function must not raise; an operation that answered False must not write."""
@@ -106,11 +108,12 @@ class _Request(Generic[T]):
         done: asyncio.Event,
         after: Callable[[T | None, BaseException | None], None] | None = None,
         create: bool = True,
-        reads: int | None = None,
+        reads: Reads = None,
     ) -> None:
         self.create = create
         self.reads = reads
-        """The intent whose row the operation reads: a backend may fetch it with the lock."""
+        """The intent(s) whose row the operation reads: a backend may fetch them with the
+        lock."""
         self.actor_id = actor_id
         self.fn = fn
         self.write = write
@@ -296,7 +299,7 @@ class Store:
         write: bool = True,
         after: Callable[[T | None, BaseException | None], None] | None = None,
         create: bool = True,
-        reads: int | None = None,
+        reads: Reads = None,
     ) -> T:
         """Run ``fn`` in a transaction of ``actor_id``'s ledger and return its result.
 
@@ -309,8 +312,9 @@ class Store:
         With ``create=False`` an actor without a ledger is not created: ``LedgerNotFoundError``
         is raised instead (for reads and for answers such as ``not_found``).
 
-        ``reads`` names the intent whose row ``fn`` reads with ``tx.intent_row`` (a hint: a
-        backend that pays a round trip per statement fetches the row with the actor's lock).
+        ``reads`` names the intent (or a tuple of intents) whose row ``fn`` reads with
+        ``tx.intent_row`` (a hint: a backend that pays a round trip per statement fetches the
+        rows with the actor's lock).
 
         Raises:
             LedgerNotFoundError: ``create=False`` and the actor has no ledger.
@@ -343,7 +347,7 @@ class Store:
         after: Callable[[T | None, BaseException | None], None],
         *,
         write: Write = True,
-        reads: int | None = None,
+        reads: Reads = None,
     ) -> None:
         """Queue ``fn`` like ``run`` without waiting: ``after(result, error)`` is called on
         the event loop once it has run (the store drains queued operations before closing).
@@ -365,7 +369,7 @@ class Store:
         write: Write,
         create: bool,
         after: Callable[[T | None, BaseException | None], None] | None,
-        reads: int | None = None,
+        reads: Reads = None,
     ) -> _Request[T]:
         check_actor_id(actor_id)  # before anything is queued
         if self._closing or self._tg is None:

@@ -186,6 +186,35 @@ async def test_a_hint_for_another_intent_does_not_answer_for_it(tmp_path: Path) 
     assert (second.id, second.status) == (two, "pending")
 
 
+async def test_a_hint_may_name_several_intents(tmp_path: Path, backend: str) -> None:
+    """``reads=`` as a tuple: on PostgreSQL every row named is read ahead with the lock, and
+    a row written later in the batch is read again, current."""
+    async with open_store(tmp_path, shards=1, clock=lambda: NOW) as store:
+        one = await store.run("a", _running)
+        two = await store.run("a", _pending(due_at=LATER))
+        before = [await store.run("a", _row(one)), await store.run("a", _row(two))]
+        ahead: list[set[int]] = []
+
+        def read_both(tx: LedgerTx) -> list[Any]:
+            ahead.append(set(tx._file.rows))  # what is read ahead, before any read
+            return [tx.intent_row(one), tx.intent_row(two)]
+
+        first, _, again = await _one_batch(
+            store,
+            [
+                (read_both, (one, two)),
+                (lambda tx: tx.request_cancel(two, reason="stop", requested_by=None), None),
+                (read_both, (one, two)),
+            ],
+        )
+        after = [await store.run("a", _row(one)), await store.run("a", _row(two))]
+    assert first == before
+    assert again == after != before
+    assert [row.cancel_reason for row in again] == [None, "stop"]
+    if backend == "postgres":
+        assert ahead[0] == {one, two}
+
+
 async def test_rows_read_after_a_lock_wait_are_current_under_repeatable_read(
     backend: str,
 ) -> None:
