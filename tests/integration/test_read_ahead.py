@@ -100,7 +100,7 @@ CASES: dict[str, tuple[Callable[[LedgerTx], int], Callable[[LedgerTx, int], Any]
 
 
 async def _one_batch(
-    store: Store, ops: list[tuple[Callable[[LedgerTx], Any], int | None]]
+    store: Store, ops: list[tuple[Callable[[LedgerTx], Any], int | tuple[int, ...] | None]]
 ) -> list[Any]:
     """Queue ``ops`` of actor ``a`` (each with its ``reads`` hint) with no await in between,
     so a one-shard store runs them in one batch; their results, in order."""
