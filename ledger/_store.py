@@ -76,11 +76,11 @@ class Committed:
 
 
 Write = bool | Callable[[], bool]
-Reads = int | tuple[int, ...] | None
-"""The intent id(s) whose schedule row an operation reads (``Store.run(reads=)``)."""
 """Whether an operation writes: fixed, or asked on the worker thread right before its
 transaction begins (each time: an operation put off to a later batch is asked again). The
 function must not raise; an operation that answered False must not write."""
+Reads = int | tuple[int, ...] | None
+"""The intent id(s) whose schedule row an operation reads (``Store.run(reads=)``)."""
 
 
 def group_writes(requests: Sequence[_Request[Any]]) -> bool:
