@@ -794,7 +794,8 @@ flip: list[str] = []
 async def nondeterministic() -> Any:
     first = await (add(1, 1) if not flip else narrate(["x"]))  # decided outside any step
     flip.append("replaying")
-    await sleep(0.01)
+    async with create_hook(token="diverge") as hook:
+        await hook  # the run suspends here until resumed, so it surely replays
     return first
 
 
@@ -806,7 +807,15 @@ async def test_a_replay_that_diverges_fails_the_run_clearly(tmp_path: Path) -> N
     both steps, instead of returning another step's result."""
     flip.clear()
     async with ActorHost(DivergeDO, **place(tmp_path), config=fast_config()) as h:
-        run = await start(nondeterministic, actor=h.get("u:d"))
+        agent = h.get("u:d")
+        run = await start(nondeterministic, actor=agent)
+        await wait_hook(agent, "diverge")
+
+        async def suspended() -> bool:
+            return await run.status() is IntentStatus.PENDING  # its attempt has ended
+
+        await wait_until(agent, suspended)
+        await resume_hook("diverge", "go", actor=agent)
         with pytest.raises(RunFailedError, match="ReplayDivergenceError") as caught:
             await result_of(run)
         assert "'add'" in str(caught.value)
