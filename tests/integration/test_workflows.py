@@ -487,20 +487,44 @@ async def test_run_stream_replays_and_ends_with_the_run(tmp_path: Path) -> None:
         get_writable()
 
 
+# -- replays ----------------------------------------------------------------------------------
+
+REPLAY = "replay"
+
+
+async def replay_point() -> None:
+    """In a body: suspend the run until the test resumes it (``replayed``), so everything
+    after this point runs on a replay, whatever the machine's speed."""
+    async with create_hook(token=REPLAY) as hook:
+        await hook
+
+
+async def replayed(run: Any, agent: Any) -> Any:
+    """Resume ``run`` at its replay point once its attempt has ended; the run's result."""
+    await wait_hook(agent, REPLAY)
+
+    async def suspended() -> bool:
+        return await run.status() is IntentStatus.PENDING
+
+    await wait_until(agent, suspended)
+    await resume_hook(REPLAY, None, actor=agent)
+    return await result_of(run)
+
+
 # -- gather and race ----------------------------------------------------------------------------
 
 
 @workflow
 async def fan_out() -> list[int]:
     sums = await gather(add(1, 1), add(2, 2), add(3, 3))
-    await sleep(0.01)  # forces a replay of the gathered steps
+    await replay_point()  # the rest runs on a replay
     return [*sums, await add(sums[-1], 1)]
 
 
 @workflow
 async def timeout_pattern() -> Any:
     winner = await race(held("slow"), sleep(0.05))
-    await sleep(0.01)  # forces a replay of the race
+    await replay_point()  # the rest runs on a replay
     return winner
 
 
@@ -517,7 +541,7 @@ async def test_gather_runs_each_step_once_and_replays_in_order(tmp_path: Path) -
     gathered call to its own recorded result, running none again."""
     async with ActorHost(RaceDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(fan_out, actor=h.get("u:g"))
-        assert await result_of(run) == [2, 4, 6, 7]
+        assert await replayed(run, h.get("u:g")) == [2, 4, 6, 7]
         assert calls["add"] == 4
 
 
@@ -526,7 +550,7 @@ async def test_race_timeout_pattern_records_the_winner(tmp_path: Path) -> None:
     replay returns the same winner without running the step again."""
     async with ActorHost(RaceDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(timeout_pattern, actor=h.get("u:r"))
-        assert await result_of(run) is None
+        assert await replayed(run, h.get("u:r")) is None
         assert calls["held:slow"] == 1
         won = await h.get("u:r").events(kinds=["trigger.workflow.race_won"])
         assert [e.payload for e in won] == [{"seq": 3, "index": 1}]  # after its two calls
@@ -567,7 +591,7 @@ async def watched() -> list[Any]:
         await gather(work_until_aborted(controller.signal), watchdog(controller))
     except StepFailedError as exc:
         outcome = f"{exc.step} stopped: {exc.message}"
-    await sleep(0.01)  # forces a replay
+    await replay_point()  # the rest runs on a replay
     return [outcome, controller.signal.aborted, controller.signal.reason]
 
 
@@ -578,7 +602,7 @@ async def abort_in_order() -> list[bool]:
     await add(1, 1)
     await controller.abort("enough")
     after = controller.signal.aborted
-    await sleep(0.01)  # forces a replay, which must see the same order
+    await replay_point()  # the rest runs on a replay
     return [before, after, controller.signal.aborted]
 
 
@@ -591,7 +615,7 @@ async def test_step_initiated_abort_stops_the_other_step(tmp_path: Path) -> None
     a sleep sees the same outcome."""
     async with ActorHost(ControllerDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(watched, actor=h.get("u:w"))
-        assert await result_of(run) == [
+        assert await replayed(run, h.get("u:w")) == [
             "work_until_aborted stopped: aborted: quota exceeded", True, "quota exceeded",
         ]  # fmt: skip
         assert calls["work"] == 1
@@ -603,7 +627,7 @@ async def test_replay_applies_the_abort_where_it_happened(tmp_path: Path) -> Non
     """On replay the controller is not aborted before the point where the body aborted it."""
     async with ActorHost(ControllerDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(abort_in_order, actor=h.get("u:o"))
-        assert await result_of(run) == [False, True, True]
+        assert await replayed(run, h.get("u:o")) == [False, True, True]
 
 
 async def test_start_with_a_signal(tmp_path: Path) -> None:
@@ -632,7 +656,7 @@ async def stoppable_by_user() -> Any:
     stop = create_hook(token="stop:job")
     winner = await race(work_until_aborted(controller.signal), stop)
     await controller.abort("the user pressed stop")
-    await sleep(0.01)  # forces a replay of the race
+    await replay_point()  # the rest runs on a replay
     return winner
 
 
@@ -650,7 +674,7 @@ async def test_a_hook_resumed_while_a_step_runs_wins_the_race(tmp_path: Path) ->
             await gate("work:started").wait()
         await wait_hook(agent, "stop:job")
         await resume_hook("stop:job", {"by": "ann"}, actor=agent)
-        assert await result_of(run) == {"by": "ann"}
+        assert await replayed(run, agent) == {"by": "ann"}
         assert calls["work"] == 1
         assert await agent.events(kinds=[STEP_COMPLETED]) == []
 
@@ -666,7 +690,7 @@ async def outer() -> int:
 @workflow
 async def nested_steps() -> list[int]:
     first = await outer()
-    await sleep(0.01)  # forces a replay
+    await replay_point()  # the rest runs on a replay
     return [first, await add(1, 2)]
 
 
@@ -689,7 +713,7 @@ async def abort_seen_right_after() -> list[bool]:
     with contextlib.suppress(StepFailedError):
         await gather(work_until_aborted(controller.signal), watchdog(controller))
     seen = controller.signal.aborted  # read before any other call
-    await sleep(0.01)  # forces a replay, which must read the same
+    await replay_point()  # the rest runs on a replay
     return [seen]
 
 
@@ -703,7 +727,7 @@ async def test_a_step_inside_a_step_does_not_shift_the_replay(tmp_path: Path) ->
     matches every later call to its own fact."""
     async with ActorHost(RegressionDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(nested_steps, actor=h.get("u:n"))
-        assert await result_of(run) == [31, 3]
+        assert await replayed(run, h.get("u:n")) == [31, 3]
 
 
 async def test_a_long_sleep_in_a_group_does_not_hold_the_attempt(tmp_path: Path) -> None:
@@ -739,7 +763,7 @@ async def test_a_step_abort_is_replayed_right_after_that_step(tmp_path: Path) ->
     replayed, as it was the first time."""
     async with ActorHost(RegressionDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(abort_seen_right_after, actor=h.get("u:a"))
-        assert await result_of(run) == [True]
+        assert await replayed(run, h.get("u:a")) == [True]
 
 
 @workflow
