@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from actors import ActorHost, define_agent_do
 from ledger import IntentStatus
 from tests.helpers import fast_config, place, wait_until
+from tests.workflow_helpers import replay_point, replayed, result_of, wait_hook
 from triggers import AbortController, AbortError, AbortSignal, CancelStatus, FatalError, RetryPolicy
 from triggers._workflow import RUN_CANCELLED, STEP_COMPLETED, parse_duration
 from triggers.workflows import AbortController as WorkflowAbortController
@@ -154,11 +155,6 @@ AgentDO = define_agent_do(workflows=ALL)
 def host(tmp_path: Path, **options: Any) -> ActorHost:
     options.setdefault("config", fast_config())
     return ActorHost(AgentDO, **place(tmp_path), **options)
-
-
-async def result_of(run: Any) -> Any:
-    with anyio.fail_after(20):
-        return await run.result()
 
 
 async def test_steps_are_recorded_and_not_rerun_after_a_sleep(tmp_path: Path) -> None:
@@ -346,21 +342,6 @@ def hook_host(tmp_path: Path, **options: Any) -> ActorHost:
     return ActorHost(HookDO, **place(tmp_path), **options)
 
 
-async def wait_hook(agent: Any, token: str) -> int:
-    """Wait until the hook exists; returns its run id."""
-    found: list[int] = []
-
-    async def created() -> bool:
-        try:
-            found.append((await get_hook_by_token(token, actor=agent)).run_id)
-        except HookNotFoundError:
-            return False
-        return True
-
-    await wait_until(agent, created)
-    return found[-1]
-
-
 async def test_hook_wait_holds_nothing_and_resume_wakes_the_run(tmp_path: Path) -> None:
     """A run waiting on a hook is pending with no attempt; a typed resume (validated) wakes it,
     the payload reaches the body, and the hook is disposed (its token free again)."""
@@ -485,30 +466,6 @@ async def test_run_stream_replays_and_ends_with_the_run(tmp_path: Path) -> None:
             assert [c async for c in run.get_readable(start=2)] == [{"done": 2}]
     with pytest.raises(RuntimeError, match="workflow"):
         get_writable()
-
-
-# -- replays ----------------------------------------------------------------------------------
-
-REPLAY = "replay"
-
-
-async def replay_point() -> None:
-    """In a body: suspend the run until the test resumes it (``replayed``), so everything
-    after this point runs on a replay, whatever the machine's speed."""
-    async with create_hook(token=REPLAY) as hook:
-        await hook
-
-
-async def replayed(run: Any, agent: Any) -> Any:
-    """Resume ``run`` at its replay point once its attempt has ended; the run's result."""
-    await wait_hook(agent, REPLAY)
-
-    async def suspended() -> bool:
-        return await run.status() is IntentStatus.PENDING
-
-    await wait_until(agent, suspended)
-    await resume_hook(REPLAY, None, actor=agent)
-    return await result_of(run)
 
 
 # -- gather and race ----------------------------------------------------------------------------

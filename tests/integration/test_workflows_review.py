@@ -15,6 +15,7 @@ import pytest
 from actors import ActorHost, define_agent_do
 from ledger import IntentStatus
 from tests.helpers import ManualClock, fast_config, place, wait_until
+from tests.workflow_helpers import replay_point, replayed, result_of
 from triggers import FatalError, RetryPolicy
 from triggers._workflow import STEP_ATTEMPT_FAILED, STEP_COMPLETED, WAIT_CREATED
 from triggers.workflows import (
@@ -60,11 +61,6 @@ def _fresh_state() -> None:
     gates.clear()
     seen.clear()
     flip.clear()
-
-
-async def result_of(run: Any, seconds: float = 20) -> Any:
-    with anyio.fail_after(seconds):
-        return await run.result()
 
 
 @step
@@ -125,7 +121,7 @@ async def watchdog_made_first() -> list[bool]:
     with contextlib.suppress(StepFailedError):
         await gather(watchdog(controller), work_until_aborted(controller.signal))
     aborted = controller.signal.aborted  # True the first time: the watchdog aborted it
-    await sleep(0.01)  # forces a replay, which must read the same
+    await replay_point()  # the rest runs on a replay
     return [aborted]
 
 
@@ -135,7 +131,7 @@ async def aborting_step_fails() -> list[bool]:
     with contextlib.suppress(StepFailedError):
         await abort_then_fail(controller)
     aborted = controller.signal.aborted
-    await sleep(0.01)  # forces a replay
+    await replay_point()  # the rest runs on a replay
     return [aborted]
 
 
@@ -144,7 +140,7 @@ async def abort_beside_a_sleep() -> list[bool]:
     controller = AbortController()
     await gather(abort_now(controller), sleep(0.05))  # the sleep is the group's last place
     aborted = controller.signal.aborted
-    await sleep(0.01)  # forces a replay
+    await replay_point()  # the rest runs on a replay
     return [aborted]
 
 
@@ -168,7 +164,7 @@ async def test_a_step_abort_replays_right_after_the_aborting_step(tmp_path: Path
     sleep."""
     async with ActorHost(ControllerDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(wf, actor=h.get("u:w"))
-        assert await result_of(run) == [True]
+        assert await replayed(run, h.get("u:w")) == [True]
         assert calls["work"] <= 1
 
 
@@ -325,7 +321,7 @@ async def test_a_caught_hook_conflict_replays_as_a_conflict(tmp_path: Path) -> N
 @workflow
 async def body_writes_around_a_sleep() -> str:
     await get_writable().write("starting")
-    await sleep(0.01)  # the body is replayed after it
+    await replay_point()  # the rest runs on a replay
     await get_writable().write("done")
     return "ok"
 
@@ -341,7 +337,7 @@ async def narrate() -> int:
 @workflow
 async def step_writes_then_sleeps() -> list[int]:
     told = await narrate()
-    await sleep(0.01)  # forces a replay, in which the step is answered from the ledger
+    await replay_point()  # the rest runs on a replay
     return [told, await add(1, 2)]
 
 
@@ -352,7 +348,7 @@ async def test_body_stream_writes_are_not_repeated_by_replays(tmp_path: Path) ->
     """A chunk the body writes before a sleep is written once, not again by the replay."""
     async with ActorHost(StreamDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(body_writes_around_a_sleep, actor=h.get("u:s"))
-        assert await result_of(run) == "ok"
+        assert await replayed(run, h.get("u:s")) == "ok"
         with anyio.fail_after(20):
             chunks = [chunk async for chunk in run.get_readable()]
         assert chunks == ["starting", "done"]
@@ -363,7 +359,7 @@ async def test_a_step_writing_to_the_stream_takes_no_place_in_the_run(tmp_path: 
     without running it, matches every later call to its own fact."""
     async with ActorHost(StreamDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(step_writes_then_sleeps, actor=h.get("u:w"))
-        assert await result_of(run) == [2, 3]
+        assert await replayed(run, h.get("u:w")) == [2, 3]
         with anyio.fail_after(20):
             assert [chunk async for chunk in run.get_readable()] == ["once", "upon"]
 
@@ -718,7 +714,7 @@ async def makes_workflow_objects() -> int:
 async def workflow_objects_in_a_step() -> list[Any]:
     refused = await makes_workflow_objects()
     total = await add(1, 2)
-    await sleep(0.01)  # forces a replay
+    await replay_point()  # the rest runs on a replay
     return [refused, total]
 
 
@@ -745,7 +741,7 @@ async def test_workflow_objects_inside_a_step_are_refused_without_taking_a_place
     the later step to its own fact."""
     async with ActorHost(InStepDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(workflow_objects_in_a_step, actor=h.get("u:a"))
-        assert await result_of(run) == [4, 3]
+        assert await replayed(run, h.get("u:a")) == [4, 3]
         assert (calls["inner"], calls["add"]) == (1, 1)
         assert "triggers.AbortController" in seen[0]
         assert "token" in seen[1]
@@ -763,14 +759,14 @@ async def race_of_a_gather() -> Any:
 @workflow
 async def all_or_time_out() -> Any:
     winner = await race(gather(held("a"), held("b")), sleep(0.05))
-    await sleep(0.01)  # forces a replay of the race
+    await replay_point()  # the rest runs on a replay
     return winner
 
 
 @workflow
 async def gather_of_a_race() -> list[Any]:
     results = await gather(race(add(1, 1), sleep("1h")), add(2, 2))
-    await sleep(0.01)  # forces a replay of both
+    await replay_point()  # the rest runs on a replay
     return results
 
 
@@ -818,7 +814,7 @@ async def test_race_of_a_gather_times_out(tmp_path: Path) -> None:
     async with nested_host(tmp_path) as h:
         agent = h.get("u:t")
         run = await start(all_or_time_out, actor=agent)
-        assert await result_of(run) is None
+        assert await replayed(run, agent) is None
         assert (calls["held:a"], calls["held:b"]) == (1, 1)
         assert await agent.events(kinds=[STEP_COMPLETED]) == []
 
@@ -828,7 +824,7 @@ async def test_gather_of_a_race_replays_deterministically(tmp_path: Path) -> Non
     from its fact, running no step again."""
     async with nested_host(tmp_path) as h:
         run = await start(gather_of_a_race, actor=h.get("u:g"))
-        assert await result_of(run) == [2, 4]
+        assert await replayed(run, h.get("u:g")) == [2, 4]
         assert calls["add"] == 2
 
 

@@ -14,6 +14,7 @@ import pytest
 from actors import ActorHost, define_agent_do
 from ledger import IntentStatus, LedgerError
 from tests.helpers import fast_config, place, wait_until
+from tests.workflow_helpers import result_of
 from triggers import _workflow
 from triggers._workflow import RACE_WON, STEP_COMPLETED
 from triggers.workflows import (
@@ -52,11 +53,6 @@ def _fresh_state() -> None:
     calls.clear()
     gates.clear()
     seen.clear()
-
-
-async def result_of(run: Any, seconds: float = 20) -> Any:
-    with anyio.fail_after(seconds):
-        return await run.result()
 
 
 @step

@@ -10,12 +10,12 @@ import contextlib
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-import anyio
 import pytest
 from pydantic import BaseModel, Field, ValidationError
 
 from actors import ActorHost, define_agent_do
 from tests.helpers import fast_config, place, wait_until
+from tests.workflow_helpers import result_of
 from triggers import _workflow
 from triggers._workflow import HOOK_CREATED, HOOK_REJECTED, WAIT_CREATED
 from triggers.workflows import (
@@ -35,11 +35,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 pytestmark = [pytest.mark.anyio, pytest.mark.contract]
-
-
-async def result_of(run: Any, seconds: float = 20) -> Any:
-    with anyio.fail_after(seconds):
-        return await run.result()
 
 
 async def hook_active(agent: Any, token: Any) -> None:
