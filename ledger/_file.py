@@ -60,24 +60,26 @@ class LedgerFile:
                 descriptors left, no space).
         """
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
                 _create(path)
             conn = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, cached_statements=64
+                path,
+                timeout=_BUSY_MS / 1000,  # the busy timeout, set without a statement
+                isolation_level=None,
+                check_same_thread=False,
+                cached_statements=64,
             )
         except (sqlite3.Error, OSError) as exc:
             raise LedgerWriteError(path, f"cannot open: {exc}") from exc
         try:
-            conn.execute(f"PRAGMA busy_timeout = {_BUSY_MS}")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode != "wal":
                 # Another connection (often another process creating this very file) holds
                 # it in rollback mode for now: try again later.
                 raise LedgerBusyError(path, 0.0)
-            conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
-            conn.execute("PRAGMA foreign_keys = OFF")
+            conn.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")  # (no foreign keys to enforce)
             _migrate(conn, path, actor_id)
         except sqlite3.OperationalError as exc:
             conn.close()
