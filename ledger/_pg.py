@@ -410,8 +410,24 @@ def _encodable(text: str) -> bool:
 
 
 def _arguments(parameters: Sequence[Any]) -> str:
-    """``(literal, ...)`` for ``EXECUTE`` (raises ``TypeError``, see ``_literal``)."""
-    return f"({', '.join([_literal(value) for value in parameters])})" if parameters else ""
+    """``(literal, ...)`` for ``EXECUTE`` (raises ``TypeError``, see ``_literal``).
+
+    The common cases (ASCII text, non-negative ints, NULL) are rendered here, inline: a
+    deferred write's arguments are rendered on every call."""
+    if not parameters:
+        return ""
+    parts = []
+    for value in parameters:
+        kind = type(value)
+        if kind is str and value.isascii() and "\x00" not in value:
+            parts.append("'" + value.replace("'", "''") + "'")
+        elif kind is int and value >= 0:
+            parts.append(int.__repr__(value))
+        elif value is None:
+            parts.append("NULL")
+        else:
+            parts.append(_literal(value))
+    return "(" + ", ".join(parts) + ")"
 
 
 class PgConnection:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from ledger import LedgerWriteError, PayloadError
-from ledger._pg import _literal
+from ledger._pg import _arguments, _literal
 from ledger.postgres import PostgresStore
 from tests.integration.test_postgres_review import (
     _between_neighbours,
@@ -75,6 +75,17 @@ def test_literals_are_exact_sql_constants() -> None:
     for refused in ("nul\x00", "lone \ud800", 1.5, b"bytes", [1]):
         with pytest.raises(TypeError):
             _literal(refused)
+
+
+def test_arguments_render_as_the_literals_do() -> None:
+    """``_arguments`` renders common values inline; every value comes out as ``_literal``
+    would render it, and a value with no literal is refused the same way."""
+    values = [None, True, False, 0, 7, -1, 1 << 62, _Number.MINUS, _Word.QUOTE, *TRICKY]
+    assert _arguments(values) == "(" + ", ".join(_literal(value) for value in values) + ")"
+    assert _arguments([]) == ""
+    for refused in ("nul\x00", "lone \ud800", 1.5, b"bytes", [1]):
+        with pytest.raises(TypeError):
+            _arguments([1, "a", refused])
 
 
 async def test_every_string_arrives_exactly_as_given(database_url: str) -> None:
