@@ -13,10 +13,10 @@ from pydantic import BaseModel, ValidationError
 
 from actors import ActorHost, define_agent_do
 from ledger import IntentStatus
-from tests.helpers import fast_config, place, wait_until
+from tests.helpers import ManualClock, fast_config, place, wait_until
 from tests.workflow_helpers import replay_point, replayed, result_of, wait_hook
 from triggers import AbortController, AbortError, AbortSignal, CancelStatus, FatalError, RetryPolicy
-from triggers._workflow import RUN_CANCELLED, STEP_COMPLETED, parse_duration
+from triggers._workflow import RUN_CANCELLED, STEP_COMPLETED, WAIT_CREATED, parse_duration
 from triggers.workflows import AbortController as WorkflowAbortController
 from triggers.workflows import (
     HookNotFoundError,
@@ -159,9 +159,19 @@ def host(tmp_path: Path, **options: Any) -> ActorHost:
 
 async def test_steps_are_recorded_and_not_rerun_after_a_sleep(tmp_path: Path) -> None:
     """A run's steps are ledger facts; after its sleep the body is replayed and the completed
-    step is answered from the ledger, not run again."""
-    async with host(tmp_path) as h:
-        run = await start(sum_then_sleep, [2, 3, 0.05], actor=h.get("u:1"))
+    step is answered from the ledger, not run again. (The clock stands still until the run
+    is asleep, so the sleep surely suspends it, however long recording it takes.)"""
+    clock = ManualClock()
+    async with host(tmp_path, clock=clock) as h:
+        agent = h.get("u:1")
+        run = await start(sum_then_sleep, [2, 3, 0.05], actor=agent)
+
+        async def asleep() -> bool:
+            slept = await agent.events(kinds=[WAIT_CREATED])
+            return bool(slept) and await run.status() is IntentStatus.PENDING
+
+        await wait_until(agent, asleep)
+        clock.advance(1000)
         assert await result_of(run) == 6
         assert calls["add"] == 2
         assert await run.status() is IntentStatus.COMPLETED
@@ -494,8 +504,8 @@ RaceDO = define_agent_do(workflows=[fan_out, timeout_pattern, first_responder])
 
 
 async def test_gather_runs_each_step_once_and_replays_in_order(tmp_path: Path) -> None:
-    """gather() returns results in argument order; the replay after a sleep matches each
-    gathered call to its own recorded result, running none again."""
+    """gather() returns results in argument order; the replay matches each gathered call to
+    its own recorded result, running none again."""
     async with ActorHost(RaceDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(fan_out, actor=h.get("u:g"))
         assert await replayed(run, h.get("u:g")) == [2, 4, 6, 7]
@@ -680,8 +690,8 @@ RegressionDO = define_agent_do(
 
 
 async def test_a_step_inside_a_step_does_not_shift_the_replay(tmp_path: Path) -> None:
-    """A step called from inside another step runs as a plain call: the replay after a sleep
-    matches every later call to its own fact."""
+    """A step called from inside another step runs as a plain call: the replay matches every
+    later call to its own fact."""
     async with ActorHost(RegressionDO, **place(tmp_path), config=fast_config()) as h:
         run = await start(nested_steps, actor=h.get("u:n"))
         assert await replayed(run, h.get("u:n")) == [31, 3]

@@ -319,7 +319,7 @@ async def test_a_caught_hook_conflict_replays_as_a_conflict(tmp_path: Path) -> N
 
 
 @workflow
-async def body_writes_around_a_sleep() -> str:
+async def body_writes_around_a_replay() -> str:
     await get_writable().write("starting")
     await replay_point()  # the rest runs on a replay
     await get_writable().write("done")
@@ -335,19 +335,20 @@ async def narrate() -> int:
 
 
 @workflow
-async def step_writes_then_sleeps() -> list[int]:
+async def step_writes_then_replays() -> list[int]:
     told = await narrate()
     await replay_point()  # the rest runs on a replay
     return [told, await add(1, 2)]
 
 
-StreamDO = define_agent_do(workflows=[body_writes_around_a_sleep, step_writes_then_sleeps])
+StreamDO = define_agent_do(workflows=[body_writes_around_a_replay, step_writes_then_replays])
 
 
 async def test_body_stream_writes_are_not_repeated_by_replays(tmp_path: Path) -> None:
-    """A chunk the body writes before a sleep is written once, not again by the replay."""
+    """A chunk the body writes before its replay point is written once, not again by the
+    replay."""
     async with ActorHost(StreamDO, **place(tmp_path), config=fast_config()) as h:
-        run = await start(body_writes_around_a_sleep, actor=h.get("u:s"))
+        run = await start(body_writes_around_a_replay, actor=h.get("u:s"))
         assert await replayed(run, h.get("u:s")) == "ok"
         with anyio.fail_after(20):
             chunks = [chunk async for chunk in run.get_readable()]
@@ -358,7 +359,7 @@ async def test_a_step_writing_to_the_stream_takes_no_place_in_the_run(tmp_path: 
     """A step's writes are plain writes: the replay, which answers the step from the ledger
     without running it, matches every later call to its own fact."""
     async with ActorHost(StreamDO, **place(tmp_path), config=fast_config()) as h:
-        run = await start(step_writes_then_sleeps, actor=h.get("u:w"))
+        run = await start(step_writes_then_replays, actor=h.get("u:w"))
         assert await replayed(run, h.get("u:w")) == [2, 3]
         with anyio.fail_after(20):
             assert [chunk async for chunk in run.get_readable()] == ["once", "upon"]
