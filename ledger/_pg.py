@@ -381,10 +381,6 @@ def _literal(value: object) -> str:
     every connection in ``connect``); a NUL, which PostgreSQL's text cannot hold, or a lone
     surrogate, which UTF-8 cannot, goes the parameter way, to be refused alone.
     """
-    if type(value) is str and value.isascii():  # the common case first
-        if "\x00" in value:
-            raise TypeError("no literal for a str holding NUL")
-        return "'" + value.replace("'", "''") + "'"
     if value is None:
         return "NULL"
     if isinstance(value, bool):
