@@ -4,7 +4,6 @@ a restart, run cancellation (asleep, mid-step), reconnecting from another host."
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -14,7 +13,19 @@ from pydantic import BaseModel, ValidationError
 from actors import ActorHost, define_agent_do
 from ledger import IntentStatus
 from tests.helpers import ManualClock, fast_config, place, wait_until
-from tests.workflow_helpers import replay_point, replayed, result_of, wait_hook
+from tests.workflow_helpers import (
+    add,
+    calls,
+    gate,
+    held,
+    replay_point,
+    replayed,
+    reset_state,
+    result_of,
+    wait_hook,
+    watchdog,
+    work_until_aborted,
+)
 from triggers import AbortController, AbortError, AbortSignal, CancelStatus, FatalError, RetryPolicy
 from triggers._workflow import RUN_CANCELLED, STEP_COMPLETED, WAIT_CREATED, parse_duration
 from triggers.workflows import AbortController as WorkflowAbortController
@@ -44,26 +55,13 @@ if TYPE_CHECKING:
 
 pytestmark = [pytest.mark.anyio, pytest.mark.contract]
 
-calls: Counter[str] = Counter()
-gates: dict[str, anyio.Event] = {}
 flaky_failures: dict[str, int] = {}
-
-
-def gate(name: str) -> anyio.Event:
-    return gates.setdefault(name, anyio.Event())
 
 
 @pytest.fixture(autouse=True)
 def _fresh_state() -> None:
-    calls.clear()
-    gates.clear()
+    reset_state()
     flaky_failures.clear()
-
-
-@step
-async def add(a: int, b: int) -> int:
-    calls["add"] += 1
-    return a + b
 
 
 @step(retry=RetryPolicy(max_attempts=3, initial_backoff=0, jitter=False))
@@ -85,14 +83,6 @@ async def refuse() -> None:
 async def aborts() -> None:
     calls["aborts"] += 1
     raise AbortError("gave up")
-
-
-@step
-async def held(name: str) -> str:
-    calls[f"held:{name}"] += 1
-    gate(f"{name}:started").set()
-    await gate(f"{name}:release").wait()
-    return name
 
 
 @workflow
@@ -533,22 +523,6 @@ async def test_race_winner_disposes_a_long_sleep(tmp_path: Path) -> None:
 
 
 # -- the durable abort controller -------------------------------------------------------------
-
-
-@step
-async def work_until_aborted(signal: AbortSignal) -> str:
-    calls["work"] += 1
-    gate("work:started").set()
-    await signal.wait()
-    signal.throw_if_aborted()
-    return "unreachable"
-
-
-@step
-async def watchdog(controller: WorkflowAbortController) -> str:
-    await gate("work:started").wait()
-    await controller.abort("quota exceeded")
-    return "watchdog fired"
 
 
 @workflow

@@ -6,7 +6,6 @@ gather and race nested in each other."""
 from __future__ import annotations
 
 import contextlib
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -15,19 +14,32 @@ import pytest
 from actors import ActorHost, define_agent_do
 from ledger import IntentStatus
 from tests.helpers import ManualClock, fast_config, place, wait_until
-from tests.workflow_helpers import replay_point, replayed, result_of
+from tests.workflow_helpers import (
+    add,
+    calls,
+    cancel_seen,
+    gate,
+    held,
+    release_resource,
+    replay_point,
+    replayed,
+    reset_state,
+    result_of,
+    seen,
+    wait_hook,
+    watchdog,
+    work_until_aborted,
+)
 from triggers import FatalError, RetryPolicy
 from triggers._workflow import STEP_ATTEMPT_FAILED, STEP_COMPLETED, WAIT_CREATED
 from triggers.workflows import (
     AbortController,
     HookConflictError,
-    HookNotFoundError,
     RunCancelledError,
     RunFailedError,
     StepFailedError,
     create_hook,
     gather,
-    get_hook_by_token,
     get_run,
     get_writable,
     race,
@@ -41,66 +53,19 @@ from triggers.workflows import (
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from triggers import AbortSignal
 
 pytestmark = [pytest.mark.anyio, pytest.mark.contract]
 
-calls: Counter[str] = Counter()
-gates: dict[str, anyio.Event] = {}
-seen: list[str] = []
 flip: list[str] = []
-
-
-def gate(name: str) -> anyio.Event:
-    return gates.setdefault(name, anyio.Event())
 
 
 @pytest.fixture(autouse=True)
 def _fresh_state() -> None:
-    calls.clear()
-    gates.clear()
-    seen.clear()
+    reset_state()
     flip.clear()
 
 
-@step
-async def add(a: int, b: int) -> int:
-    calls["add"] += 1
-    return a + b
-
-
-@step
-async def held(name: str) -> str:
-    calls[f"held:{name}"] += 1
-    gate(f"{name}:started").set()
-    await gate(f"{name}:release").wait()
-    seen.append(f"{name} finished")
-    return name
-
-
-@step
-async def release_resource() -> str:
-    calls["release"] += 1
-    return "released"
-
-
 # -- replaying the durable AbortController ------------------------------------------------------
-
-
-@step
-async def work_until_aborted(signal: AbortSignal) -> str:
-    calls["work"] += 1
-    gate("work:started").set()
-    await signal.wait()
-    signal.throw_if_aborted()
-    return "unreachable"
-
-
-@step
-async def watchdog(controller: AbortController) -> str:
-    await gate("work:started").wait()
-    await controller.abort("quota exceeded")
-    return "watchdog fired"
 
 
 @step
@@ -270,17 +235,6 @@ HookDO = define_agent_do(
 )
 
 
-async def wait_for_hook(agent: Any, token: str) -> None:
-    async def created() -> bool:
-        try:
-            await get_hook_by_token(token, actor=agent)
-        except HookNotFoundError:
-            return False
-        return True
-
-    await wait_until(agent, created)
-
-
 async def test_a_hook_around_the_bodys_own_task_group_survives_a_suspension(
     tmp_path: Path,
 ) -> None:
@@ -306,9 +260,9 @@ async def test_a_caught_hook_conflict_replays_as_a_conflict(tmp_path: Path) -> N
     async with ActorHost(HookDO, **place(tmp_path), config=fast_config()) as h:
         agent = h.get("u:k")
         holder = await start(holds_the_token, actor=agent)
-        await wait_for_hook(agent, "shared")
+        await wait_hook(agent, "shared")
         fallback = await start(falls_back_when_busy, actor=agent)
-        await wait_for_hook(agent, "continue")
+        await wait_hook(agent, "continue")
         await resume_hook("shared", "for the holder", actor=agent)
         assert await result_of(holder) == "for the holder"
         await resume_hook("continue", None, actor=agent)
@@ -541,15 +495,6 @@ CancelDO = define_agent_do(
 
 def cancel_host(tmp_path: Path, **options: Any) -> ActorHost:
     return ActorHost(CancelDO, **place(tmp_path), config=fast_config(), **options)
-
-
-async def cancel_seen(agent: Any, run: Any) -> None:
-    async def requested() -> bool:
-        return (await agent.intent(run.run_id)).cancel_requested_at is not None
-
-    await wait_until(agent, requested)
-    with anyio.fail_after(20):
-        await anyio.wait_all_tasks_blocked()
 
 
 async def test_run_cancel_does_not_stop_a_step_racing_a_sleep(tmp_path: Path) -> None:

@@ -5,7 +5,6 @@ the first attempt was lost, sleeps and hooks awaited in steps."""
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -14,7 +13,18 @@ import pytest
 from actors import ActorHost, define_agent_do
 from ledger import IntentStatus, LedgerError
 from tests.helpers import fast_config, place, wait_until
-from tests.workflow_helpers import result_of
+from tests.workflow_helpers import (
+    add,
+    calls,
+    cancel_seen,
+    gate,
+    held,
+    release_resource,
+    reset_state,
+    result_of,
+    seen,
+    wait_hook,
+)
 from triggers import _workflow
 from triggers._workflow import RACE_WON, STEP_COMPLETED
 from triggers.workflows import (
@@ -39,50 +49,10 @@ if TYPE_CHECKING:
 
 pytestmark = [pytest.mark.anyio, pytest.mark.contract]
 
-calls: Counter[str] = Counter()
-gates: dict[str, anyio.Event] = {}
-seen: list[str] = []
-
-
-def gate(name: str) -> anyio.Event:
-    return gates.setdefault(name, anyio.Event())
-
 
 @pytest.fixture(autouse=True)
 def _fresh_state() -> None:
-    calls.clear()
-    gates.clear()
-    seen.clear()
-
-
-@step
-async def add(a: int, b: int) -> int:
-    calls["add"] += 1
-    return a + b
-
-
-@step
-async def held(name: str) -> str:
-    calls[f"held:{name}"] += 1
-    gate(f"{name}:started").set()
-    await gate(f"{name}:release").wait()
-    seen.append(f"{name} finished")
-    return name
-
-
-@step
-async def release_resource() -> str:
-    calls["release"] += 1
-    return "released"
-
-
-async def cancel_seen(agent: Any, run: Any) -> None:
-    async def requested() -> bool:
-        return (await agent.intent(run.run_id)).cancel_requested_at is not None
-
-    await wait_until(agent, requested)
-    with anyio.fail_after(20):
-        await anyio.wait_all_tasks_blocked()
+    reset_state()
 
 
 # -- cleanup steps after a cancel ------------------------------------------------------------------
@@ -212,17 +182,6 @@ async def hook_loses_a_race() -> str:
 HookDO = define_agent_do(workflows=[hook_loses_in_a_gather, hook_loses_a_race])
 
 
-async def wait_for_hook(agent: Any, token: str) -> None:
-    async def created() -> bool:
-        try:
-            await get_hook_by_token(token, actor=agent)
-        except HookNotFoundError:
-            return False
-        return True
-
-    await wait_until(agent, created)
-
-
 async def test_a_hook_in_a_gather_that_lost_a_race_frees_its_token(tmp_path: Path) -> None:
     """race(...) disposes of a losing hook (race(create_hook(token=t), sleep(...)) frees t
     once the sleep wins). A hook inside a losing gather lost the race as well; it must not
@@ -231,7 +190,7 @@ async def test_a_hook_in_a_gather_that_lost_a_race_frees_its_token(tmp_path: Pat
     async with ActorHost(HookDO, **place(tmp_path), config=fast_config()) as h:
         agent = h.get("u:h")
         run = await start(hook_loses_in_a_gather, actor=agent)
-        await wait_for_hook(agent, "after-nested")
+        await wait_hook(agent, "after-nested")
         with pytest.raises(HookNotFoundError):
             await get_hook_by_token("nested", actor=agent)
         await run.cancel("done")
@@ -256,7 +215,7 @@ async def test_a_losing_hook_is_disposed_by_the_replay_after_a_crash_before_its_
     async with ActorHost(HookDO, **place(tmp_path), config=fast_config()) as h:
         agent = h.get("u:crash")
         run = await start(hook_loses_a_race, actor=agent)
-        await wait_for_hook(agent, "after-loser")
+        await wait_hook(agent, "after-loser")
         assert failed == ["loser"]
         assert await agent.events(kinds=[RACE_WON])
         with pytest.raises(HookNotFoundError):
@@ -335,7 +294,7 @@ async def test_a_non_json_step_result_is_a_recorded_step_failure(tmp_path: Path)
     async with ActorHost(FailDO, **place(tmp_path), config=fast_config()) as h:
         agent = h.get("u:k")
         run = await start(swallows_a_non_json_result, actor=agent)
-        await wait_for_hook(agent, "after-the-set")
+        await wait_hook(agent, "after-the-set")
         await resume_hook("after-the-set", None, actor=agent)
         assert await result_of(run) == "carried on"
     assert calls["set"] == 1

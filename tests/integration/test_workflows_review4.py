@@ -5,7 +5,6 @@ suspension's due time."""
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -13,33 +12,18 @@ import pytest
 
 from actors import ActorHost, define_agent_do
 from tests.helpers import fast_config, place
-from triggers.workflows import create_hook, race, sleep, start, step, workflow
+from tests.workflow_helpers import calls, gate, held, reset_state
+from triggers.workflows import create_hook, race, sleep, start, workflow
 
 if TYPE_CHECKING:
     from pathlib import Path
 
 pytestmark = [pytest.mark.anyio, pytest.mark.contract]
 
-calls: Counter[str] = Counter()
-gates: dict[str, anyio.Event] = {}
-
-
-def gate(name: str) -> anyio.Event:
-    return gates.setdefault(name, anyio.Event())
-
 
 @pytest.fixture(autouse=True)
 def _fresh_state() -> None:
-    calls.clear()
-    gates.clear()
-
-
-@step
-async def held(name: str) -> str:
-    calls[f"held:{name}"] += 1
-    gate(f"{name}:started").set()
-    await gate(f"{name}:release").wait()
-    return name
+    reset_state()
 
 
 @workflow
