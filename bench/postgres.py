@@ -305,13 +305,27 @@ def main() -> None:
                 f"before / after (target >= 1), {low:.1f}-{high:.1f} x procrastinate's "
                 "170-230 jobs/s (target >= 10)",
             )
+            busy = ""
+            if server_cpu is not None:
+                busy = f" ({(host_cpu + server_cpu) * rate / 1e6:.2f} cores busy)"
             metric(
                 f"cpu_per_intent_{hosts}_host{'s' if hosts > 1 else ''}",
                 f"hosts {host_cpu:,.0f} us, server "
-                + ("elsewhere" if server_cpu is None else f"{server_cpu:,.0f} us"),
+                + ("elsewhere" if server_cpu is None else f"{server_cpu:,.0f} us")
+                + busy,
             )
         if 1 in rates and 2 in rates:
             metric("scaling_1_to_2_hosts", f"{rates[2] / rates[1]:.2f} x (target >= 1.6)")
+        host_cpu, server_cpu = cpu.get(1, (0.0, None))
+        if 1 in rates and server_cpu is not None:
+            # Hosts and server on this machine's cores: at one host's CPU per intent, more
+            # hosts can go no faster than all the cores busy.
+            cores = (host_cpu + server_cpu) * rates[1] / 1e6
+            metric(
+                "scaling_ceiling_here",
+                f"{(os.cpu_count() or 1) / cores:.2f} x (all {os.cpu_count()} cores busy, at"
+                " 1 host's CPU per intent, hosts and server on this machine)",
+            )
     metric("cpus", os.cpu_count())
     metric("loadavg_after", loadavg())
 
