@@ -59,8 +59,6 @@ def _enter(threshold: int) -> None:
     global _holders, _found, _set
     with _lock:
         current = gc.get_threshold()
-        if _holders == 0:
-            _found = None
         _holders += 1
         if current[0] >= threshold:
             return

@@ -70,9 +70,9 @@ class ActorHost:
             collector is at least this (CPython's default is 700). A busy host keeps
             thousands of short-lived objects in flight that reference counting frees; at
             700 the collector traverses them again and again (measured: 14 % of a busy
-            host's CPU).
-            The setting is the process's: the last host to stop puts back the thresholds it
-            found, unless they were changed meanwhile. None leaves the collector alone.
+            host's CPU). The setting is the process's: the last host to stop puts back the
+            thresholds it found, unless they were changed meanwhile. None leaves the
+            collector alone.
     """
 
     def __init__(
