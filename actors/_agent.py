@@ -13,9 +13,11 @@ from ledger import (
     IntentRow,
     IntentState,
     IntentStatus,
+    LedgerClosedError,
     LedgerNotFoundError,
     LedgerTx,
     Projection,
+    check_kinds,
     check_text,
     datetime_to_ms,
     dump_json,
@@ -24,6 +26,7 @@ from triggers import AbortSignal, CancelResult, CancelStatus
 from triggers._engine import cancel_op, enqueue_op
 
 from ._call import CallHandle
+from ._errors import HostClosedError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
@@ -94,7 +97,9 @@ class Agent:
             UnknownTriggerError: no trigger of that kind is registered.
             IntentRejectedError: ``parse_intent`` refused the payload.
             ledger.PayloadError: the payload is not storable as JSON.
+            TypeError: ``at`` is not a datetime, or ``idempotency_key`` not a str.
             ValueError: ``at`` is a naive datetime.
+            HostClosedError: the host is not running (enter it with ``async with`` first).
         """
         record = self._prepare(trigger_kind, payload, at, idempotency_key)
         return await record()
@@ -107,7 +112,7 @@ class Agent:
         trigger = self._host.spec.registry.get(trigger_kind)
         trigger.parse(payload)
         text = dump_json(payload)
-        due = None if at is None else datetime_to_ms(at)
+        due = None if at is None else datetime_to_ms(at, "at")
         if idempotency_key is not None and not isinstance(idempotency_key, str):
             raise TypeError("idempotency_key must be a str")
         check_text(idempotency_key, "idempotency_key")  # before anything is created
@@ -125,7 +130,10 @@ class Agent:
             after = None
             if eager is not None and scheduler is not None:
                 after = scheduler.after_enqueue(actor_id)
-            result = await host.store.run(actor_id, op, after=after)
+            try:
+                result = await host.store.run(actor_id, op, after=after)
+            except LedgerClosedError:
+                raise HostClosedError from None
             return result.event
 
         return record
@@ -153,6 +161,7 @@ class Agent:
             UnknownTriggerError: no trigger of that kind is registered.
             IntentRejectedError: ``parse_intent`` refused the payload.
             ledger.PayloadError: the payload is not storable as JSON.
+            TypeError: ``at`` is not a datetime.
             ValueError: ``at`` is a naive datetime.
             HostClosedError: the host is not running (enter it with ``async with`` first).
         """
@@ -180,12 +189,18 @@ class Agent:
 
         Raises:
             UnknownTriggerError: no trigger of that kind is registered.
-            TypeError: ``intent_event_id`` is not an int, or ``reason`` not a str.
+            TypeError: ``intent_event_id`` is not an int, or ``reason`` or ``requested_by``
+                not a str.
+            HostClosedError: the host is not running (enter it with ``async with`` first).
         """
         trigger = self._host.spec.registry.get(trigger_kind)
         storable = _check_id(intent_event_id)
         if reason is not None and not isinstance(reason, str):
-            raise TypeError("reason must be a str or None")
+            raise TypeError(f"reason must be a str or None, not {type(reason).__name__}")
+        if requested_by is not None and not isinstance(requested_by, str):
+            raise TypeError(
+                f"requested_by must be a str or None, not {type(requested_by).__name__}"
+            )
         check_text(reason, "cancel reason")
         check_text(requested_by, "requested_by")
         if trigger.cancellation == "ignored":
@@ -201,11 +216,12 @@ class Agent:
     ) -> T | None:
         """Run a ledger operation on this actor (for the framework's own features); None
         when the actor has no ledger and ``create`` is false."""
-        return (
-            await self._read(fn, None, write=write)
-            if not create
-            else (await self._host.store.run(self.actor_id, fn, write=write))
-        )
+        if not create:
+            return await self._read(fn, None, write=write)
+        try:
+            return await self._host.store.run(self.actor_id, fn, write=write)
+        except LedgerClosedError:
+            raise HostClosedError from None
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -225,6 +241,8 @@ class Agent:
             )
         except LedgerNotFoundError:
             return missing
+        except LedgerClosedError:
+            raise HostClosedError from None
 
     async def events(
         self,
@@ -238,14 +256,12 @@ class Agent:
 
         Raises:
             TypeError, ValueError: ``after``, ``limit`` or ``intent_event_id`` is not an int
-                from 0 to 2**63 - 1, or a kind is not a str without NUL.
+                from 0 to 2**63 - 1, or ``kinds`` is a single str (give a list) or holds
+                something other than a str without NUL.
         """
-        kind_list = None if kinds is None else list(kinds)
+        kind_list = check_kinds(kinds)
         _check_position(after, "after")
         _check_position(limit, "limit", optional=True)
-        for kind in kind_list or ():
-            if not isinstance(kind, str) or "\x00" in kind:
-                raise TypeError(f"kinds must be str without NUL, not {kind!r}")
         if intent_event_id is not None and not _check_id(intent_event_id):
             return []
 
@@ -317,7 +333,8 @@ class Agent:
     async def rebuild_projection(self, name: str) -> Any:
         """Recompute a projection from all events (after changing its ``apply``)."""
         self._check_projection(name)
-        return await self._host.store.run(self.actor_id, lambda tx: tx.rebuild_projection(name))
+        result = await self._ledger_op(lambda tx: tx.rebuild_projection(name), create=True)
+        return result
 
     def _check_projection(self, name: str) -> Projection[Any]:
         for projection in self._host.spec.projections:

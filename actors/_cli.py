@@ -39,6 +39,8 @@ from ._spec import AgentSpec, define_agent_do
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    import uvicorn
+
     from ledger import Event, IntentState
 
 OK, LEDGER_FAILED, USAGE, NOT_FOUND, REJECTED = 0, 1, 2, 3, 4
@@ -60,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     SIGINT and SIGTERM stop a running command gracefully (a host releases its claims and
     closes its ledgers): the exit code is then 130 or 143. A second signal stops at once.
+    If the reader of its output goes away (a closed pipe), it stops quietly with 141.
     """
     parser = _parser()
     args = parser.parse_args(argv)
@@ -74,6 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return LEDGER_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (``actors events ... | head -1``): stop quietly, as shell
+        # tools do. Python would meet the closed pipe again when it flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
 
 
 async def _until_signalled(args: argparse.Namespace) -> int:
@@ -148,7 +157,13 @@ def _parser() -> argparse.ArgumentParser:
 
     def app(sub: argparse.ArgumentParser, *, positional: bool = False) -> None:
         if positional:
-            sub.add_argument("app", metavar="APP", help="module:attribute of an actor class")
+            sub.add_argument(
+                "app",
+                metavar="APP",
+                nargs="?" if "ACTORS_APP" in os.environ else None,
+                default=os.environ.get("ACTORS_APP"),
+                help="module:attribute of an actor class (default: $ACTORS_APP)",
+            )
         else:
             sub.add_argument(
                 "--app",
@@ -233,13 +248,44 @@ async def _serve(args: argparse.Namespace) -> int:
         # sent as soon as it is printed wait in the backlog instead of being refused.
         sock = _listen(args.host, args.port)
         port = sock.getsockname()[1]
-        config = uvicorn.Config(app, log_config=None, access_log=False)
+        config = uvicorn.Config(
+            app, log_config=None, access_log=False, timeout_graceful_shutdown=_HTTP_GRACE
+        )
         log.info("serving", data_dir=str(host.data_dir), url=f"http://{args.host}:{port}")
         try:
-            await uvicorn.Server(config).serve([sock])
+            await _serve_until_cancelled(uvicorn.Server(config), sock)
         finally:
             sock.close()
     return OK
+
+
+_HTTP_GRACE = 5
+"""Seconds open HTTP requests (followers of tails and streams too) get when the server stops."""
+
+
+async def _serve_until_cancelled(server: uvicorn.Server, sock: socket.socket) -> None:
+    """Run ``server`` on ``sock``; when cancelled (a signal), let it shut down in order.
+
+    Cut off by the cancellation, uvicorn would end its application's lifespan with an
+    error (a ``CancelledError`` traceback on every stop). Shielded, it is told to exit
+    instead: it stops accepting, gives open requests ``_HTTP_GRACE`` seconds, ends the
+    lifespan, and the cancellation goes on from here.
+    """
+    finished = anyio.Event()
+
+    async def run() -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                await server.serve([sock])
+        finally:
+            finished.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        try:
+            await finished.wait()
+        finally:
+            server.should_exit = True
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from ledger import (
     Clock,
     Committed,
     Directory,
+    LedgerClosedError,
     LedgerError,
     LedgerStore,
     ProcessInfo,
@@ -37,6 +39,23 @@ if TYPE_CHECKING:
     from ._pgwake import NotifyWakeup
 
 _log = structlog.get_logger("actors")
+
+
+def _check_count(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1, not {value}")
+
+
+def _duration_ms(value: object, name: str) -> int:
+    """A ``timedelta`` or a number of seconds (finite, >= 0) as milliseconds."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise TypeError(f"{name} must be a timedelta or seconds, not {type(value).__name__}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{name} must be a duration >= 0, not {value!r}")
+    return round(seconds * 1000)
 
 
 class ActorHost:
@@ -64,7 +83,8 @@ class ActorHost:
         shards: ledger worker threads (SQLite) or database connections running batches
             side by side (PostgreSQL; default 2).
         clock: epoch-millisecond time source.
-        idempotency_retention: how long an ended intent keeps its idempotency key.
+        idempotency_retention: how long an ended intent keeps its idempotency key (a
+            ``timedelta`` or seconds).
         lock_timeout: seconds to wait for a ledger locked by another process.
         gc_threshold: while the host runs, the first threshold of Python's cyclic garbage
             collector is at least this (CPython's default is 700). A busy host keeps
@@ -87,12 +107,25 @@ class ActorHost:
         max_open_ledgers: int = 512,
         shards: int | None = None,
         clock: Clock = system_clock,
-        idempotency_retention: timedelta = timedelta(days=1),
+        idempotency_retention: timedelta | float = timedelta(days=1),
         lock_timeout: float = 10.0,
         gc_threshold: int | None = 10_000,
     ) -> None:
         if not isinstance(spec, AgentSpec):
             raise TypeError("spec must come from define_agent_do(...)")
+        _check_count(max_open_ledgers, "max_open_ledgers")
+        if shards is not None:
+            _check_count(shards, "shards")
+        if (
+            isinstance(lock_timeout, bool)
+            or not isinstance(lock_timeout, int | float)
+            or not math.isfinite(lock_timeout)
+            or lock_timeout < 0
+        ):
+            raise ValueError(f"lock_timeout must be a number of seconds >= 0, not {lock_timeout!r}")
+        retention_ms = _duration_ms(idempotency_retention, "idempotency_retention")
+        if config is not None and not isinstance(config, SchedulerConfig):
+            raise TypeError(f"config must be a SchedulerConfig, not {type(config).__name__}")
         check_threshold(gc_threshold)
         self.gc_threshold = gc_threshold
         if synchronous not in ("NORMAL", "FULL"):
@@ -129,7 +162,7 @@ class ActorHost:
                 clock=clock,
                 lock_timeout=lock_timeout,
             )
-        self.key_retention_ms = round(idempotency_retention.total_seconds() * 1000)
+        self.key_retention_ms = retention_ms
         self.scheduler: Scheduler | None = None
         self._wake: WakeupSocket | NotifyWakeup | None = None
         self._peers: list[ProcessInfo] = []
@@ -138,6 +171,7 @@ class ActorHost:
         self._dead: set[str] = set()
         self._tg: TaskGroup | None = None
         self._stack: contextlib.AsyncExitStack | None = None
+        self._entered = False
 
     @property
     def data_dir(self) -> Path:
@@ -162,8 +196,13 @@ class ActorHost:
 
     @property
     def process_id(self) -> str:
-        """This process's id in the data directory's registry."""
-        assert self._wake is not None, "enter the host first (async with ActorHost(...))"
+        """This process's id in the registry of the data directory (or database).
+
+        Raises:
+            HostClosedError: the host has not been entered yet.
+        """
+        if self._wake is None:
+            raise HostClosedError
         return self._wake.process_id
 
     def get(self, name: str) -> Agent:
@@ -182,8 +221,21 @@ class ActorHost:
         Args:
             after: only names after this one (for paging).
             limit: the most names returned.
+
+        Raises:
+            TypeError, ValueError: ``after`` is not a str, or ``limit`` not an int >= 0.
+            HostClosedError: the host is not running.
         """
-        rows = await self.store.run_index(lambda index: index.actors(after=after, limit=limit))
+        if not isinstance(after, str):
+            raise TypeError(f"after must be a str, not {type(after).__name__}")
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        try:
+            rows = await self.store.run_index(lambda index: index.actors(after=after, limit=limit))
+        except LedgerClosedError:
+            raise HostClosedError from None
         return [row[0] for row in rows]
 
     def task_group(self) -> TaskGroup:
@@ -199,6 +251,11 @@ class ActorHost:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def __aenter__(self) -> ActorHost:
+        if self._entered:
+            raise RuntimeError(
+                "an ActorHost can be entered only once; create a new one to start again"
+            )
+        self._entered = True
         stack = contextlib.AsyncExitStack()
         await stack.__aenter__()
         try:

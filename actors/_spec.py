@@ -50,12 +50,15 @@ def define_agent_do(
     if workflow_list:
         builtins.append(workflow_trigger(workflow_list))
     registry = TriggerRegistry(triggers, builtins=builtins)
-    names = [p.name for p in projections if isinstance(p, Projection)]
-    if len(names) != len(set(names)):
-        raise ValueError("projection names must be unique")
-    for projection in projections:
+    if isinstance(projections, Projection):
+        raise TypeError("projections must be a list of ledger.Projection: projections=[...]")
+    projection_list = list(projections)
+    for projection in projection_list:
         if not isinstance(projection, Projection):
             raise TypeError("projections must be ledger.Projection instances")
+    names = [p.name for p in projection_list]
+    if len(names) != len(set(names)):
+        raise ValueError("projection names must be unique")
     if bindings is None:
         bound: Mapping[str, Any] = {}
     elif isinstance(bindings, Mapping):
@@ -69,6 +72,6 @@ def define_agent_do(
         bound = {}
     return AgentSpec(
         registry=registry,
-        projections=tuple(projections),
+        projections=tuple(projection_list),
         bindings=MappingProxyType(dict(bound)),
     )

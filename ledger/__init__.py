@@ -33,6 +33,7 @@ from ._tx import IntentRow as IntentRow
 from ._tx import LedgerTx as LedgerTx
 from ._tx import NewClaim as NewClaim
 from ._tx import TxEffects as TxEffects
+from ._tx import check_kinds as check_kinds
 from ._tx import check_text as check_text
 from ._tx import dump_json as dump_json
 
@@ -62,6 +63,7 @@ __all__ = [
     "Projection",
     "Store",
     "TxEffects",
+    "check_kinds",
     "check_text",
     "datetime_to_ms",
     "dump_json",

@@ -103,6 +103,10 @@ class Projection(Generic[S]):
     Args:
         name: unique name within the actor class.
         initial: the state before any event; must be JSON-serializable.
+
+    Raises:
+        TypeError: ``name`` is not a non-empty str, or ``apply`` is not callable.
+        PayloadError: ``initial`` is not storable as JSON.
         apply: ``(state, event) -> state``, pure and synchronous. It sees every event of the
             actor in id order and returns the next state (return ``state`` unchanged for events
             it does not care about). The state is stored as JSON, so return JSON values.
@@ -112,18 +116,33 @@ class Projection(Generic[S]):
     initial: S
     apply: Callable[[S, Event], S]
 
+    def __post_init__(self) -> None:
+        from ._tx import dump_json  # (``_tx`` imports this module)
+
+        if not isinstance(self.name, str) or not self.name or "\x00" in self.name:
+            raise TypeError(f"Projection name must be a non-empty str without NUL: {self.name!r}")
+        if not callable(self.apply):
+            raise TypeError(f"Projection {self.name!r}: apply must be a callable (state, event)")
+        dump_json(self.initial, what=f"Projection {self.name!r}: initial")
+
 
 def ms_to_datetime(ms: int) -> datetime:
     """Convert epoch milliseconds to an aware UTC datetime."""
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
-def datetime_to_ms(value: datetime) -> int:
-    """Convert an aware datetime to epoch milliseconds.
+def datetime_to_ms(value: datetime, what: str = "datetime") -> int:
+    """Convert an aware datetime to epoch milliseconds (``what`` names it in errors).
 
     Raises:
-        ValueError: if ``value`` is naive (no timezone).
+        TypeError: ``value`` is not a ``datetime`` (a ``date``, a number, a string...).
+        ValueError: ``value`` is naive (no timezone).
     """
+    if not isinstance(value, datetime):
+        raise TypeError(
+            f"{what} must be a timezone-aware datetime (for example datetime.now(UTC) +"
+            f" timedelta(minutes=5)), not {type(value).__name__}"
+        )
     if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError("datetime must be timezone-aware (for example datetime.now(UTC))")
+        raise ValueError(f"{what} must be timezone-aware (for example datetime.now(UTC))")
     return round(value.timestamp() * 1000)

@@ -154,6 +154,24 @@ def check_text(value: str | None, what: str) -> None:
         raise PayloadError(f"{what} must not contain NUL characters")
 
 
+def check_kinds(kinds: Iterable[str] | None) -> list[str] | None:
+    """``kinds`` (event kinds to filter by) as a list, or None for every kind.
+
+    Raises:
+        TypeError: ``kinds`` is a single str (it would read as one-letter kinds), or holds
+            something other than a str without NUL.
+    """
+    if kinds is None:
+        return None
+    if isinstance(kinds, str | bytes):
+        raise TypeError(f"kinds must be a list of str, not a single str: kinds=[{kinds!r}]")
+    kind_list = list(kinds)
+    for kind in kind_list:
+        if not isinstance(kind, str) or "\x00" in kind:
+            raise TypeError(f"kinds must be str without NUL, not {kind!r}")
+    return kind_list
+
+
 def _load(text: str) -> JSON:
     return json.loads(text)
 

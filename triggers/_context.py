@@ -145,7 +145,12 @@ class TriggerContext:
         intent_event_id: int | None = None,
         limit: int | None = None,
     ) -> list[Event]:
-        """Read the actor's ledger (events with ``id > after``, in id order)."""
+        """Read the actor's ledger (events with ``id > after``, in id order), optionally only
+        the given ``kinds`` (a list) and those of one intent.
+
+        Raises:
+            TypeError: ``kinds`` is a single str (give a list) or holds a non-str.
+        """
         return await self._backend.read_events(
             self.actor_id, after=after, kinds=kinds, intent_event_id=intent_event_id, limit=limit
         )

@@ -1,4 +1,4 @@
-"""The intent state machine (DESIGN §4-5), as ledger operations.
+"""The intent state machine, as ledger operations.
 
 Each function here returns an operation ``op(tx: LedgerTx) -> result`` that the ledger store
 runs inside one transaction on a worker thread. All of the engine's invariants live here and

@@ -11,7 +11,7 @@ from ledger import IntentStatus
 
 
 class CancelStatus(StrEnum):
-    """What ``cancel_trigger`` did (DESIGN §5)."""
+    """What ``cancel_trigger`` did: exactly one of five statuses."""
 
     CANCELLED = "cancelled"
     """The intent was pending: ``commit_cancelled`` ran in the cancel's own transaction."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -18,7 +19,16 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from ledger import JSON, Committed, Directory, Event, LedgerError, LedgerTx, Store
+from ledger import (
+    JSON,
+    Committed,
+    Directory,
+    Event,
+    LedgerError,
+    LedgerTx,
+    Store,
+    check_kinds,
+)
 
 from ._abort import AbortController
 from ._context import ClaimLostError, TriggerContext
@@ -33,6 +43,7 @@ from ._engine import (
     renew_op,
     settle_op,
 )
+from ._errors import FatalError
 from ._pool import TaskPool
 from ._slots import Slots, Taken
 
@@ -69,10 +80,18 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_concurrency", "max_redrives", "claim_batch"):
-            if getattr(self, name) < (0 if name == "max_redrives" else 1):
-                raise ValueError(f"SchedulerConfig.{name} is out of range")
+            value = getattr(self, name)
+            least = 0 if name == "max_redrives" else 1
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"SchedulerConfig.{name} must be an int, not {value!r}")
+            if value < least:
+                raise ValueError(f"SchedulerConfig.{name} must be at least {least}, not {value}")
         for name in ("lease", "poll_interval", "shutdown_grace"):
             value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise TypeError(
+                    f"SchedulerConfig.{name} must be a number of seconds, not {value!r}"
+                )
             if not math.isfinite(value) or value <= 0:
                 raise ValueError(f"SchedulerConfig.{name} must be a positive number of seconds")
 
@@ -499,7 +518,13 @@ class Scheduler:
                 assert self._attempt_tg is not None
                 self._attempt_tg.start_soon(self._watchdog, attempt, trigger.timeout)
             try:
-                outcome = (Outcome.RETURNED, await trigger.acquire(intent, ctx))
+                running = trigger.acquire(intent, ctx)
+                if not inspect.isawaitable(running):
+                    raise FatalError(
+                        f"acquire of trigger {trigger.kind!r} returned"
+                        f" {type(running).__name__}, not an awaitable: define it with async def"
+                    )
+                outcome = (Outcome.RETURNED, await running)
             except Exception as exc:
                 outcome = (Outcome.RAISED, exc)
         attempt.scope = None
@@ -608,7 +633,7 @@ class _Backend:
         intent_event_id: int | None,
         limit: int | None,
     ) -> list[Event]:
-        kind_list = None if kinds is None else list(kinds)
+        kind_list = check_kinds(kinds)
 
         def op(tx: LedgerTx) -> list[Event]:
             return tx.events(

@@ -1,4 +1,4 @@
-"""The trigger contract (DESIGN §3): the spec dict, its retry policy, and its validation."""
+"""The trigger contract: the spec dict, its retry policy, and its validation."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ DEFAULT_RETRY = RetryPolicy()
 
 
 class DurableTrigger(TypedDict, Generic[IntentT, OutcomeT]):
-    """A trigger: how to do one kind of durable work (DESIGN §3).
+    """A trigger: how to do one kind of durable work.
 
     ``acquire`` does the side-effecting work with ``ctx.signal``; ``commit``,
     ``commit_cancelled`` and ``commit_failed`` are synchronous and write the terminal facts in
@@ -167,13 +167,15 @@ def validate_trigger(spec: object, position: int = 0, *, builtin: bool = False) 
     unknown = sorted(set(spec) - set(_REQUIRED) - set(_OPTIONAL))
     if unknown:
         raise TriggerDefinitionError(name, unknown[0], "unknown key (check the spelling)")
-    if not isinstance(kind, str) or not kind:
-        raise TriggerDefinitionError(name, "kind", "must be a non-empty str")
+    if not isinstance(kind, str) or not kind or "\x00" in kind:
+        raise TriggerDefinitionError(name, "kind", "must be a non-empty str without NUL")
     if kind.startswith(RESERVED_PREFIX) and not builtin:
         raise TriggerDefinitionError(name, "kind", f"the {RESERVED_PREFIX!r} prefix is reserved")
     event_kind = spec["intent_event_kind"]
-    if not isinstance(event_kind, str) or not event_kind:
-        raise TriggerDefinitionError(name, "intent_event_kind", "must be a non-empty str")
+    if not isinstance(event_kind, str) or not event_kind or "\x00" in event_kind:
+        raise TriggerDefinitionError(
+            name, "intent_event_kind", "must be a non-empty str without NUL"
+        )
     if event_kind.startswith(RESERVED_PREFIX) and not builtin:
         raise TriggerDefinitionError(
             name, "intent_event_kind", f"the {RESERVED_PREFIX!r} prefix is reserved"
@@ -190,8 +192,11 @@ def validate_trigger(spec: object, position: int = 0, *, builtin: bool = False) 
         raise TriggerDefinitionError(
             name, "parse_intent", "must be a pydantic model class or a callable"
         )
+    else:
+        _check_arguments(name, "parse_intent", parse_intent)
     if not callable(spec["acquire"]):
         raise TriggerDefinitionError(name, "acquire", "must be an async callable")
+    _check_arguments(name, "acquire", spec["acquire"])
     for key in _SYNC_KEYS:
         if key not in spec:
             continue
@@ -202,6 +207,7 @@ def validate_trigger(spec: object, position: int = 0, *, builtin: bool = False) 
             raise TriggerDefinitionError(
                 name, key, "must be synchronous (def, not async def): it runs inside the commit"
             )
+        _check_arguments(name, key, fn)
     retry = spec.get("retry", DEFAULT_RETRY)
     if not isinstance(retry, RetryPolicy):
         raise TriggerDefinitionError(name, "retry", "must be a RetryPolicy")
@@ -230,6 +236,32 @@ def validate_trigger(spec: object, position: int = 0, *, builtin: bool = False) 
     )
 
 
+_ARGUMENTS = {
+    "parse_intent": "(payload)",
+    "acquire": "(intent, ctx)",
+    "commit": "(outcome, tx)",
+    "commit_cancelled": "(intent, cancellation, tx)",
+    "commit_failed": "(intent, failure, tx)",
+}
+"""The positional arguments each callable of a spec is called with."""
+
+
+def _check_arguments(name: str, key: str, fn: Callable[..., Any]) -> None:
+    """Refuse a callable that cannot take the arguments ``key`` is called with (one whose
+    signature Python cannot tell, such as some builtins, is left to fail when called)."""
+    wanted = _ARGUMENTS[key]
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(*[None] * (wanted.count(",") + 1))
+    except TypeError:
+        raise TriggerDefinitionError(
+            name, key, f"is called as {key}{wanted}, but its signature is {signature}"
+        ) from None
+
+
 def _is_async(fn: Callable[..., Any]) -> bool:
     call = getattr(fn, "__call__", None)  # noqa: B004 - callable objects with async __call__
     return (
@@ -248,6 +280,10 @@ class TriggerRegistry:
         Raises:
             TriggerDefinitionError: naming the trigger and the offending key.
         """
+        if isinstance(specs, Mapping | str | bytes):
+            raise TriggerDefinitionError(
+                "(actor class)", "triggers", "must be a list of trigger dicts: triggers=[...]"
+            )
         self._by_kind: dict[str, TriggerDef] = {}
         checked = [validate_trigger(spec, position) for position, spec in enumerate(specs)]
         checked += [validate_trigger(spec, builtin=True) for spec in builtins]

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from ledger import JSON, Clock, Event, dump_json, ms_to_datetime, system_clock
+from ledger import JSON, Clock, Event, check_kinds, dump_json, ms_to_datetime, system_clock
 
 from ._abort import AbortController, AbortSignal
 from ._context import TriggerContext
@@ -344,7 +344,8 @@ class _Backend:
         intent_event_id: int | None,
         limit: int | None,
     ) -> list[Event]:
-        kind_set = None if kinds is None else set(kinds)
+        kind_list = check_kinds(kinds)
+        kind_set = None if kind_list is None else set(kind_list)
         found = [
             event
             for event in self._ledger.events

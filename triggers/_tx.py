@@ -105,12 +105,13 @@ class Tx:
         Raises:
             UnknownTriggerError: no trigger of that kind is registered.
             IntentRejectedError: its ``parse_intent`` refused the payload.
+            TypeError, ValueError: ``at`` is not a timezone-aware datetime.
         """
         self._check_open()
         trigger = self._registry.get(trigger_kind)
         trigger.parse(payload)
         text = dump_json(payload)
-        due = self._ledger.now_ms if at is None else datetime_to_ms(at)
+        due = self._ledger.now_ms if at is None else datetime_to_ms(at, "at")
         event, _ = self._ledger.append_intent(
             trigger_kind=trigger.kind,
             intent_event_kind=trigger.intent_event_kind,
@@ -126,9 +127,12 @@ class Tx:
 
         The facts written in this commit still land; the intent goes back to ``pending`` with
         its attempts reset.
+
+        Raises:
+            TypeError, ValueError: ``at`` is not a timezone-aware datetime.
         """
         self._check_open()
-        self.rescheduled_at = datetime_to_ms(at)
+        self.rescheduled_at = datetime_to_ms(at, "at")
 
     def _insert_framework_event(self, kind: str, payload: JSON) -> Event:
         """Append a ``trigger.`` fact (for the framework's own triggers only)."""

@@ -255,3 +255,50 @@ def test_serve_runs_the_scheduler_and_the_api(data: str) -> None:
         server.send_signal(signal.SIGINT)
         server.communicate(timeout=30)
     assert server.returncode in (0, 130)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_serve_stops_on_a_signal_without_a_traceback(data: str, signum: int) -> None:
+    """A signal shuts ``serve`` down in order: the HTTP server ends its application's
+    lifespan rather than being cut off in it (which printed a CancelledError traceback), and
+    the exit code is 128 + the signal. APP comes from ``$ACTORS_APP`` when not given."""
+    assert ACTORS is not None
+    server = subprocess.Popen(
+        [ACTORS, "--log-json", "serve", "--data-dir", data, "--port", "0"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "ACTORS_APP": APP},
+    )
+    assert server.stderr is not None
+    serving = json.loads(server.stderr.readline())
+    assert serving["event"] == "serving"
+    assert httpx.get(serving["url"] + "/actors", timeout=10).status_code == 200
+    server.send_signal(signum)
+    try:
+        _, rest = server.communicate(timeout=30)
+    finally:
+        server.kill()
+    assert server.returncode == 128 + signum, rest
+    assert "Traceback" not in rest
+    assert "CancelledError" not in rest
+
+
+def test_a_closed_pipe_ends_a_command_quietly(data: str) -> None:
+    """When the reader of the output goes away (``actors events ... | head -1``), the command
+    stops with 141 (128 + SIGPIPE) and no traceback."""
+    assert ACTORS is not None
+    enqueue(data, '{"n": 1}', "--at", LATER)
+    reader = subprocess.Popen(
+        [ACTORS, "events", "chat:1", "--data-dir", data],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert reader.stdout is not None
+    reader.stdout.close()  # before the command has read its ledger, let alone printed
+    _, stderr = reader.communicate(timeout=60)
+    assert reader.returncode == 141, stderr
+    assert b"Traceback" not in stderr, stderr

@@ -233,16 +233,78 @@ def test_reserved_intent_event_kind_is_rejected(value: str) -> None:
     assert "reserved" in str(error)
 
 
-@pytest.mark.parametrize("value", ["", None, 7])
+@pytest.mark.parametrize("value", ["", None, 7, "spec.t\x00requested"])
 def test_bad_intent_event_kind_is_rejected(value: object) -> None:
     """intent_event_kind must be a non-empty str."""
     assert_names(rejected(spec(intent_event_kind=value)), "spec.t", "intent_event_kind")
 
 
-@pytest.mark.parametrize("value", ["", 7])
+@pytest.mark.parametrize("value", ["", 7, "spec\x00t"])
 def test_bad_kind_is_rejected(value: object) -> None:
-    """kind must be a non-empty str."""
+    """kind must be a non-empty str without NUL (no ledger could store it)."""
     assert rejected(spec(kind=value)).key == "kind"
+
+
+def _two(a: object, b: object) -> None: ...
+
+
+def _one(a: object) -> None: ...
+
+
+def _three(a: object, b: object, c: object) -> None: ...
+
+
+async def _async_one(intent: object) -> None: ...
+
+
+async def _async_three(intent: object, ctx: object, extra: object) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("key", "fn"),
+    [
+        ("parse_intent", _two),
+        ("acquire", _async_one),
+        ("acquire", _async_three),
+        ("commit", _one),
+        ("commit", _three),
+        ("commit_cancelled", _two),
+        ("commit_failed", _two),
+    ],
+)
+def test_callables_that_cannot_take_their_arguments_are_rejected(key: str, fn: object) -> None:
+    """Each callable must accept the positional arguments it is called with; the message
+    shows how it is called and the signature it has."""
+    error = rejected(spec(**{key: fn}))
+    assert_names(error, "spec.t", key)
+    assert "is called as" in str(error)
+    assert "signature" in str(error)
+
+
+def test_callables_with_defaults_or_varargs_are_accepted() -> None:
+    """Extra parameters with defaults, ``*args`` and callables whose signature Python cannot
+    tell (builtins such as ``dict``) are all accepted."""
+
+    async def acquire(intent: object, ctx: object, retries: int = 3) -> None: ...
+
+    def commit(*args: object) -> None: ...
+
+    define_agent_do(triggers=[spec(acquire=acquire, commit=commit, parse_intent=dict)])
+
+
+@pytest.mark.parametrize("value", [spec(), "spec.t"])
+def test_triggers_must_be_a_list_not_one_trigger(value: object) -> None:
+    """One trigger dict (or a str) given as ``triggers`` is refused as such, not read key by
+    key as a list of non-dicts."""
+    error = rejected_as_is(value)
+    assert error.key == "triggers"
+    assert "triggers=[...]" in str(error)
+
+
+def rejected_as_is(triggers: object) -> TriggerDefinitionError:
+    with pytest.raises(TriggerDefinitionError) as info:
+        define_agent_do(triggers=triggers)  # type: ignore[arg-type]
+    return info.value
 
 
 @pytest.mark.parametrize("value", [["kind", "x"], "spec.t", 42, None, ("a", "b")])
