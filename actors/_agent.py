@@ -52,6 +52,16 @@ def _check_position(value: object, name: str, *, optional: bool = False) -> None
         raise ValueError(f"{name} must be between 0 and 2**63 - 1, not {value}")
 
 
+def _check_status(status: object) -> None:
+    """Refuse anything but an intent status, naming the valid ones."""
+    if status not in _STATUSES:
+        valid = ", ".join(repr(value) for value in _STATUSES)
+        raise ValueError(f"status must be one of {valid}, not {status!r}")
+
+
+_STATUSES = tuple(status.value for status in IntentStatus)
+
+
 def _check_id(intent_event_id: object) -> bool:
     """Refuse a non-int id; True if it can name an event (0 to 2**63 - 1), False for an int
     no event can have (the caller answers "not found" without asking the ledger)."""
@@ -145,6 +155,7 @@ class Agent:
         payload: JSON = None,
         at: datetime | None = None,
         signal: AbortSignal | None = None,
+        idempotency_key: str | None = None,
     ) -> CallHandle:
         """Start durable work and return its ``CallHandle`` at once (this is not a coroutine).
 
@@ -156,12 +167,16 @@ class Agent:
         handle``) only stops waiting: the durable work goes on. To stop the work, use
         ``await handle.abort(reason)`` or the ``signal``.
 
+        With an ``idempotency_key``, a live intent (or one ended within the host's
+        ``idempotency_retention``) holding the same key is the one the handle follows, as
+        with ``enqueue_trigger``: a retried request does not start the work twice.
+
         Raises:
             AbortError: ``signal`` is already aborted; nothing was written.
             UnknownTriggerError: no trigger of that kind is registered.
             IntentRejectedError: ``parse_intent`` refused the payload.
             ledger.PayloadError: the payload is not storable as JSON.
-            TypeError: ``at`` is not a datetime.
+            TypeError: ``at`` is not a datetime, or ``idempotency_key`` not a str.
             ValueError: ``at`` is a naive datetime.
             HostClosedError: the host is not running (enter it with ``async with`` first).
         """
@@ -169,7 +184,7 @@ class Agent:
             if not isinstance(signal, AbortSignal):
                 raise TypeError(f"signal must be an AbortSignal, not {type(signal).__name__}")
             signal.throw_if_aborted()
-        record = self._prepare(trigger_kind, payload, at, None)
+        record = self._prepare(trigger_kind, payload, at, idempotency_key)
         return CallHandle(self, trigger_kind, record, signal, self._host.task_group())
 
     async def cancel_trigger(
@@ -299,7 +314,7 @@ class Agent:
         _check_position(after, "after")
         _check_position(limit, "limit", optional=True)
         if status is not None:
-            IntentStatus(status)  # ValueError for anything else
+            _check_status(status)
         none: list[IntentRow] = []
         rows = await self._read(
             lambda tx: tx.intent_rows(status=status, after=after, limit=limit), none

@@ -172,6 +172,10 @@ def check_kinds(kinds: Iterable[str] | None) -> list[str] | None:
     return kind_list
 
 
+_IMMUTABLE = frozenset({str, int, float, bool})
+"""Payload types an event may share with the caller: a read gives back an equal value."""
+
+
 def _load(text: str) -> JSON:
     return json.loads(text)
 
@@ -316,7 +320,8 @@ class LedgerTx:
         *,
         text: str | None = None,
     ) -> Event:
-        """Append one event and return it with its id.
+        """Append one event and return it with its id; its payload is the stored JSON, as a
+        read returns it (a fresh value: changing ``payload`` afterwards does not change it).
 
         Args:
             kind: the event kind.
@@ -343,6 +348,10 @@ class LedgerTx:
             (event_id, self.now_ms, kind, text, intent_event_id),
         )
         file.next_id = event_id + 1
+        if payload is not None and type(payload) not in _IMMUTABLE:
+            # The event holds what was stored, as a read gives it back (lists, not tuples),
+            # not the caller's object, which the caller may change afterwards.
+            payload = _load(text)
         event = make_event(event_id, self.now_ms, kind, payload, intent_event_id)
         self.effects.events = True
         if self._projections:

@@ -1,4 +1,4 @@
-"""Abort patterns in durable workflows, after the seed's cancellation guide.
+"""Abort patterns in durable workflows: timeouts, first responder, one signal for a pipeline.
 
 Run it with ``.venv/bin/python examples/workflows/abort_patterns.py``. Each section prints what
 happened:

@@ -293,3 +293,12 @@ async def test_an_acquire_that_is_not_async_fails_at_once(tmp_path: Path) -> Non
     assert calls == [1]
     assert failure["error_type"] == "FatalError"
     assert "returned dict, not an awaitable: define it with async def" in failure["message"]
+
+
+async def test_an_unknown_status_names_the_valid_ones(tmp_path: Path) -> None:
+    async with open_host(tmp_path, make_trigger()) as host:
+        agent = host.get("a")
+        await agent.enqueue_trigger(trigger_kind=KIND, at=LATER)
+        with pytest.raises(ValueError, match="status must be one of 'pending', 'running',"):
+            await agent.intents(status="done")
+        assert len(await agent.intents(status="pending")) == 1

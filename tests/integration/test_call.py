@@ -431,3 +431,24 @@ async def test_a_locked_ledger_delays_the_cancel_but_does_not_lose_it(tmp_path: 
         error = await settle(handle)
         assert isinstance(error, AbortError)
         assert error.reason == "stop"
+
+
+async def test_calls_with_one_idempotency_key_follow_one_intent(tmp_path: Path) -> None:
+    """A retried ``call`` with the same idempotency key follows the intent the first one
+    started (the work runs once); another key starts other work."""
+    gate = Gate()
+    async with open_host(tmp_path, make_trigger(KIND, gate.acquire)) as host:
+        agent = host.get("a")
+        first = agent.call(trigger_kind=KIND, payload={"n": 1}, idempotency_key="req-1")
+        intent_id = await first.wait_recorded()
+        again = agent.call(trigger_kind=KIND, payload={"n": 1}, idempotency_key="req-1")
+        assert await again.wait_recorded() == intent_id
+        other = agent.call(trigger_kind=KIND, payload={"n": 2}, idempotency_key="req-2")
+        other_id = await other.wait_recorded()
+        assert other_id != intent_id
+        gate.open(intent_id)
+        gate.open(other_id)
+        assert await settle(first) == await settle(again)
+        assert len(await agent.intents()) == 2
+        with pytest.raises(TypeError, match="idempotency_key"):
+            agent.call(trigger_kind=KIND, idempotency_key=5)  # type: ignore[arg-type]

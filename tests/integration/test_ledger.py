@@ -23,6 +23,7 @@ from ledger import (
     LedgerError,
     LedgerStore,
     LedgerTx,
+    Projection,
     Store,
     datetime_to_ms,
     ledger_relpath,
@@ -146,6 +147,36 @@ async def test_events_order_ts_and_payloads(tmp_path: Path) -> None:
     assert events[1].intent_event_id == events[0].id == first.id
     assert events[3].intent_event_id == events[2].id == second.id
     assert events[1].payload == payload  # the default acquire returns its intent
+
+
+async def test_a_written_event_holds_what_was_stored_not_the_callers_object(
+    tmp_path: Path,
+) -> None:
+    """The event a write returns, and the event a projection folds at write time, carry the
+    stored JSON as a read gives it back: tuples are lists, and changing the caller's dict
+    afterwards changes neither the event nor the ledger."""
+    seen: list[Any] = []
+
+    def fold(state: int, event: Event) -> int:
+        if event.kind == "test.work.requested":
+            seen.append(event.payload)
+        return state + 1
+
+    spec = define_agent_do(triggers=[make_trigger()], projections=[Projection("n", 0, fold)])
+    payload: dict[str, Any] = {"pair": (1, 2), "items": ["a"]}
+    async with open_host(tmp_path, spec=spec, run_scheduler=False) as host:
+        agent = host.get("a")
+        event = await agent.enqueue_trigger(trigger_kind="test.work", payload=payload)
+        payload["items"].append("changed later")
+        stored = {"pair": [1, 2], "items": ["a"]}
+        assert event.payload == stored
+        assert seen == [stored]
+        assert (await agent.events())[0].payload == stored
+        seen.clear()
+        await agent.rebuild_projection("n")
+        assert seen == [stored], "a rebuild folds the same values"
+        plain = await agent.enqueue_trigger(trigger_kind="test.work", payload="text")
+        assert plain.payload == "text"
 
 
 @pytest.mark.contract
