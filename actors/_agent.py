@@ -343,7 +343,7 @@ class Agent:
             KeyError: no projection of that name is registered.
         """
         projection = self._check_projection(name)
-        return await self._read(lambda tx: tx.projection(name), projection.initial)
+        return await self._read(lambda tx: tx.projection(name), projection.initial_state())
 
     async def rebuild_projection(self, name: str) -> Any:
         """Recompute a projection from all events (after changing its ``apply``)."""

@@ -8,6 +8,7 @@ payload refused by ``parse_intent``, or not JSON).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import os
@@ -37,7 +38,7 @@ from ._host import ActorHost
 from ._spec import AgentSpec, define_agent_do
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     import uvicorn
 
@@ -241,7 +242,7 @@ async def _serve(args: argparse.Namespace) -> int:
             await anyio.sleep_forever()
         import uvicorn
 
-        from .http import create_app
+        from .http import close_streams, create_app
 
         app = create_app(host, token=args.token)
         # Bind first, so the log line names the real port (also for --port 0) and requests
@@ -253,7 +254,8 @@ async def _serve(args: argparse.Namespace) -> int:
         )
         log.info("serving", data_dir=str(host.data_dir), url=f"http://{args.host}:{port}")
         try:
-            await _serve_until_cancelled(uvicorn.Server(config), sock)
+            stopping = functools.partial(close_streams, app)
+            await _serve_until_cancelled(uvicorn.Server(config), sock, stopping)
         finally:
             sock.close()
     return OK
@@ -263,13 +265,16 @@ _HTTP_GRACE = 5
 """Seconds open HTTP requests (followers of tails and streams too) get when the server stops."""
 
 
-async def _serve_until_cancelled(server: uvicorn.Server, sock: socket.socket) -> None:
+async def _serve_until_cancelled(
+    server: uvicorn.Server, sock: socket.socket, stopping: Callable[[], None]
+) -> None:
     """Run ``server`` on ``sock``; when cancelled (a signal), let it shut down in order.
 
     Cut off by the cancellation, uvicorn would end its application's lifespan with an
     error (a ``CancelledError`` traceback on every stop). Shielded, it is told to exit
-    instead: it stops accepting, gives open requests ``_HTTP_GRACE`` seconds, ends the
-    lifespan, and the cancellation goes on from here.
+    instead, after ``stopping()`` (which ends the app's server-sent event streams): it stops
+    accepting, gives open requests ``_HTTP_GRACE`` seconds, ends the lifespan, and the
+    cancellation goes on from here.
     """
     finished = anyio.Event()
 
@@ -285,6 +290,7 @@ async def _serve_until_cancelled(server: uvicorn.Server, sock: socket.socket) ->
         try:
             await finished.wait()
         finally:
+            stopping()
             server.should_exit = True
 
 

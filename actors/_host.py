@@ -116,12 +116,9 @@ class ActorHost:
         _check_count(max_open_ledgers, "max_open_ledgers")
         if shards is not None:
             _check_count(shards, "shards")
-        if (
-            isinstance(lock_timeout, bool)
-            or not isinstance(lock_timeout, int | float)
-            or not math.isfinite(lock_timeout)
-            or lock_timeout < 0
-        ):
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, int | float):
+            raise TypeError(f"lock_timeout must be a number of seconds, not {lock_timeout!r}")
+        if not math.isfinite(lock_timeout) or lock_timeout < 0:
             raise ValueError(f"lock_timeout must be a number of seconds >= 0, not {lock_timeout!r}")
         retention_ms = _duration_ms(idempotency_retention, "idempotency_retention")
         if config is not None and not isinstance(config, SchedulerConfig):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 from datetime import datetime
@@ -9,7 +10,6 @@ from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import parse_qs
 
-import anyio
 from fastapi import FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -154,7 +154,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 # -- the app ----------------------------------------------------------------------------------
 
 
-def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX_BODY) -> FastAPI:
+def create_app(
+    host: ActorHost,
+    *,
+    token: str | None = None,
+    max_body: int = MAX_BODY,
+    keepalive: float = _KEEPALIVE_S,
+) -> FastAPI:
     """A FastAPI app serving ``host``'s actors: enqueue, cancel, read, follow, abort, dashboard.
 
     The host must be running (entered) while the app serves requests.
@@ -164,6 +170,8 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
         token: if set, every route requires ``Authorization: Bearer <token>`` (or
             ``?token=<token>``, for the dashboard and server-sent events in a browser).
         max_body: largest request body in bytes; larger ones get 413.
+        keepalive: seconds without news after which a server-sent event stream sends a
+            comment line, so proxies and browsers keep it open.
 
     Returns:
         The app, with its OpenAPI schema at ``/openapi.json``.
@@ -175,6 +183,14 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
         responses=_ERRORS,
     )
     app.add_middleware(_Guard, token=token, max_body=max_body)
+    if (
+        isinstance(keepalive, bool)
+        or not isinstance(keepalive, int | float)
+        or not 0 < keepalive < float("inf")
+    ):
+        raise ValueError(f"keepalive must be a positive number of seconds, not {keepalive!r}")
+    streams = _Streams(keepalive)
+    app.state.streams = streams
 
     @app.exception_handler(HttpError)
     async def on_http_error(request: Request, exc: HttpError) -> JSONResponse:
@@ -339,7 +355,7 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
             async for event in agent.tail(after=start):
                 yield event.id, "ledger", event.model_dump_json()
 
-        return _sse(frames())
+        return _sse(frames(), streams)
 
     @app.get(
         "/actors/{actor}/intents/{intent_event_id}/stream",
@@ -370,7 +386,7 @@ def create_app(host: ActorHost, *, token: str | None = None, max_body: int = MAX
             state = await agent.intent(intent_event_id)
             yield index, "end", state.model_dump_json()
 
-        return _sse(frames())
+        return _sse(frames(), streams)
 
     @app.post("/abort/{id}", response_model=Aborted, tags=["abort controllers"])
     async def abort_controller(id: str, body: AbortBody | None = None) -> Aborted:
@@ -397,26 +413,83 @@ def _resume(last_event_id: str | None, default: int) -> int:
     return value
 
 
-def _sse(frames: AsyncIterator[tuple[int, str, str]]) -> StreamingResponse:
+class _Streams:
+    """The server-sent event responses an app has open, so a stopping server can end them."""
+
+    def __init__(self, keepalive: float) -> None:
+        self.keepalive = keepalive
+        self.closed = False
+        self._waiters: set[asyncio.Future[None]] = set()
+
+    def close(self) -> None:
+        """End every open stream now, and any opened later at once."""
+        self.closed = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self, pending: asyncio.Future[Any]) -> None:
+        """Until ``pending`` is done, the keepalive interval has passed, or ``close()``."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.add(waiter)
+        try:
+            await asyncio.wait({pending, waiter}, timeout=self.keepalive,
+                               return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        finally:
+            self._waiters.discard(waiter)
+            waiter.cancel()
+
+
+def _sse(frames: AsyncIterator[tuple[int, str, str]], streams: _Streams) -> StreamingResponse:
+    """A text/event-stream response of ``frames`` (id, event, data), with a keepalive comment
+    whenever none came for ``streams.keepalive`` seconds; it ends when ``frames`` does or when
+    ``streams`` closes.
+
+    The next frame is awaited in a task of its own: waiting for it is interrupted by a
+    keepalive or a close, and the frame's own work (a follower's read) must not be.
+    """
+
     async def body() -> AsyncIterator[str]:
         iterator = aiter(frames)
-        pending: Any = None
-        while True:
-            if pending is None:
-                pending = anext(iterator)
-            with anyio.move_on_after(_KEEPALIVE_S) as scope:
+        pending: asyncio.Future[tuple[int, str, str]] | None = None
+        try:
+            while not streams.closed:
+                if pending is None:
+                    pending = asyncio.ensure_future(anext(iterator))
+                await streams.wait(pending)
+                if streams.closed:
+                    return
+                if not pending.done():
+                    yield ": keepalive\n\n"
+                    continue
                 try:
-                    frame_id, kind, data = await pending
+                    frame_id, kind, data = pending.result()
                 except StopAsyncIteration:
                     return
                 pending = None
-            if scope.cancelled_caught:
-                yield ": keepalive\n\n"
-                continue
-            yield f"id: {frame_id}\nevent: {kind}\ndata: {data}\n\n"
+                yield f"id: {frame_id}\nevent: {kind}\ndata: {data}\n\n"
+        finally:
+            if pending is not None and not pending.done():
+                pending.cancel()  # the follower stops; so does the generator it runs in
+            elif pending is not None and not pending.cancelled():
+                pending.exception()  # seen: an error nobody will read is not logged
 
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(body(), media_type="text/event-stream", headers=headers)
+
+
+def close_streams(app: FastAPI) -> None:
+    """End the server-sent event streams ``app`` has open; any opened afterwards ends at once.
+
+    Call it when the server starts to stop, so that it need not wait for followers that
+    never finish on their own (clients reconnect elsewhere with ``Last-Event-ID``).
+
+    ``actors serve`` does this on SIGINT and SIGTERM.
+    """
+    streams = getattr(getattr(app, "state", None), "streams", None)
+    if not isinstance(streams, _Streams):
+        raise TypeError("close_streams() takes an app made by create_app()")
+    streams.close()
 
 
 class _Guard:

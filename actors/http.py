@@ -15,9 +15,13 @@ Routes: ``POST /actors/{actor}/triggers/{kind}`` (enqueue),
 ``GET /actors/{actor}/events/stream`` and ``GET /actors/{actor}/intents/{id}/stream``,
 ``POST /abort/{id}``, and the dashboard at ``/``. Errors are JSON ``{"error": code, "message":
 ..., "details": [...]}``.
+
+A server-sent event stream follows its actor or intent until the client leaves: when your
+server stops, call ``close_streams(app)`` first so it need not wait for them.
 """
 
 from ._http import MAX_BODY as MAX_BODY
+from ._http import close_streams as close_streams
 from ._http import create_app as create_app
 
-__all__ = ["MAX_BODY", "create_app"]
+__all__ = ["MAX_BODY", "close_streams", "create_app"]

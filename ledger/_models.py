@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -102,14 +103,16 @@ class Projection(Generic[S]):
 
     Args:
         name: unique name within the actor class.
-        initial: the state before any event; must be JSON-serializable.
+        initial: the state before any event; must be JSON-serializable. Each actor's fold
+            starts from its own copy (as stored: lists, not tuples), so an ``apply`` that
+            changes its state in place changes no other actor's.
+        apply: ``(state, event) -> state``, pure and synchronous. It sees every event of the
+            actor in id order and returns the next state (return ``state`` unchanged for events
+            it does not care about). The state is stored as JSON, so return JSON values.
 
     Raises:
         TypeError: ``name`` is not a non-empty str, or ``apply`` is not callable.
         PayloadError: ``initial`` is not storable as JSON.
-        apply: ``(state, event) -> state``, pure and synchronous. It sees every event of the
-            actor in id order and returns the next state (return ``state`` unchanged for events
-            it does not care about). The state is stored as JSON, so return JSON values.
     """
 
     name: str
@@ -123,7 +126,13 @@ class Projection(Generic[S]):
             raise TypeError(f"Projection name must be a non-empty str without NUL: {self.name!r}")
         if not callable(self.apply):
             raise TypeError(f"Projection {self.name!r}: apply must be a callable (state, event)")
-        dump_json(self.initial, what=f"Projection {self.name!r}: initial")
+        text = dump_json(self.initial, what=f"Projection {self.name!r}: initial")
+        object.__setattr__(self, "_initial_text", text)
+
+    def initial_state(self) -> S:
+        """A fresh copy of ``initial``, as stored (what a fold of no events gives)."""
+        state: S = json.loads(self._initial_text)  # type: ignore[attr-defined]
+        return state
 
 
 def ms_to_datetime(ms: int) -> datetime:

@@ -61,10 +61,13 @@ def system_clock() -> int:
 
 
 class LedgerClosedError(LedgerError):
-    """The store was closed before the operation ran."""
+    """The store is not open (not yet, or no more) for the operation; nothing was written."""
 
     def __init__(self) -> None:
-        super().__init__("the ledger store is closed; nothing was written")
+        super().__init__(
+            "the ledger store is not open: its host is not running (enter it with"
+            " `async with ActorHost(...)` first); nothing was written"
+        )
 
 
 @dataclass(slots=True)

@@ -163,8 +163,10 @@ def check_kinds(kinds: Iterable[str] | None) -> list[str] | None:
     """
     if kinds is None:
         return None
-    if isinstance(kinds, str | bytes):
+    if isinstance(kinds, str):
         raise TypeError(f"kinds must be a list of str, not a single str: kinds=[{kinds!r}]")
+    if isinstance(kinds, bytes):
+        raise TypeError("kinds must be a list of str, not bytes")
     kind_list = list(kinds)
     for kind in kind_list:
         if not isinstance(kind, str) or "\x00" in kind:
@@ -372,8 +374,8 @@ class LedgerTx:
         if intent_event_id is not None:
             sql += " AND intent_event_id = ?"
             params.append(intent_event_id)
-        if kinds is not None:
-            kind_list = list(kinds)
+        kind_list = check_kinds(kinds)
+        if kind_list is not None:
             if not kind_list:
                 return []
             sql += f" AND kind IN ({','.join('?' * len(kind_list))})"
@@ -868,7 +870,7 @@ class LedgerTx:
         row = self._file.conn.execute(
             "SELECT state, last_event_id FROM projections WHERE name = ?", (projection.name,)
         ).fetchone()
-        state: Any = projection.initial if row is None else _load(row[0])
+        state: Any = projection.initial_state() if row is None else _load(row[0])
         last = 0 if row is None else int(row[1])
         while before is None or last < before - 1:
             missing = self.events(after=last, limit=1000)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import heapq
-import inspect
 import math
 import time
 from dataclasses import dataclass
@@ -43,7 +42,6 @@ from ._engine import (
     renew_op,
     settle_op,
 )
-from ._errors import FatalError
 from ._pool import TaskPool
 from ._slots import Slots, Taken
 
@@ -518,13 +516,7 @@ class Scheduler:
                 assert self._attempt_tg is not None
                 self._attempt_tg.start_soon(self._watchdog, attempt, trigger.timeout)
             try:
-                running = trigger.acquire(intent, ctx)
-                if not inspect.isawaitable(running):
-                    raise FatalError(
-                        f"acquire of trigger {trigger.kind!r} returned"
-                        f" {type(running).__name__}, not an awaitable: define it with async def"
-                    )
-                outcome = (Outcome.RETURNED, await running)
+                outcome = (Outcome.RETURNED, await trigger.start(intent, ctx))
             except Exception as exc:
                 outcome = (Outcome.RAISED, exc)
         attempt.scope = None

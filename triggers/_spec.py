@@ -14,7 +14,12 @@ from pydantic import BaseModel, ValidationError
 
 from ledger import JSON
 
-from ._errors import IntentRejectedError, TriggerDefinitionError, UnknownTriggerError
+from ._errors import (
+    FatalError,
+    IntentRejectedError,
+    TriggerDefinitionError,
+    UnknownTriggerError,
+)
 
 if TYPE_CHECKING:
     from ._context import TriggerContext
@@ -129,6 +134,21 @@ class TriggerDef:
     retry: RetryPolicy
     timeout: float | None
     spec: Mapping[str, Any]
+
+    def start(self, intent: Any, ctx: Any) -> Awaitable[Any]:
+        """Call ``acquire(intent, ctx)``; returns what it returned, to await.
+
+        Raises:
+            FatalError: ``acquire`` returned something that cannot be awaited (a plain
+                ``def``): retrying would not help.
+        """
+        running = self.acquire(intent, ctx)
+        if not inspect.isawaitable(running):
+            raise FatalError(
+                f"acquire of trigger {self.kind!r} returned {type(running).__name__}, not an"
+                " awaitable: define it with async def"
+            )
+        return running
 
     def parse(self, payload: JSON) -> Any:
         """Validate a raw payload into the typed intent.
@@ -250,16 +270,22 @@ def _check_arguments(name: str, key: str, fn: Callable[..., Any]) -> None:
     """Refuse a callable that cannot take the arguments ``key`` is called with (one whose
     signature Python cannot tell, such as some builtins, is left to fail when called)."""
     wanted = _ARGUMENTS[key]
-    try:
-        signature = inspect.signature(fn)
-    except (TypeError, ValueError):
+    arguments = [None] * (wanted.count(",") + 1)
+    # A decorator's wrapper (``functools.wraps``) may take other arguments than the function
+    # it wraps: either signature may be the one that is called.
+    for follow_wrapped in (True, False):
+        try:
+            signature = inspect.signature(fn, follow_wrapped=follow_wrapped)
+        except (TypeError, ValueError):  # no signature Python can tell (some builtins)
+            return
+        try:
+            signature.bind(*arguments)
+        except TypeError:
+            continue
         return
-    try:
-        signature.bind(*[None] * (wanted.count(",") + 1))
-    except TypeError:
-        raise TriggerDefinitionError(
-            name, key, f"is called as {key}{wanted}, but its signature is {signature}"
-        ) from None
+    raise TriggerDefinitionError(
+        name, key, f"is called as {key}{wanted}, but its signature is {signature}"
+    )
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:

@@ -167,7 +167,7 @@ class TriggerEnvironment:
         )
         self.context = ctx
         try:
-            return await trigger.acquire(intent, ctx)
+            return await trigger.start(intent, ctx)
         finally:
             if controller.signal.aborted and self._controller is controller:
                 self._controller = AbortController()  # this attempt's cancel is spent

@@ -259,9 +259,10 @@ def test_serve_runs_the_scheduler_and_the_api(data: str) -> None:
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_serve_stops_on_a_signal_without_a_traceback(data: str, signum: int) -> None:
-    """A signal shuts ``serve`` down in order: the HTTP server ends its application's
-    lifespan rather than being cut off in it (which printed a CancelledError traceback), and
-    the exit code is 128 + the signal. APP comes from ``$ACTORS_APP`` when not given."""
+    """A signal shuts ``serve`` down in order: an open server-sent event stream is ended
+    (not waited for, then cancelled), the HTTP server ends its application's lifespan rather
+    than being cut off in it (which printed a CancelledError traceback), and the exit code is
+    128 + the signal. APP comes from ``$ACTORS_APP`` when not given."""
     assert ACTORS is not None
     server = subprocess.Popen(
         [ACTORS, "--log-json", "serve", "--data-dir", data, "--port", "0"],
@@ -274,9 +275,15 @@ def test_serve_stops_on_a_signal_without_a_traceback(data: str, signum: int) -> 
     assert server.stderr is not None
     serving = json.loads(server.stderr.readline())
     assert serving["event"] == "serving"
-    assert httpx.get(serving["url"] + "/actors", timeout=10).status_code == 200
-    server.send_signal(signum)
+    url = serving["url"]
+    body = {"payload": {"n": 1}, "at": LATER}
+    assert httpx.post(f"{url}/actors/f/triggers/{KIND}", json=body).status_code == 201
     try:
+        with httpx.stream("GET", f"{url}/actors/f/events/stream", timeout=30) as follower:
+            lines = follower.iter_lines()
+            assert next(lines) == "id: 1"
+            server.send_signal(signum)
+            assert [line for line in lines if line.startswith("id:")] == [], "it just ends"
         _, rest = server.communicate(timeout=30)
     finally:
         server.kill()

@@ -14,7 +14,7 @@ import pytest
 from fastapi.routing import APIRoute
 from starlette.routing import Route
 
-from actors.http import create_app
+from actors.http import close_streams, create_app
 from tests.helpers import CANCELLED, DONE, Gate, make_trigger, open_host
 from tests.servers import serve
 from triggers import DistributedAbortController, TriggerContext
@@ -291,6 +291,54 @@ async def test_tail_follows_new_events(tmp_path: Path) -> None:
             await anyio.wait_all_tasks_blocked()
             await client.post(f"/actors/f/triggers/{KIND}", json={"payload": 1, "at": LATER})
         assert [json.loads(f["data"])["payload"] for f in frames] == [0, 1]
+
+
+async def test_a_quiet_stream_sends_keepalives_and_still_delivers(tmp_path: Path) -> None:
+    """A stream with no news sends keepalive comments every ``keepalive`` seconds; waiting
+    through them does not break the follower: an event recorded afterwards still arrives."""
+    async with api(tmp_path, keepalive=0.02) as (client, _):
+        await client.post(f"/actors/q/triggers/{KIND}", json={"payload": 0, "at": LATER})
+        with anyio.fail_after(10):
+            async with client.stream("GET", "/actors/q/events/stream") as response:
+                lines = response.aiter_lines()
+                assert await anext(lines) == "id: 1"
+                keepalives = 0
+                while keepalives < 3:
+                    keepalives += (await anext(lines)).startswith(": keepalive")
+                await client.post(f"/actors/q/triggers/{KIND}", json={"payload": 1, "at": LATER})
+                while (line := await anext(lines)).startswith(":") or not line:
+                    pass
+                assert line == "id: 2"
+
+
+async def test_close_streams_ends_open_and_later_streams(tmp_path: Path) -> None:
+    """``close_streams(app)`` ends the streams the app has open (their responses complete)
+    and makes any opened afterwards end at once, so a stopping server need not wait."""
+    async with open_host(tmp_path, make_trigger(KIND)) as host:
+        app = create_app(host)
+        async with serve(app) as url, httpx.AsyncClient(base_url=url, timeout=10) as client:
+            await client.post(f"/actors/c/triggers/{KIND}", json={"payload": 0, "at": LATER})
+            with anyio.fail_after(10):
+                async with client.stream("GET", "/actors/c/events/stream") as response:
+                    lines = response.aiter_lines()
+                    assert await anext(lines) == "id: 1"
+                    close_streams(app)
+                    rest = [line async for line in lines]
+                assert rest[0] == "event: ledger"
+                assert rest[1].startswith("data: ")
+                assert [line for line in rest[2:] if line] == [], "nothing after that frame"
+                later = await client.get("/actors/c/events/stream")
+                assert later.status_code == 200
+                assert later.text == ""
+    with pytest.raises(TypeError, match="create_app"):
+        close_streams(object())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("keepalive", [0, -1, float("inf"), "15", True])
+async def test_bad_keepalive_is_refused(tmp_path: Path, keepalive: Any) -> None:
+    async with open_host(tmp_path, make_trigger(KIND)) as host:
+        with pytest.raises(ValueError, match="keepalive"):
+            create_app(host, keepalive=keepalive)
 
 
 async def test_intent_stream_replays_follows_and_ends(tmp_path: Path) -> None:

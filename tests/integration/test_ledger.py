@@ -179,6 +179,29 @@ async def test_a_written_event_holds_what_was_stored_not_the_callers_object(
         assert plain.payload == "text"
 
 
+async def test_a_projection_that_changes_its_state_in_place_changes_no_other_actors(
+    tmp_path: Path,
+) -> None:
+    """Each actor's fold starts from its own copy of ``initial``: an ``apply`` that appends
+    to its state in place leaves ``initial``, and every other actor, as they were."""
+    initial: dict[str, list[int]] = {"seen": []}
+
+    def fold(state: dict[str, list[int]], event: Event) -> dict[str, list[int]]:
+        state["seen"].append(event.id)
+        return state
+
+    spec = define_agent_do(
+        triggers=[make_trigger()], projections=[Projection("seen", initial, fold)]
+    )
+    async with open_host(tmp_path, spec=spec, run_scheduler=False) as host:
+        await host.get("a").enqueue_trigger(trigger_kind="test.work")
+        await host.get("b").enqueue_trigger(trigger_kind="test.work")
+        assert await host.get("a").projection("seen") == {"seen": [1]}
+        assert await host.get("b").projection("seen") == {"seen": [1]}
+        assert await host.get("nobody").projection("seen") == {"seen": []}
+    assert initial == {"seen": []}
+
+
 @pytest.mark.contract
 async def test_ids_increase_in_commit_order_under_concurrency(tmp_path: Path) -> None:
     """Concurrent writers get distinct ids; every round's ids exceed all earlier ones."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from datetime import timedelta
@@ -290,6 +291,23 @@ def test_callables_with_defaults_or_varargs_are_accepted() -> None:
     def commit(*args: object) -> None: ...
 
     define_agent_do(triggers=[spec(acquire=acquire, commit=commit, parse_intent=dict)])
+
+
+def test_a_decorated_callable_is_checked_by_the_wrappers_signature_too() -> None:
+    """A ``functools.wraps`` decorator that supplies an argument itself reports the inner
+    signature (three arguments) but is called with two: it is accepted."""
+
+    def with_db(fn: Any) -> Any:
+        @functools.wraps(fn)
+        async def wrapper(intent: object, ctx: object) -> Any:
+            return await fn(intent, ctx, "db")
+
+        return wrapper
+
+    @with_db
+    async def acquire(intent: object, ctx: object, db: str) -> None: ...
+
+    define_agent_do(triggers=[spec(acquire=acquire)])
 
 
 @pytest.mark.parametrize("value", [spec(), "spec.t"])

@@ -13,6 +13,7 @@ from tests.helpers import CANCELLED, DONE, FAILED, ManualClock, make_trigger
 from triggers import (
     AbortError,
     Failure,
+    FatalError,
     IntentRejectedError,
     TriggerContext,
     TriggerDefinitionError,
@@ -253,3 +254,12 @@ async def test_acquire_sees_the_stored_json_form() -> None:
     # Keys JSON would quietly turn into strings are refused, as a host refuses them.
     with pytest.raises(PayloadError, match="keys must be str"):
         await env.acquire({1: "x"})
+
+
+async def test_an_acquire_that_is_not_async_raises_fatal_error_as_on_a_host() -> None:
+    def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
+        return {"done": True}
+
+    env = TriggerEnvironment(make_trigger(KIND, acquire))
+    with pytest.raises(FatalError, match="not an awaitable: define it with async def"):
+        await env.acquire({"n": 1})
