@@ -24,6 +24,7 @@ from ledger import (
 )
 from triggers import AbortSignal, CancelResult, CancelStatus
 from triggers._engine import cancel_op, enqueue_op
+from triggers._spec import check_idempotency_key
 
 from ._call import CallHandle
 from ._errors import HostClosedError
@@ -101,7 +102,9 @@ class Agent:
         The payload is validated by the trigger's ``parse_intent`` before anything is
         written. With an ``idempotency_key``, a live intent (or one that ended within the
         host's ``idempotency_retention``) holding the same key is returned instead of a new
-        one, atomically across processes.
+        one, atomically across processes. Keys are per actor: a key held by an intent of
+        another trigger kind is an error, and keys starting with ``trigger.`` are the
+        framework's.
 
         Raises:
             UnknownTriggerError: no trigger of that kind is registered.
@@ -123,9 +126,7 @@ class Agent:
         trigger.parse(payload)
         text = dump_json(payload)
         due = None if at is None else datetime_to_ms(at, "at")
-        if idempotency_key is not None and not isinstance(idempotency_key, str):
-            raise TypeError("idempotency_key must be a str")
-        check_text(idempotency_key, "idempotency_key")  # before anything is created
+        check_idempotency_key(idempotency_key)  # before anything is created
         host = self._host
         actor_id = self.actor_id
 

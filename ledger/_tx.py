@@ -411,7 +411,8 @@ class LedgerTx:
         """Record an intent event and its schedule row (``pending`` at ``due_at``).
 
         With an ``idempotency_key``, an existing intent holding that key is returned instead
-        while it is live or ended less than ``key_retention_ms`` ago.
+        while it is live or ended less than ``key_retention_ms`` ago; if that intent is of
+        another trigger kind, ``ValueError`` is raised (nothing is written).
 
         With ``claim``, a new intent is claimed as it is recorded: its row is written
         ``running`` (``claim.row(...)``), as ``claim_due`` would leave it, with one write
@@ -424,12 +425,17 @@ class LedgerTx:
         check_text(trigger_kind, "trigger kind")
         if idempotency_key is not None:
             existing = self._file.conn.execute(
-                "SELECT id, status, finished_at FROM intents WHERE idempotency_key = ?",
+                "SELECT id, trigger_kind, finished_at FROM intents WHERE idempotency_key = ?",
                 (idempotency_key,),
             ).fetchone()
             if existing is not None:
-                intent_id, _status, finished_at = existing
+                intent_id, held_by, finished_at = existing
                 if finished_at is None or finished_at + key_retention_ms > self.now_ms:
+                    if held_by != trigger_kind:
+                        raise ValueError(
+                            f"idempotency key {idempotency_key!r} is held by intent {intent_id}"
+                            f" of trigger {held_by!r}, not of {trigger_kind!r}"
+                        )
                     events = self.events(after=intent_id - 1, limit=1)
                     return events[0], False
                 self._file.write(

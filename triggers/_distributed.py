@@ -127,14 +127,23 @@ class DistributedAbortController:
         run_id: the id of the intent that is this controller.
     """
 
-    __slots__ = ("_host", "_signal", "id", "run_id")
+    __slots__ = ("_fired", "_host", "_signal", "id", "run_id")
 
-    def __init__(self, host: ControllerHost, id: str, run_id: int) -> None:
-        """Wrap an existing controller; use :meth:`create` to get one."""
+    def __init__(
+        self,
+        host: ControllerHost,
+        id: str,
+        run_id: int,
+        *,
+        fired: tuple[bool, str | None] = (False, None),
+    ) -> None:
+        """Wrap an existing controller; use :meth:`create` to get one. ``fired``: whether it
+        is known to have fired, and why."""
         self._host = host
         self.id = id
         self.run_id = run_id
         self._signal: AbortSignal | None = None
+        self._fired = fired
 
     def __repr__(self) -> str:
         return f"<DistributedAbortController {self.id!r} run_id={self.run_id}>"
@@ -163,15 +172,15 @@ class DistributedAbortController:
             grace: how long a fired controller stays findable.
 
         Raises:
-            ValueError: ``ttl`` is not positive or ``grace`` is negative, or ``id`` is not a
-                valid actor name.
+            ValueError: ``ttl`` is not positive or ``grace`` is negative, either is longer
+                than a century, or ``id`` is not a valid actor name.
             ledger.LedgerError: the actor's ledger could not be written.
         """
         ledger_relpath(id)
         ttl_ms = _duration_ms(ttl, "ttl", positive=True)
         grace_ms = _duration_ms(grace, "grace", positive=False)
-        run_id: int = await host.store.run(id, _get_or_create(ttl_ms, grace_ms))
-        return cls(host, id, run_id)
+        run_id, fired = await host.store.run(id, _get_or_create(ttl_ms, grace_ms))
+        return cls(host, id, run_id, fired=fired)
 
     async def abort(self, reason: str | None = None) -> None:
         """Abort the controller, durably: every signal of it fires, in every process.
@@ -185,8 +194,17 @@ class DistributedAbortController:
         """
         if reason is not None and not isinstance(reason, str):
             raise TypeError("reason must be a str or None")
-        op = cancel_op(_REGISTRY, _TRIGGER, self.run_id, reason, None)
-        await self._host.store.run(self.id, op, create=False)
+        cancel = cancel_op(_REGISTRY, _TRIGGER, self.run_id, reason, None)
+        run_id = self.run_id
+
+        def op(tx: LedgerTx) -> tuple[bool, str | None]:
+            cancel(tx)
+            return _fired(tx, run_id)
+
+        fired = await self._host.store.run(self.id, op, create=False, reads=run_id)
+        self._fired = fired
+        if self._signal is not None and fired[0]:
+            self._signal._abort(fired[1])  # this process knows now: no need to wait
 
     @property
     def signal(self) -> AbortSignal:
@@ -199,7 +217,11 @@ class DistributedAbortController:
         """
         if self._signal is None:
             signal = AbortSignal()
-            self._host.task_group().start_soon(self._follow, signal)
+            fired, reason = self._fired
+            if fired:
+                signal._abort(reason)  # known to have fired: nothing to follow
+            else:
+                self._host.task_group().start_soon(self._follow, signal)
             self._signal = signal
         return self._signal
 
@@ -214,16 +236,7 @@ class DistributedAbortController:
             signal._abort(reason if isinstance(reason, str) else None)
 
         def read(tx: LedgerTx) -> tuple[bool, str | None]:
-            row = tx.intent_row(run_id)
-            if row is None:
-                raise LookupError(f"the controller's intent {run_id} is missing")
-            if not IntentStatus(row.status).terminal:
-                return False, None
-            facts = tx.events(intent_event_id=run_id, kinds=[ABORTED], limit=1)
-            if facts and isinstance(facts[0].payload, dict):
-                reason = facts[0].payload.get("reason")
-                return True, reason if isinstance(reason, str) else None
-            return True, row.cancel_reason
+            return _fired(tx, run_id)
 
         stop = store.follow_notices(self.id, _topic(run_id), heard)
         try:
@@ -241,16 +254,39 @@ class DistributedAbortController:
             stop()
 
 
+def _fired(tx: LedgerTx, run_id: int) -> tuple[bool, str | None]:
+    """Whether the controller ``run_id`` has fired (aborted, an abort requested while its
+    expiry runs, or expired), and its reason."""
+    row = tx.intent_row(run_id)
+    if row is None:
+        raise LookupError(f"the controller's intent {run_id} is missing")
+    if not IntentStatus(row.status).terminal:
+        if row.cancel_requested_at is not None:
+            return True, row.cancel_reason
+        return False, None
+    facts = tx.events(intent_event_id=run_id, kinds=[ABORTED], limit=1)
+    if facts and isinstance(facts[0].payload, dict):
+        reason = facts[0].payload.get("reason")
+        return True, reason if isinstance(reason, str) else None
+    return True, row.cancel_reason
+
+
 def _get_or_create(ttl_ms: int, grace_ms: int) -> Any:
-    def op(tx: LedgerTx) -> int:
+    def op(tx: LedgerTx) -> tuple[int, tuple[bool, str | None]]:
         row = tx.intent_row_by_key(_KEY)
+        if row is not None and row.trigger_kind != KIND:
+            # Only a ledger written before user keys were refused the prefix can hold this.
+            raise ValueError(
+                f"idempotency key {_KEY!r} is held by intent {row.id} of trigger"
+                f" {row.trigger_kind!r}: no abort controller can be made here"
+            )
         if row is not None:
             if row.finished_at is None:
-                return row.id
+                return row.id, _fired(tx, row.id)
             payload = tx.intent_payloads([row.id]).get(row.id)
             kept = payload.get("grace_ms", 0) if isinstance(payload, dict) else 0
             if row.finished_at + kept > tx.now_ms:
-                return row.id
+                return row.id, _fired(tx, row.id)
         # None held, or its grace is over: append_intent releases the old key.
         event, _ = tx.append_intent(
             trigger_kind=KIND,
@@ -260,7 +296,7 @@ def _get_or_create(ttl_ms: int, grace_ms: int) -> Any:
             idempotency_key=_KEY,
             key_retention_ms=0,
         )
-        return event.id
+        return event.id, (False, None)
 
     return op
 
@@ -272,7 +308,13 @@ def _duration_ms(value: timedelta | float, name: str, *, positive: bool) -> int:
     if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be finite and {bound}, not {value!r}")
-    return round(seconds * 1000)
+    if seconds > _LONGEST_S:
+        raise ValueError(f"{name} is at most a century (a longer one is a unit mistake)")
+    return max(1 if positive else 0, round(seconds * 1000))
+
+
+_LONGEST_S = 100 * 365.25 * 86_400
+"""The longest ``ttl`` or ``grace``, as for a workflow's sleep."""
 
 
 def _show_ms(ms: int) -> str:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, NotRequired, TypedDict,
 
 from pydantic import BaseModel, ValidationError
 
-from ledger import JSON
+from ledger import JSON, check_text
 
 from ._errors import (
     FatalError,
@@ -254,6 +254,24 @@ def validate_trigger(spec: object, position: int = 0, *, builtin: bool = False) 
         timeout=None if timeout is None else float(timeout),
         spec=spec,
     )
+
+
+def check_idempotency_key(key: object) -> None:
+    """Refuse an idempotency key a user may not give: not a str, a NUL in it, or the
+    framework's own ``trigger.`` prefix.
+
+    Raises:
+        TypeError: ``key`` is not a str (or None).
+        ValueError: ``key`` starts with ``trigger.``.
+        ledger.PayloadError: ``key`` holds a NUL.
+    """
+    if key is None:
+        return
+    if not isinstance(key, str):
+        raise TypeError(f"idempotency_key must be a str, not {type(key).__name__}")
+    if key.startswith(RESERVED_PREFIX):
+        raise ValueError(f"idempotency keys starting with {RESERVED_PREFIX!r} are reserved")
+    check_text(key, "idempotency_key")
 
 
 _ARGUMENTS = {

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from ledger import JSON, Event, datetime_to_ms, dump_json, ms_to_datetime
 
-from ._spec import RESERVED_PREFIX
+from ._spec import RESERVED_PREFIX, check_idempotency_key
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -105,9 +105,12 @@ class Tx:
         Raises:
             UnknownTriggerError: no trigger of that kind is registered.
             IntentRejectedError: its ``parse_intent`` refused the payload.
-            TypeError, ValueError: ``at`` is not a timezone-aware datetime.
+            TypeError, ValueError: ``at`` is not a timezone-aware datetime, or
+                ``idempotency_key`` is not a str, is reserved (``trigger.``) or is held by an
+                intent of another trigger kind.
         """
         self._check_open()
+        check_idempotency_key(idempotency_key)
         trigger = self._registry.get(trigger_kind)
         trigger.parse(payload)
         text = dump_json(payload)

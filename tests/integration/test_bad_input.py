@@ -12,7 +12,7 @@ import pytest
 from actors import ActorHost, HostClosedError, define_agent_do
 from ledger import JSON, LedgerClosedError, PayloadError, Projection
 from tests.helpers import FAILED, fast_config, make_trigger, open_host
-from triggers import SchedulerConfig, TriggerContext, Tx
+from triggers import DistributedAbortController, SchedulerConfig, TriggerContext, Tx
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -305,3 +305,52 @@ async def test_an_unknown_status_names_the_valid_ones(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="status must be one of 'pending', 'running',"):
             await agent.intents(status="done")
         assert len(await agent.intents(status="pending")) == 1
+
+
+# -- idempotency keys ---------------------------------------------------------------------
+
+
+async def test_the_frameworks_idempotency_keys_are_reserved(tmp_path: Path) -> None:
+    """A user key starting with ``trigger.`` is refused (it could take the place of the
+    actor's abort controller, whose abort would then write nothing); the controller made
+    afterwards works."""
+    async with open_host(tmp_path, make_trigger()) as host:
+        agent = host.get("a")
+        for key in ("trigger.abort_controller", "trigger.anything"):
+            with pytest.raises(ValueError, match="reserved"):
+                await agent.enqueue_trigger(trigger_kind=KIND, at=LATER, idempotency_key=key)
+            with pytest.raises(ValueError, match="reserved"):
+                agent.call(trigger_kind=KIND, at=LATER, idempotency_key=key)
+        assert await host.actors() == []
+        controller = await DistributedAbortController.create("a", host=host)
+        await controller.abort("stop")
+        assert controller.signal.aborted
+        [state] = await agent.intents()
+        assert (state.trigger_kind, state.status) == ("trigger.abort_controller", "cancelled")
+
+
+async def test_a_key_held_by_another_kind_is_an_error(tmp_path: Path) -> None:
+    """Keys are per actor: enqueueing kind B with the key of a live intent of kind A raises
+    (returning A's intent would pass it off as B's), and writes nothing."""
+    first, second = make_trigger("test.a"), make_trigger("test.b")
+    async with open_host(tmp_path, first, second) as host:
+        agent = host.get("a")
+        held = await agent.enqueue_trigger(trigger_kind="test.a", at=LATER, idempotency_key="k")
+        with pytest.raises(ValueError, match=r"held by intent 1 of trigger 'test\.a'"):
+            await agent.enqueue_trigger(trigger_kind="test.b", at=LATER, idempotency_key="k")
+        again = await agent.enqueue_trigger(trigger_kind="test.a", at=LATER, idempotency_key="k")
+        assert again.id == held.id
+        assert [e.id for e in await agent.events()] == [held.id]
+
+
+async def test_a_commit_cannot_use_a_reserved_key(tmp_path: Path) -> None:
+    def commit(outcome: JSON, tx: Tx) -> None:
+        tx.enqueue(trigger_kind=KIND, at=LATER, idempotency_key="trigger.abort_controller")
+
+    async with open_host(tmp_path, make_trigger(KIND, commit=commit)) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND)
+        assert (await agent.wait_for_intent(intent.id)).status == "failed"
+        failure = (await agent.events(kinds=[FAILED]))[0].payload
+        assert "reserved" in failure["message"]
+        assert len(await agent.intents()) == 1

@@ -137,6 +137,34 @@ async def test_grace_keeps_a_fired_controller_findable(tmp_path: Path) -> None:
         assert not fresh.signal.aborted
 
 
+async def test_a_known_firing_is_on_the_signal_at_once(tmp_path: Path) -> None:
+    """Code that reads ``signal`` right after ``abort()`` returns, or right after ``create``
+    found a fired controller, sees it aborted at once: ``with signal.scope():`` raises on
+    entry, before any await (no follower task has to run first)."""
+    async with open_host(tmp_path, run_scheduler=False) as host:
+        read_before = await DistributedAbortController.create("a", host=host)
+        signal = read_before.signal
+        assert not signal.aborted
+        await read_before.abort("stop")
+        assert (signal.aborted, signal.reason) == (True, "stop")
+        unread = await DistributedAbortController.create("b", host=host)
+        await unread.abort("halt")
+        assert (unread.signal.aborted, unread.signal.reason) == (True, "halt")
+        late = await DistributedAbortController.create("b", host=host)
+        assert (late.signal.aborted, late.signal.reason) == (True, "halt")
+        again = await DistributedAbortController.create("a", host=host)
+        await again.abort("second")
+        assert again.signal.reason == "stop", "the first reason stays"
+
+
+async def test_a_tiny_ttl_is_one_millisecond(tmp_path: Path) -> None:
+    async with open_host(tmp_path, run_scheduler=False) as host:
+        controller = await DistributedAbortController.create("t", host=host, ttl=1e-6)
+        [created] = await host.get("t").events(kinds=["trigger.abort_controller.created"])
+        assert created.payload["ttl_ms"] == 1
+        assert controller.run_id == created.id
+
+
 @pytest.mark.sqlite_only
 async def test_broken_ledger_aborts_the_signal(tmp_path: Path) -> None:
     """If the controller's ledger cannot be read, its signal aborts with the error's message
@@ -161,6 +189,9 @@ async def test_broken_ledger_aborts_the_signal(tmp_path: Path) -> None:
         ({"grace": -1}, ValueError),
         ({"ttl": "1h"}, TypeError),
         ({"ttl": True}, TypeError),
+        ({"ttl": 1e20}, ValueError),
+        ({"ttl": timedelta(days=365 * 101)}, ValueError),
+        ({"grace": 1e12}, ValueError),
     ],
 )
 async def test_bad_durations_are_refused(
