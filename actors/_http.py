@@ -8,12 +8,13 @@ import secrets
 from datetime import datetime
 from importlib import resources
 from typing import TYPE_CHECKING, Annotated, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote, unquote
 
 from fastapi import FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ledger import (
@@ -54,8 +55,19 @@ _KEEPALIVE_S = 15.0
 
 # -- request and response bodies --------------------------------------------------------------
 
-Actor = Annotated[str, Path(description="the actor's name")]
-Kind = Annotated[str, Path(description="the trigger kind")]
+# Path segments reach the routes with "%" and "/" still escaped (see ``_segments``), so that
+# a name holding a slash stays one segment; these undo that.
+Actor = Annotated[
+    str,
+    Path(description="the actor's name (percent-encoded: a / is %2F)"),
+    AfterValidator(unquote),
+]
+Kind = Annotated[str, Path(description="the trigger kind"), AfterValidator(unquote)]
+ControllerId = Annotated[
+    str,
+    Path(description="the abort controller's id, an actor name (a / is %2F)"),
+    AfterValidator(unquote),
+]
 IntentId = Annotated[int, Path(ge=1, description="the intent's id (its intent event's id)")]
 MAX_ID = (1 << 63) - 1
 """The largest event id (64-bit, as in both backends)."""
@@ -174,14 +186,31 @@ def create_app(
             comment line, so proxies and browsers keep it open.
 
     Returns:
-        The app, with its OpenAPI schema at ``/openapi.json``.
+        The app, with its OpenAPI schema at ``/openapi.json`` and its pages at ``/docs`` and
+        ``/redoc`` (opened with ``?token=``, they fetch the schema with it).
     """
 
     app = FastAPI(
         title="durable-triggers",
         summary="Durable, cancellable work owned by actors.",
         responses=_ERRORS,
+        docs_url=None,
+        redoc_url=None,
     )
+
+    def schema_url(request: Request) -> str:
+        # A page opened with ?token= fetches the schema with it too (the token was checked).
+        given = request.query_params.get("token")
+        return "/openapi.json" + ("" if given is None else f"?token={quote(given, safe='')}")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger(request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=schema_url(request), title="durable-triggers")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        return get_redoc_html(openapi_url=schema_url(request), title="durable-triggers")
+
     app.add_middleware(_Guard, token=token, max_body=max_body)
     if (
         isinstance(keepalive, bool)
@@ -311,7 +340,9 @@ def create_app(
         )
 
     @app.get(
-        "/actors/{actor}/intents/{intent_event_id}", response_model=IntentState, tags=["intents"]
+        "/actors/{actor}/intents/{intent_event_id}",
+        response_model=IntentState,
+        tags=["intents"],
     )
     async def read_intent(actor: Actor, intent_event_id: IntentId) -> IntentState:
         """One intent's current state."""
@@ -389,7 +420,7 @@ def create_app(
         return _sse(frames(), streams)
 
     @app.post("/abort/{id}", response_model=Aborted, tags=["abort controllers"])
-    async def abort_controller(id: str, body: AbortBody | None = None) -> Aborted:
+    async def abort_controller(id: ControllerId, body: AbortBody | None = None) -> Aborted:
         """Abort the distributed abort controller ``id`` (created if missing, so the abort is
         never lost); idempotent."""
         body = body or AbortBody()
@@ -492,6 +523,21 @@ def close_streams(app: FastAPI) -> None:
     streams.close()
 
 
+def _segments(scope: Scope) -> Scope:
+    """``scope`` with its path rebuilt from the raw path, segment by segment, keeping "%" and
+    "/" escaped inside a segment: routing then sees ``/actors/team%2Fa/intents`` as the actor
+    ``team/a`` (the routes' parameters unescape it), where the decoded path would not tell it
+    from the actor ``team`` and a route ``/a/intents``."""
+    raw = scope.get("raw_path")
+    if not raw or b"%" not in raw:
+        return scope
+    segments = raw.decode("latin-1").split("?", 1)[0].split("/")
+    path = "/".join(
+        unquote(segment).replace("%", "%25").replace("/", "%2F") for segment in segments
+    )
+    return {**scope, "path": path}
+
+
 class _Guard:
     """Checks the token (on every route, the schema and docs included) and refuses request
     bodies over ``max_body`` bytes with 413, whether declared or streamed."""
@@ -505,6 +551,7 @@ class _Guard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope = _segments(scope)
         headers = dict(scope.get("headers", []))
         if self.token is not None and not self._authorized(scope, headers):
             response = _error_response(401, "unauthorized", "a valid token is required")
@@ -542,8 +589,8 @@ class _Guard:
         assert self.token is not None
         given: bytes | None = None
         authorization = headers.get(b"authorization", b"")
-        if authorization.startswith(b"Bearer "):
-            given = authorization.removeprefix(b"Bearer ")
+        if authorization[:7].lower() == b"bearer ":  # the scheme's case does not matter
+            given = authorization[7:]
         else:
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             if query.get("token"):

@@ -158,8 +158,9 @@ def check_kinds(kinds: Iterable[str] | None) -> list[str] | None:
     """``kinds`` (event kinds to filter by) as a list, or None for every kind.
 
     Raises:
-        TypeError: ``kinds`` is a single str (it would read as one-letter kinds), or holds
-            something other than a str without NUL.
+        TypeError: ``kinds`` is a single str (it would read as one-letter kinds) or bytes,
+            or holds something other than a str.
+        PayloadError: a kind holds a NUL character.
     """
     if kinds is None:
         return None
@@ -169,8 +170,9 @@ def check_kinds(kinds: Iterable[str] | None) -> list[str] | None:
         raise TypeError("kinds must be a list of str, not bytes")
     kind_list = list(kinds)
     for kind in kind_list:
-        if not isinstance(kind, str) or "\x00" in kind:
-            raise TypeError(f"kinds must be str without NUL, not {kind!r}")
+        if not isinstance(kind, str):
+            raise TypeError(f"kinds must be str, not {kind!r}")
+        check_text(kind, "an event kind")  # no event can have it
     return kind_list
 
 

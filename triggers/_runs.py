@@ -17,6 +17,7 @@ from ._workflow import (
     RunCancelledError,
     Workflow,
     WorkflowError,
+    check_actor,
 )
 
 if TYPE_CHECKING:
@@ -200,7 +201,8 @@ async def start(
     from elsewhere. An already aborted signal raises before anything is written.
 
     Raises:
-        TypeError: ``args`` is not a list (or tuple) of arguments: ``start(wf, ["x"])``.
+        TypeError: ``args`` is not a list (or tuple) of arguments: ``start(wf, ["x"])``, or
+            ``actor`` is not an actor's handle (``host.get(name)``).
         AbortError: ``signal`` is already aborted; nothing was written.
         WorkflowError: ``wf`` is not registered on the actor's class
             (``define_agent_do(workflows=[...])``).
@@ -208,6 +210,7 @@ async def start(
     """
     if not isinstance(wf, Workflow):
         raise TypeError(f"start() needs a @workflow function, not {wf!r}")
+    check_actor(actor)
     if isinstance(args, str | bytes) or not isinstance(args, Sequence):
         raise TypeError(f"start() takes the body's arguments as a list, not {args!r}")
     payload = {"workflow": wf.name, "args": list(args)}
@@ -229,9 +232,11 @@ async def get_run(run_id: int, *, actor: WorkflowActor) -> Run:
     """Reconnect to a run by its id, from any process.
 
     Raises:
+        TypeError: ``actor`` is not an actor's handle (``host.get(name)``).
         ledger.IntentNotFoundError: no intent with that id in the actor's ledger.
         WorkflowError: the intent is not a workflow run.
     """
+    check_actor(actor)
     state = await actor.intent(run_id)
     if state.trigger_kind != WORKFLOW_KIND:
         raise WorkflowError(f"intent {run_id} of {actor.actor_id!r} is not a workflow run")

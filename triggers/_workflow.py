@@ -41,7 +41,16 @@ from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
 import anyio
 from pydantic import BaseModel, ValidationError
 
-from ledger import JSON, LedgerError, LedgerTx, PayloadError, dump_json, ms_to_datetime
+from ledger import (
+    JSON,
+    LedgerBusyError,
+    LedgerClosedError,
+    LedgerTx,
+    LedgerWriteError,
+    PayloadError,
+    dump_json,
+    ms_to_datetime,
+)
 
 from ._abort import AbortError, AbortSignal
 from ._context import ClaimLostError, StreamWriter, TriggerContext
@@ -712,6 +721,11 @@ def _check_calls(what: str, calls: Sequence[Awaitable[Any]]) -> None:
             )
 
 
+class StepMisuseError(FatalError, RuntimeError):
+    """A body's call awaited inside a step: a mistake in the code, so the step fails at once
+    (``FatalError``) rather than being retried."""
+
+
 def _refuse_in_step() -> None:
     """A call made in the body is awaited in the body: inside a step it would suspend the
     run, or record, in the middle of the step.
@@ -720,7 +734,7 @@ def _refuse_in_step() -> None:
         RuntimeError: awaited inside a step.
     """
     if _step_place.get():
-        raise RuntimeError(
+        raise StepMisuseError(
             "a step call, sleep, hook, gather or race made in a workflow body must be awaited "
             "in the body, not inside a step (a step is plain code: use anyio there)"
         )
@@ -737,8 +751,8 @@ def _body_run(what: str, instead: str) -> _Run:
     if run is None:
         raise RuntimeError(f"{what} is for workflow bodies: {instead}")
     if _step_place.get():
-        raise RuntimeError(f"{what} is for workflow bodies, not steps (a step is plain code): "
-                           f"{instead}")  # fmt: skip
+        raise StepMisuseError(f"{what} is for workflow bodies, not steps (a step is plain"
+                                 f" code): {instead}")  # fmt: skip
     return run
 
 
@@ -868,20 +882,34 @@ class Hook(Generic[T]):
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, _: object
     ) -> None:
-        if self._token is None or _keeps_hooks(exc):
+        if self._token is None or _keeps_hooks(exc, self._run.ctx.signal):
             return  # waiting, cancelled or storage trouble: the hook lives on (or dies with it)
         await self._run.dispose_hook(self._token, self._hook_id)
 
 
-_INTERRUPTIONS = (_Suspend, AbortError, ClaimLostError, LedgerError)
+_STORAGE_TROUBLE = (LedgerWriteError, LedgerBusyError, LedgerClosedError)
+"""Ledger errors a later attempt may get past (the body runs again); the others (a payload
+the ledger cannot hold, an unknown intent or actor, a damaged file) are the body's failure."""
 
 
-def _keeps_hooks(exc: BaseException | None) -> bool:
+def _interrupts(exc: BaseException, signal: AbortSignal) -> bool:
+    """True if ``exc`` ends the attempt without being the body's failure: the run waiting,
+    its claim lost, storage trouble, or an abort while the run's own signal is aborted (its
+    cancel, its host stopping). An abort of the body's own making (its own timeout, a
+    cancelled child run) is the body's failure, like any other error it raises."""
+    if isinstance(exc, (_Suspend, ClaimLostError, *_STORAGE_TROUBLE)):
+        return True
+    return isinstance(exc, AbortError) and signal.aborted
+
+
+def _keeps_hooks(exc: BaseException | None, signal: AbortSignal) -> bool:
     """True if ``exc`` leaving a hook's block is the run waiting, cancelled or in storage
     trouble, alone or grouped by the body's own task group: not the end of the hook."""
+    if exc is None:
+        return False
     if isinstance(exc, BaseExceptionGroup):
-        return exc.split(_INTERRUPTIONS)[1] is None
-    return isinstance(exc, _INTERRUPTIONS)
+        return all(_interrupts(leaf, signal) for leaf in _leaves(exc))
+    return _interrupts(exc, signal)
 
 
 def _check_token(token: object) -> None:
@@ -1044,6 +1072,17 @@ def _release_run_hooks(tx: LedgerTx, run_id: int) -> None:
             _drop_hook_row(tx, str(event.payload["token"]), run_id)
 
 
+def check_actor(actor: object) -> None:
+    """Refuse what is not an actor's handle (a name given where ``host.get(name)`` belongs).
+
+    Raises:
+        TypeError: ``actor`` is not an ``actors.Agent`` (or alike).
+    """
+    if not (hasattr(actor, "_ledger_op") and hasattr(actor, "actor_id")):
+        hint = f" (host.get({actor!r}))" if isinstance(actor, str) else ""
+        raise TypeError(f"actor must be an actor's handle{hint}, not {type(actor).__name__}")
+
+
 async def resume_hook(token: str, payload: JSON = None, *, actor: Any) -> int:
     """Deliver ``payload`` to the active hook holding ``token`` in ``actor``; returns its run.
 
@@ -1059,6 +1098,7 @@ async def resume_hook(token: str, payload: JSON = None, *, actor: Any) -> int:
             was written.
         ledger.PayloadError: the payload is not JSON.
     """
+    check_actor(actor)
     dump_json(payload, what="hook payload")  # refuse it before touching the ledger
     if not _is_token(token):
         raise HookNotFoundError(token)
@@ -1099,6 +1139,7 @@ async def get_hook_by_token(token: str, *, actor: Any) -> HookInfo:
     Raises:
         HookNotFoundError: no active hook holds it (or it is not a token at all).
     """
+    check_actor(actor)
     if not _is_token(token):
         raise HookNotFoundError(token)
     row = await actor._ledger_op(lambda tx: active_hook_row(tx, token), write=False)
@@ -1269,7 +1310,8 @@ class _Run:
             if suspended is not None and rest is None:
                 self._check_diverged()
                 raise _merge(_leaves(suspended)) from None
-            errors = [exc for exc in _leaves(group) if not isinstance(exc, _INTERRUPTIONS)]
+            signal = self.ctx.signal
+            errors = [exc for exc in _leaves(group) if not _interrupts(exc, signal)]
             if not errors or not all(isinstance(exc, Exception) for exc in errors):
                 raise  # cancelled or storage trouble (or anyio's cancellation): not a failure
             self._check_diverged()  # else the body failed, as if it had raised errors[0]
@@ -1277,9 +1319,9 @@ class _Run:
         except _Suspend:
             self._check_diverged()
             raise
-        except (AbortError, LedgerError, ClaimLostError):
-            raise  # cancelled or storage trouble: not the body's failure
         except Exception as exc:
+            if _interrupts(exc, self.ctx.signal):
+                raise  # cancelled or storage trouble: not the body's failure
             # The body failed: a run failure, not something to retry by running it again.
             self._check_diverged()
             raise _BodyFailedError(exc) from exc

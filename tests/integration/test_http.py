@@ -7,6 +7,7 @@ import json
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 import anyio
 import httpx
@@ -211,8 +212,10 @@ async def test_oversized_body_is_413(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "path", ["/", "/actors", "/triggers", "/openapi.json", "/actors/a/intents", "/abort/x"]
-)
+    "path",
+    ["/", "/actors", "/triggers", "/openapi.json", "/docs", "/redoc", "/actors/a/intents",
+     "/abort/x"],
+)  # fmt: skip
 async def test_token_is_required_everywhere(tmp_path: Path, path: str) -> None:
     """With a token set, every route answers 401 without it or with a wrong one, and serves
     with the bearer header or the ``token`` query parameter."""
@@ -228,6 +231,23 @@ async def test_token_is_required_everywhere(tmp_path: Path, path: str) -> None:
             query = await anonymous.request(method, path, params={"token": "s3cret"})
             assert query.status_code in (200, 201), query.text
         assert (await client.request(method, path)).status_code in (200, 201)
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+async def test_the_api_pages_fetch_the_schema_with_the_token(tmp_path: Path, page: str) -> None:
+    """A docs page opened with ``?token=`` points at the schema with the token, so it loads;
+    the bearer scheme is matched in any case."""
+    async with (
+        api(tmp_path, token="s3 cr/et") as (client, _),
+        httpx.AsyncClient(base_url=str(client.base_url), timeout=10) as anonymous,
+    ):
+        html = (await anonymous.get(page, params={"token": "s3 cr/et"})).text
+        assert "/openapi.json?token=s3%20cr%2Fet" in html
+        schema = await anonymous.get("/openapi.json?token=s3%20cr%2Fet")
+        assert schema.status_code == 200
+        assert schema.json()["info"]["title"] == "durable-triggers"
+        lower = await anonymous.get("/actors", headers={"Authorization": "bearer s3 cr/et"})
+        assert lower.status_code == 200
 
 
 async def test_no_route_answers_without_the_token(tmp_path: Path) -> None:
@@ -261,6 +281,35 @@ async def test_no_route_answers_without_the_token(tmp_path: Path) -> None:
                         assert answer.status_code == 401, (method, path, header)
         assert tried > 40
         assert await host.actors() == []
+
+
+@pytest.mark.parametrize(
+    "name", ["team/a", "x/intents", "a/intents/5", "../up", "é/ü", "50%", "a%2Fb", "a+b c"]
+)
+async def test_actors_whose_names_hold_slashes_are_served(tmp_path: Path, name: str) -> None:
+    """Any actor name, slashes included (percent-encoded in the path, as the dashboard does),
+    reaches its own actor on every route, however much of it looks like a route."""
+    q = quote(name, safe="")
+    async with api(tmp_path) as (client, host):
+        enqueued = await client.post(f"/actors/{q}/triggers/{KIND}", json={"at": LATER})
+        assert enqueued.status_code == 201, enqueued.text
+        intent_id = enqueued.json()["intent_event_id"]
+        assert await host.actors() == [name]
+        listed = await client.get(f"/actors/{q}/intents")
+        assert [i["intent_event_id"] for i in listed.json()] == [intent_id]
+        one = await client.get(f"/actors/{q}/intents/{intent_id}")
+        assert one.json()["status"] == "pending"
+        events = await client.get(f"/actors/{q}/events")
+        assert [e["kind"] for e in events.json()] == [f"{KIND}.requested"]
+        frames = await sse_frames(client, f"/actors/{q}/events/stream", 1)
+        assert frames[0]["id"] == str(intent_id)
+        cancel = await client.post(f"/actors/{q}/triggers/{KIND}/{intent_id}/cancel")
+        assert cancel.json()["status"] == "cancelled"
+        ended = await sse_frames(client, f"/actors/{q}/intents/{intent_id}/stream", 1)
+        assert ended[0]["event"] == "end"
+        aborted = await client.post(f"/abort/{q}", json={"reason": "stop"})
+        assert aborted.status_code == 200
+        assert aborted.json()["id"] == name
 
 
 async def test_tail_events_resumes_from_last_event_id(tmp_path: Path) -> None:

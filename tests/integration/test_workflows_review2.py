@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from actors import ActorHost, define_agent_do
-from ledger import IntentStatus, LedgerError
+from ledger import IntentStatus, LedgerWriteError
 from tests.helpers import fast_config, place, wait_until
 from tests.workflow_helpers import (
     add,
@@ -208,7 +208,7 @@ async def test_a_losing_hook_is_disposed_by_the_replay_after_a_crash_before_its_
     async def fails_once(self: Any, token: str, hook_id: int) -> None:
         if not failed:
             failed.append(token)
-            raise LedgerError("the disk is full (injected)")
+            raise LedgerWriteError("u:crash", "the disk is full (injected)")
         await original(self, token, hook_id)
 
     monkeypatch.setattr(_workflow._Run, "dispose_hook", fails_once)

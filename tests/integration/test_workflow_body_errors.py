@@ -1,0 +1,148 @@
+"""Durable workflows: what a body raises decides how the run ends. Its own errors fail the
+run at once (an abort of its own making and storage errors no retry helps included); only the
+run's own cancel ends it cancelled, and only storage trouble runs the body again."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from actors import ActorHost, define_agent_do
+from ledger import IntentStatus
+from tests.helpers import fast_config, place
+from tests.workflow_helpers import calls, reset_state, result_of
+from triggers import AbortError, AbortSignal
+from triggers.workflows import (
+    RunFailedError,
+    StepFailedError,
+    get_hook_by_token,
+    get_run,
+    get_writable,
+    resume_hook,
+    sleep,
+    start,
+    step,
+    workflow,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from pathlib import Path
+
+pytestmark = [pytest.mark.anyio, pytest.mark.contract]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_state() -> None:
+    reset_state()
+
+
+@step
+async def waits_forever() -> None:
+    calls["waits"] += 1
+    await AbortSignal().wait()  # never fires: only the body's own timeout ends it
+
+
+@workflow
+async def raises_its_own_abort() -> None:
+    calls["body"] += 1
+    raise AbortError("mine")
+
+
+@workflow
+async def times_itself_out() -> None:
+    calls["body"] += 1
+    with AbortSignal.timeout(0.01).scope():
+        await waits_forever()
+
+
+@workflow
+async def writes_a_set() -> None:
+    calls["body"] += 1
+    await get_writable().write({1, 2})
+
+
+@workflow
+async def reads_an_unknown_run() -> None:
+    calls["body"] += 1
+    await get_run(999, actor=_host[0].get("u:1"))
+
+
+@step
+async def sleeps_durably_inside() -> None:
+    calls["inner"] += 1
+    await sleep("1s")  # a body's call: a mistake inside a step
+
+
+@workflow
+async def misuses_a_step() -> str:
+    try:
+        await sleeps_durably_inside()
+    except StepFailedError as exc:
+        return f"{exc.attempts} {exc.error_type}"
+    return "unreachable"
+
+
+_host: list[ActorHost] = []
+
+BodyDO = define_agent_do(
+    workflows=[
+        raises_its_own_abort, times_itself_out, writes_a_set, reads_an_unknown_run,
+        misuses_a_step,
+    ]
+)  # fmt: skip
+
+
+async def test_a_body_call_awaited_in_a_step_fails_the_step_without_retries(
+    tmp_path: Path,
+) -> None:
+    """``sleep`` (or a hook, gather, race) inside a step is a mistake in the code: the step
+    fails on its first attempt instead of being retried with backoff."""
+    async with ActorHost(BodyDO, **place(tmp_path), config=fast_config()) as h:
+        run = await start(misuses_a_step, actor=h.get("u:m"))
+        assert await result_of(run, 30) == "1 StepMisuseError"
+        assert calls["inner"] == 1
+
+
+@pytest.mark.parametrize(
+    ("wf", "error_type"),
+    [
+        (raises_its_own_abort, "AbortError"),
+        (times_itself_out, "AbortError"),
+        (writes_a_set, "PayloadError"),
+        (reads_an_unknown_run, "IntentNotFoundError"),
+    ],
+)
+async def test_a_body_error_fails_the_run_on_its_first_attempt(
+    tmp_path: Path, wf: object, error_type: str
+) -> None:
+    """An ``AbortError`` the body raises while nobody cancelled the run (its own timeout),
+    a payload the ledger cannot hold and an unknown run id are the body's failures: the run
+    ends ``failed`` at once, its body ran once, no ``trigger.cancel_requested`` fact."""
+    async with ActorHost(BodyDO, **place(tmp_path), config=fast_config()) as h:
+        _host[:] = [h]
+        agent = h.get("u:1")
+        run = await start(wf, actor=agent)  # type: ignore[arg-type]
+        with pytest.raises(RunFailedError) as caught:
+            await result_of(run, 30)
+        assert caught.value.failure.error_type == error_type
+        assert await run.status() is IntentStatus.FAILED
+        state = await agent.intent(run.run_id)
+        assert state.attempts == 1
+        assert state.cancel_requested_at is None
+        assert calls["body"] == 1
+
+
+async def test_a_name_given_for_the_actor_is_refused() -> None:
+    """``actor=`` takes the handle (``host.get(name)``): a name gets a TypeError saying so,
+    not an AttributeError from inside."""
+    calls_with_a_name: list[Callable[[], Awaitable[object]]] = [
+        lambda: start(raises_its_own_abort, actor="u:1"),  # type: ignore[arg-type]
+        lambda: get_run(1, actor="u:1"),  # type: ignore[arg-type]
+        lambda: resume_hook("token", actor="u:1"),
+        lambda: get_hook_by_token("token", actor="u:1"),
+    ]
+    for call in calls_with_a_name:
+        with pytest.raises(TypeError, match=r"actor's handle \(host.get\('u:1'\)\)"):
+            await call()
