@@ -180,6 +180,18 @@ _IMMUTABLE = frozenset({str, int, float, bool})
 """Payload types an event may share with the caller: a read gives back an equal value."""
 
 
+def _stored(payload: JSON, text: str) -> JSON:
+    """The payload as a read gives it back (lists, not tuples), not the caller's object,
+    which the caller may change afterwards: a copy of a flat object, else ``text`` decoded.
+    (Its keys are str: ``dump_json`` refused any other.)"""
+    if type(payload) is not dict:
+        return _load(text)
+    for value in payload.values():
+        if value is not None and type(value) not in _IMMUTABLE:
+            return _load(text)
+    return dict(payload)
+
+
 def _load(text: str) -> JSON:
     return json.loads(text)
 
@@ -353,9 +365,7 @@ class LedgerTx:
         )
         file.next_id = event_id + 1
         if payload is not None and type(payload) not in _IMMUTABLE:
-            # The event holds what was stored, as a read gives it back (lists, not tuples),
-            # not the caller's object, which the caller may change afterwards.
-            payload = _load(text)
+            payload = _stored(payload, text)
         event = make_event(event_id, self.now_ms, kind, payload, intent_event_id)
         self.effects.events = True
         if self._projections:

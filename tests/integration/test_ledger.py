@@ -177,6 +177,10 @@ async def test_a_written_event_holds_what_was_stored_not_the_callers_object(
         assert seen == [stored], "a rebuild folds the same values"
         plain = await agent.enqueue_trigger(trigger_kind="test.work", payload="text")
         assert plain.payload == "text"
+        flat: dict[str, Any] = {"n": 1, "s": "x", "f": 1.5, "b": True, "none": None}
+        copied = await agent.enqueue_trigger(trigger_kind="test.work", payload=flat)
+        flat["n"] = 2
+        assert copied.payload == {"n": 1, "s": "x", "f": 1.5, "b": True, "none": None}
 
 
 async def test_a_projection_that_changes_its_state_in_place_changes_no_other_actors(
