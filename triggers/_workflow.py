@@ -365,7 +365,7 @@ def sleep(duration: str | float | timedelta) -> Awaitable[None]:
 
 _UNITS_MS = {"ms": 1, "s": 1000, "sec": 1000, "m": 60_000, "min": 60_000, "h": 3_600_000,
              "d": 86_400_000}  # fmt: skip
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h|d)\s*$")
+_DURATION = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h|d)\s*$")
 
 
 def parse_duration(duration: str | float | timedelta) -> int:

@@ -307,6 +307,8 @@ async def test_sleep_outside_a_workflow_and_durations() -> None:
     for bad in ("soon", "-1s", -1, float("nan")):
         with pytest.raises(ValueError):  # noqa: PT011
             parse_duration(bad)
+    with pytest.raises(ValueError, match=">= 0"):
+        parse_duration("-1s")  # negative, not unreadable
 
 
 # -- hooks ------------------------------------------------------------------------------------
