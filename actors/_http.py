@@ -201,7 +201,9 @@ def create_app(
     def schema_url(request: Request) -> str:
         # A page opened with ?token= fetches the schema with it too (the token was checked).
         given = request.query_params.get("token")
-        return "/openapi.json" + ("" if given is None else f"?token={quote(given, safe='')}")
+        root: str = request.scope.get("root_path", "")
+        url = root.rstrip("/") + "/openapi.json"
+        return url + ("" if given is None else f"?token={quote(given, safe='')}")
 
     @app.get("/docs", include_in_schema=False)
     async def swagger(request: Request) -> HTMLResponse:
@@ -529,7 +531,12 @@ def _segments(scope: Scope) -> Scope:
     ``team/a`` (the routes' parameters unescape it), where the decoded path would not tell it
     from the actor ``team`` and a route ``/a/intents``."""
     raw = scope.get("raw_path")
-    if not raw or b"%" not in raw:
+    if not raw:
+        # No raw path (it is optional in ASGI): a decoded "/" cannot be told apart any more,
+        # but a "%" must not be decoded a second time by the parameters.
+        path = scope.get("path", "")
+        return {**scope, "path": path.replace("%", "%25")} if "%" in path else scope
+    if b"%" not in raw:
         return scope
     segments = raw.decode("latin-1").split("?", 1)[0].split("/")
     path = "/".join(

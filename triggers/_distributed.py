@@ -66,6 +66,11 @@ async def _expire(intent: Any, ctx: TriggerContext) -> JSON:
 
 
 def _commit_expired(outcome: Any, tx: Tx) -> None:
+    if tx._cancel_reason is not None:
+        # Aborted while the expiry ran: the abort came first, and its process (which saw it
+        # fire at once) and every other one must tell the same reason.
+        _fire(tx, tx._cancel_reason[0], expired=False)
+        return
     ttl = _show_ms(outcome["ttl_ms"])
     _fire(tx, f"controller ttl of {ttl} elapsed (expired)", expired=True)
 
@@ -274,6 +279,8 @@ def _fired(tx: LedgerTx, run_id: int) -> tuple[bool, str | None]:
 def _get_or_create(ttl_ms: int, grace_ms: int) -> Any:
     def op(tx: LedgerTx) -> tuple[int, tuple[bool, str | None]]:
         row = tx.intent_row_by_key(_KEY)
+        if row is not None and row.trigger_kind != KIND and row.finished_at is not None:
+            row = None  # an ended intent of another kind: append_intent releases the key
         if row is not None and row.trigger_kind != KIND:
             # Only a ledger written before user keys were refused the prefix can hold this.
             raise ValueError(

@@ -357,6 +357,8 @@ def _settle_completed(
     outcome: Any,
 ) -> Settled:
     utx = Tx(tx, row.id, registry)
+    if row.cancel_requested_at is not None:
+        utx._cancel_reason = (row.cancel_reason,)
     try:
         with tx.savepoint():
             _call_sync(trigger, "commit", trigger.commit, outcome, utx)

@@ -58,8 +58,8 @@ class Tx:
         intent_event_id: the intent being settled.
     """
 
-    __slots__ = ("_closed", "_ledger", "_registry", "actor_id", "event_ids", "intent_event_id",
-                 "rescheduled_at")  # fmt: skip
+    __slots__ = ("_cancel_reason", "_closed", "_ledger", "_registry", "actor_id", "event_ids",
+                 "intent_event_id", "rescheduled_at")  # fmt: skip
 
     def __init__(self, ledger: TxLedger, intent_event_id: int, registry: TriggerRegistry) -> None:
         self._ledger = ledger
@@ -69,6 +69,9 @@ class Tx:
         self.intent_event_id = intent_event_id
         self.event_ids: list[int] = []
         self.rescheduled_at: int | None = None
+        self._cancel_reason: tuple[str | None] | None = None
+        """Set by the engine for the framework's own triggers: ``(reason,)`` if a cancel was
+        requested while the attempt being committed ran."""
 
     @property
     def now(self) -> datetime:

@@ -1607,7 +1607,9 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> DurableTrigger[
                 # The run's failure, as the body raised it; the framework's trigger.failed
                 # fact names the FatalError that ends the run without retries.
                 fact = {"error_type": failed.error_type, "message": failed.message}
-                await ctx._record(RUN_FAILED, fact)
+                if not await run._cancel_requested():
+                    # (A cancel recorded already ends the run cancelled, whatever it raised.)
+                    await ctx._record(RUN_FAILED, fact)
                 raise FatalError(str(failed)) from failed.__cause__
             # Cancelled while it suspended: replay it again, so that the cancel reaches the
             # body where it waits and its finally blocks run (cleanup steps included).

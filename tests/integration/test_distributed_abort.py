@@ -3,15 +3,18 @@ abort, TTL expiry, the grace period, and a broken ledger (other processes: test_
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 
-from ledger import IntentStatus, ledger_relpath
+from ledger import IntentStatus, LedgerTx, ledger_relpath
 from tests.helpers import ManualClock, open_host
 from triggers import AbortSignal, DistributedAbortController
+from triggers._distributed import _REGISTRY, _TRIGGER, KIND
+from triggers._engine import Outcome, settle_op
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -155,6 +158,56 @@ async def test_a_known_firing_is_on_the_signal_at_once(tmp_path: Path) -> None:
         again = await DistributedAbortController.create("a", host=host)
         await again.abort("second")
         assert again.signal.reason == "stop", "the first reason stays"
+
+
+async def test_an_abort_during_the_expiry_attempt_wins_everywhere(tmp_path: Path) -> None:
+    """An abort that lands while the expiry's attempt runs fires the aborting process's
+    signal at once with its reason; the expiry's commit then records that same abort, so
+    every other process hears the same reason (not the expiry's)."""
+    clock = ManualClock()
+    async with open_host(tmp_path, run_scheduler=False, clock=clock) as host:
+        controller = await DistributedAbortController.create("ctl", host=host, ttl=1)
+        clock.advance(2_000)
+        claim = functools.partial(
+            LedgerTx.claim_due, limit=1, host_id="h", lease_until=clock() + 60_000,
+            tokens=iter(["tok"]), kinds=[KIND],
+        )  # fmt: skip
+        [row] = await host.store.run("ctl", claim)  # the expiry's attempt is running
+        await controller.abort("stop")
+        assert controller.signal.reason == "stop"
+        payload = {"ttl_ms": 1_000, "grace_ms": 3_600_000}
+        settle = settle_op(
+            _REGISTRY, _TRIGGER, row.id, "tok", payload, Outcome.RETURNED, {"ttl_ms": 1_000}, 0
+        )
+        await host.store.run("ctl", settle)
+        assert await facts(host, "ctl") == [(ABORTED, {"reason": "stop", "expired": False})]
+        elsewhere = DistributedAbortController(host, "ctl", controller.run_id)
+        assert await fired(elsewhere.signal) == "stop"
+
+
+async def test_a_key_left_by_an_old_ledger_blocks_only_while_its_intent_lives(
+    tmp_path: Path,
+) -> None:
+    """A ledger written before user keys were refused the ``trigger.`` prefix may hold the
+    controller's key on another kind's intent: ``create`` refuses while that intent lives,
+    and takes the key over once it has ended."""
+
+    def old_intent(tx: LedgerTx) -> int:
+        event, _ = tx.append_intent(
+            trigger_kind="app.job", intent_event_kind="app.job.requested", payload=None,
+            due_at=tx.now_ms + 3_600_000, idempotency_key="trigger.abort_controller",
+        )  # fmt: skip
+        return event.id
+
+    async with open_host(tmp_path, run_scheduler=False) as host:
+        job = await host.store.run("old", old_intent)
+        with pytest.raises(ValueError, match=r"held by intent 1 of trigger 'app\.job'"):
+            await DistributedAbortController.create("old", host=host)
+        await host.store.run("old", lambda tx: tx.finish(job, IntentStatus.COMPLETED, []))
+        controller = await DistributedAbortController.create("old", host=host)
+        assert controller.run_id != job
+        await controller.abort("stop")
+        assert controller.signal.reason == "stop"
 
 
 async def test_a_tiny_ttl_is_one_millisecond(tmp_path: Path) -> None:

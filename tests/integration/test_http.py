@@ -312,6 +312,29 @@ async def test_actors_whose_names_hold_slashes_are_served(tmp_path: Path, name: 
         assert aborted.json()["id"] == name
 
 
+async def test_a_server_without_raw_paths_decodes_names_once(tmp_path: Path) -> None:
+    """``raw_path`` is optional in ASGI: without it the path is taken as decoded, once (a
+    name holding ``%41`` stays ``%41``); with the server's prefix (``root_path``) the docs
+    pages point at the prefixed schema."""
+    async with open_host(tmp_path, make_trigger(KIND)) as host:
+        app = create_app(host)
+
+        async def without_raw_path(scope: Any, receive: Any, send: Any) -> None:
+            scope = {key: value for key, value in scope.items() if key != "raw_path"}
+            await app(scope, receive, send)
+
+        transport = httpx.ASGITransport(app=without_raw_path, root_path="/api")
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            name = quote("a%41", safe="")
+            made = await client.post(f"/actors/{name}/triggers/{KIND}", json={"at": LATER})
+            assert made.status_code == 201, made.text
+            assert await host.actors() == ["a%41"]
+            listed = await client.get(f"/actors/{name}/intents")
+            assert listed.status_code == 200
+            assert len(listed.json()) == 1
+            assert "/api/openapi.json" in (await client.get("/docs")).text
+
+
 async def test_tail_events_resumes_from_last_event_id(tmp_path: Path) -> None:
     """The event tail is server-sent events with the event id as ``id``; a reconnect with
     ``Last-Event-ID`` continues after it."""
