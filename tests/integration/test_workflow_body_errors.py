@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING
 import pytest
 
 from actors import ActorHost, define_agent_do
-from ledger import IntentStatus
+from ledger import IntentStatus, LedgerStore
 from tests.helpers import fast_config, place
 from tests.workflow_helpers import calls, reset_state, result_of
-from triggers import AbortError, AbortSignal
+from triggers import AbortError, AbortSignal, _workflow
+from triggers._engine import cancel_op
+from triggers._workflow import RUN_CANCELLED, RUN_FAILED, WORKFLOW_KIND
 from triggers.workflows import (
     RunFailedError,
     StepFailedError,
@@ -84,14 +86,45 @@ async def misuses_a_step() -> str:
     return "unreachable"
 
 
+@workflow
+async def fails_after_a_cancel_elsewhere() -> None:
+    """Records a cancel of its own run the way another process would (through a store of
+    its own: no wake-up reaches this host, so the run's signal stays unaborted), then
+    fails."""
+    run_id = _workflow._current.get().ctx.intent_event_id
+    trigger = BodyDO.registry.get(WORKFLOW_KIND)
+    async with LedgerStore(_host[0].data_dir) as elsewhere:
+        await elsewhere.run("u:x", cancel_op(BodyDO.registry, trigger, run_id, "stop", None))
+    raise ValueError("failed after the cancel")
+
+
 _host: list[ActorHost] = []
 
 BodyDO = define_agent_do(
     workflows=[
         raises_its_own_abort, times_itself_out, writes_a_set, reads_an_unknown_run,
-        misuses_a_step,
+        misuses_a_step, fails_after_a_cancel_elsewhere,
     ]
 )  # fmt: skip
+
+
+@pytest.mark.sqlite_only
+async def test_a_body_failing_after_a_recorded_cancel_ends_cancelled_without_a_failure_fact(
+    tmp_path: Path,
+) -> None:
+    """A cancel recorded in the ledger before the body fails (from another process, not yet
+    on the run's signal) ends the run ``cancelled``, and leaves no ``run_failed`` fact beside
+    its ``run_cancelled`` one."""
+    config = fast_config(poll_interval=30.0)  # no poll hears the cancel during the attempt
+    async with ActorHost(BodyDO, data_dir=tmp_path, config=config) as h:
+        _host[:] = [h]
+        agent = h.get("u:x")
+        run = await start(fails_after_a_cancel_elsewhere, actor=agent)
+        state = await agent.wait_for_intent(run.run_id)
+        kinds = [event.kind for event in await agent.events(intent_event_id=run.run_id)]
+    assert state.status is IntentStatus.CANCELLED
+    assert RUN_CANCELLED in kinds
+    assert RUN_FAILED not in kinds
 
 
 async def test_a_body_call_awaited_in_a_step_fails_the_step_without_retries(
