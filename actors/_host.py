@@ -20,6 +20,7 @@ from ledger import (
     LedgerStore,
     ProcessInfo,
     Store,
+    duration_ms,
     ledger_relpath,
     system_clock,
 )
@@ -46,16 +47,6 @@ def _check_count(value: object, name: str) -> None:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, not {value}")
-
-
-def _duration_ms(value: object, name: str) -> int:
-    """A ``timedelta`` or a number of seconds (finite, >= 0) as milliseconds."""
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise TypeError(f"{name} must be a timedelta or seconds, not {type(value).__name__}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"{name} must be a duration >= 0, not {value!r}")
-    return round(seconds * 1000)
 
 
 class ActorHost:
@@ -120,7 +111,7 @@ class ActorHost:
             raise TypeError(f"lock_timeout must be a number of seconds, not {lock_timeout!r}")
         if not math.isfinite(lock_timeout) or lock_timeout < 0:
             raise ValueError(f"lock_timeout must be a number of seconds >= 0, not {lock_timeout!r}")
-        retention_ms = _duration_ms(idempotency_retention, "idempotency_retention")
+        retention_ms = duration_ms(idempotency_retention, "idempotency_retention")
         if config is not None and not isinstance(config, SchedulerConfig):
             raise TypeError(f"config must be a SchedulerConfig, not {type(config).__name__}")
         check_threshold(gc_threshold)

@@ -20,6 +20,7 @@ from ._models import IntentState as IntentState
 from ._models import IntentStatus as IntentStatus
 from ._models import Projection as Projection
 from ._models import datetime_to_ms as datetime_to_ms
+from ._models import duration_ms as duration_ms
 from ._models import ms_to_datetime as ms_to_datetime
 from ._naming import ledger_relpath as ledger_relpath
 from ._store import Clock as Clock
@@ -67,6 +68,7 @@ __all__ = [
     "check_text",
     "datetime_to_ms",
     "dump_json",
+    "duration_ms",
     "ledger_relpath",
     "ms_to_datetime",
     "system_clock",

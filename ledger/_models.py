@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
@@ -155,3 +156,27 @@ def datetime_to_ms(value: datetime, what: str = "datetime") -> int:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{what} must be timezone-aware (for example datetime.now(UTC))")
     return round(value.timestamp() * 1000)
+
+
+LONGEST_MS = round(100 * 365.25 * 86_400_000)
+"""The longest duration a setting takes: about a century (a longer one is a unit mistake)."""
+
+
+def duration_ms(value: timedelta | float, what: str, *, positive: bool = False) -> int:
+    """A ``timedelta`` or a number of seconds as milliseconds (``what`` names it in errors);
+    a positive duration is at least 1 ms.
+
+    Raises:
+        TypeError: ``value`` is neither.
+        ValueError: it is negative (or zero when ``positive``), not finite, or longer than a
+            century.
+    """
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise TypeError(f"{what} must be a timedelta or a number of seconds, not {value!r}")
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{what} must be finite and {bound}, not {value!r}")
+    if seconds * 1000 > LONGEST_MS:
+        raise ValueError(f"{what} is at most a century (a longer one is a unit mistake)")
+    return max(1 if positive else 0, round(seconds * 1000))

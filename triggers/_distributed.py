@@ -14,13 +14,12 @@ The controller is an intent of a built-in trigger in the ledger of the actor nam
 
 from __future__ import annotations
 
-import math
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
-from ledger import JSON, IntentStatus, LedgerTx, ledger_relpath
+from ledger import JSON, IntentStatus, LedgerTx, duration_ms, ledger_relpath
 
 from ._abort import AbortSignal
 from ._engine import cancel_op
@@ -182,8 +181,8 @@ class DistributedAbortController:
             ledger.LedgerError: the actor's ledger could not be written.
         """
         ledger_relpath(id)
-        ttl_ms = _duration_ms(ttl, "ttl", positive=True)
-        grace_ms = _duration_ms(grace, "grace", positive=False)
+        ttl_ms = duration_ms(ttl, "ttl", positive=True)
+        grace_ms = duration_ms(grace, "grace")
         run_id, fired = await host.store.run(id, _get_or_create(ttl_ms, grace_ms))
         return cls(host, id, run_id, fired=fired)
 
@@ -306,22 +305,6 @@ def _get_or_create(ttl_ms: int, grace_ms: int) -> Any:
         return event.id, (False, None)
 
     return op
-
-
-def _duration_ms(value: timedelta | float, name: str, *, positive: bool) -> int:
-    seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
-        raise TypeError(f"{name} must be a timedelta or a number of seconds")
-    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be finite and {bound}, not {value!r}")
-    if seconds > _LONGEST_S:
-        raise ValueError(f"{name} is at most a century (a longer one is a unit mistake)")
-    return max(1 if positive else 0, round(seconds * 1000))
-
-
-_LONGEST_S = 100 * 365.25 * 86_400
-"""The longest ``ttl`` or ``grace``, as for a workflow's sleep."""
 
 
 def _show_ms(ms: int) -> str:

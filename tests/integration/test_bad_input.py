@@ -213,6 +213,7 @@ async def test_calls_on_a_stopped_host_say_so_and_it_cannot_be_entered_again(
         ({"idempotency_retention": -5}, ValueError, "idempotency_retention"),
         ({"idempotency_retention": timedelta(seconds=-1)}, ValueError, "idempotency_retention"),
         ({"idempotency_retention": float("nan")}, ValueError, "idempotency_retention"),
+        ({"idempotency_retention": 1e12}, ValueError, "at most a century"),
         ({"config": {"max_concurrency": 4}}, TypeError, "config must be a SchedulerConfig"),
     ],
 )
