@@ -3,10 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
+
+
+def _rebuilt(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
+
+def reduce_error(error: BaseException) -> tuple[Any, ...]:
+    """``__reduce__`` for errors whose ``__init__`` does not take their ``args`` (a path and a
+    detail, say, where ``args`` holds the message): they unpickle without calling it, with
+    their message and attributes as they were."""
+    return _rebuilt, (type(error), error.args, dict(error.__dict__))
 
 
 class LedgerError(Exception):
     """Root of every error the ledger raises."""
+
+    __reduce__ = reduce_error
 
 
 class LedgerCorruptError(LedgerError):

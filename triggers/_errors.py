@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ledger._errors import reduce_error
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
@@ -14,6 +16,8 @@ if TYPE_CHECKING:
 
 class TriggerError(Exception):
     """Root of the trigger engine's errors."""
+
+    __reduce__ = reduce_error
 
 
 class TriggerDefinitionError(TriggerError, TypeError):
