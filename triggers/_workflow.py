@@ -722,8 +722,9 @@ def _check_calls(what: str, calls: Sequence[Awaitable[Any]]) -> None:
 
 
 class StepMisuseError(FatalError, RuntimeError):
-    """A body's call awaited inside a step: a mistake in the code, so the step fails at once
-    (``FatalError``) rather than being retried."""
+    """A body's call (a step call, ``sleep``, a hook, ``gather``, ``race``) awaited inside a
+    step: a mistake in the code, so the step fails at once (``FatalError``) rather than being
+    retried. A ``RuntimeError`` too."""
 
 
 def _refuse_in_step() -> None:

@@ -31,6 +31,7 @@ from ._workflow import HookNotFoundError as HookNotFoundError
 from ._workflow import ReplayDivergenceError as ReplayDivergenceError
 from ._workflow import RunCancelledError as RunCancelledError
 from ._workflow import StepFailedError as StepFailedError
+from ._workflow import StepMisuseError as StepMisuseError
 from ._workflow import TypedHook as TypedHook
 from ._workflow import Workflow as Workflow
 from ._workflow import WorkflowError as WorkflowError
@@ -57,6 +58,7 @@ __all__ = [
     "RunCancelledError",
     "RunFailedError",
     "StepFailedError",
+    "StepMisuseError",
     "TypedHook",
     "Workflow",
     "WorkflowError",
