@@ -15,6 +15,7 @@ from ._index import Directory as Directory
 from ._index import IndexDB as IndexDB
 from ._index import ProcessInfo as ProcessInfo
 from ._models import JSON as JSON
+from ._models import LONGEST_MS as LONGEST_MS
 from ._models import Event as Event
 from ._models import IntentState as IntentState
 from ._models import IntentStatus as IntentStatus
@@ -40,6 +41,7 @@ from ._tx import dump_json as dump_json
 
 __all__ = [
     "JSON",
+    "LONGEST_MS",
     "MAX_PAYLOAD_BYTES",
     "Clock",
     "Committed",

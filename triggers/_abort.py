@@ -368,7 +368,27 @@ def reason_text(reason: object) -> str | None:
         return None
     if isinstance(reason, AbortError):
         return reason_text(reason.reason)
-    return reason if isinstance(reason, str) else str(reason)
+    return storable(reason if isinstance(reason, str) else _text(reason))
+
+
+def describe(error: BaseException) -> str:
+    """``str(error)``, as text every ledger can store (see ``storable``)."""
+    return storable(_text(error))
+
+
+def _text(value: object) -> str:
+    try:
+        return str(value)
+    except Exception:  # a __str__ that raises must not stop the fact being recorded
+        return f"<{type(value).__name__} whose text could not be read>"
+
+
+def storable(text: str) -> str:
+    """``text`` with lone surrogates (from undecodable file names, say) written as escapes:
+    neither SQLite nor PostgreSQL can store them, and a failure must still be recorded."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _detach(removers: list[Callable[[], None]], _: AbortSignal | None) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from ledger import JSON, Event, IntentRow, IntentStatus, LedgerTx, NewClaim, ms_to_datetime
 
-from ._abort import AbortError, reason_text
+from ._abort import AbortError, describe, reason_text
 from ._errors import FatalError, IntentRejectedError, TriggerDefinitionError
 from ._results import Cancellation, CancelResult, CancelStatus, Failure
 from ._tx import Tx
@@ -328,7 +328,7 @@ def settle_op(
             message=(
                 f"attempt exceeded the trigger's timeout of {trigger.timeout}s"
                 if outcome is Outcome.TIMED_OUT
-                else str(error)
+                else describe(error)
             ),
             attempts=row.attempts,
         )
@@ -363,16 +363,21 @@ def _settle_completed(
         with tx.savepoint():
             _call_sync(trigger, "commit", trigger.commit, outcome, utx)
     except Exception as exc:
-        failure = Failure(error_type=type(exc).__name__, message=str(exc), attempts=row.attempts)
+        failure = Failure(
+            error_type=type(exc).__name__, message=describe(exc), attempts=row.attempts
+        )
         _settle_failed(tx, registry, trigger, row, payload, failure)
         return Settled.FAILED
     finally:
         utx._close()
     if utx.rescheduled_at is not None:
-        # A cancel was requested meanwhile: the next attempt starts aborted, so make it now
-        # rather than at a due time that may be far off.
-        due = tx.now_ms if row.cancel_requested_at is not None else utx.rescheduled_at
-        tx.reschedule(row.id, min(due, utx.rescheduled_at))
+        if row.cancel_requested_at is not None:
+            # A cancel was requested while this occurrence ran: its facts stand, and the
+            # series ends here, cancelled (another attempt, started aborted, could return
+            # again and again if its acquire does not look at the signal).
+            reached = _settle_cancelled(tx, registry, trigger, row, payload)
+            return Settled.CANCELLED if reached is IntentStatus.CANCELLED else Settled.FAILED
+        tx.reschedule(row.id, utx.rescheduled_at)
         return Settled.RESCHEDULED
     tx.finish(row.id, IntentStatus.COMPLETED, utx.event_ids)
     return Settled.COMPLETED
@@ -396,7 +401,9 @@ def _settle_cancelled(
                 cancellation, utx,
             )  # fmt: skip
     except Exception as exc:
-        failure = Failure(error_type=type(exc).__name__, message=str(exc), attempts=row.attempts)
+        failure = Failure(
+            error_type=type(exc).__name__, message=describe(exc), attempts=row.attempts
+        )
         _settle_failed(tx, registry, trigger, row, payload, failure)
         return IntentStatus.FAILED
     finally:
@@ -430,7 +437,10 @@ def _settle_failed(
         except Exception as exc:
             failure = Failure(
                 error_type=failure.error_type,
-                message=f"{failure.message} (and commit_failed raised {type(exc).__name__}: {exc})",
+                message=(
+                    f"{failure.message} (and commit_failed raised {type(exc).__name__}:"
+                    f" {describe(exc)})"
+                ),
                 attempts=failure.attempts,
             )
         else:

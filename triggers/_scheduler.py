@@ -593,8 +593,8 @@ class Scheduler:
                 try:
                     settled = await self.store.run(attempt.actor_id, op, reads=claimed.row.id)
                     break
-                except LedgerError as exc:
-                    log.warning("settle_failed", error=str(exc))
+                except Exception as exc:  # whatever it is, the attempt must finish here
+                    log.warning("settle_failed", error=repr(exc))
         # Gave up (LOST): the lease runs out and the intent is redriven; the token guards it.
         self._finished(attempt, claimed, settled, outcome, value, log, started)
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, NotRequired, TypedDict,
 
 from pydantic import BaseModel, ValidationError
 
-from ledger import JSON, check_text
+from ledger import JSON, LONGEST_MS, check_text
 
 from ._errors import (
     FatalError,
@@ -67,8 +67,12 @@ class RetryPolicy:
                 or value < 0
             ):
                 raise ValueError(f"RetryPolicy.{name} must be a finite number >= 0")
+            if name != "backoff_factor" and value * 1000 > LONGEST_MS:
+                raise ValueError(f"RetryPolicy.{name} is at most a century (seconds)")
         if self.backoff_factor < 1:
             raise ValueError("RetryPolicy.backoff_factor must be >= 1")
+        if not isinstance(self.jitter, bool):
+            raise TypeError(f"RetryPolicy.jitter must be a bool, not {self.jitter!r}")
 
     def backoff(self, failed_attempts: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after the ``failed_attempts``-th failed attempt."""

@@ -11,7 +11,7 @@ import structlog
 
 from ledger import JSON, Clock, Event, check_kinds, dump_json, ms_to_datetime, system_clock
 
-from ._abort import AbortController, AbortSignal
+from ._abort import AbortController, AbortSignal, describe
 from ._context import TriggerContext
 from ._engine import _call_sync
 from ._results import Cancellation, Failure
@@ -224,7 +224,7 @@ class TriggerEnvironment:
         """
         if isinstance(failure, BaseException):
             failure = Failure(
-                error_type=type(failure).__name__, message=str(failure), attempts=self.attempt
+                error_type=type(failure).__name__, message=describe(failure), attempts=self.attempt
             )
         commit_failed = self.trigger.commit_failed
         if commit_failed is None:

@@ -7,12 +7,20 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import pytest
 
 from actors import ActorHost, HostClosedError, define_agent_do
 from ledger import JSON, LedgerClosedError, PayloadError, Projection
 from tests.helpers import FAILED, fast_config, make_trigger, open_host
-from triggers import DistributedAbortController, SchedulerConfig, TriggerContext, Tx
+from triggers import (
+    AbortError,
+    DistributedAbortController,
+    RetryPolicy,
+    SchedulerConfig,
+    TriggerContext,
+    Tx,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -355,3 +363,66 @@ async def test_a_commit_cannot_use_a_reserved_key(tmp_path: Path) -> None:
         failure = (await agent.events(kinds=[FAILED]))[0].payload
         assert "reserved" in failure["message"]
         assert len(await agent.intents()) == 1
+
+
+# -- failures that are awkward to record --------------------------------------------------
+
+
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (ValueError("bad \ud800 name"), "bad \\ud800 name"),
+        (Unprintable(), "<Unprintable whose text could not be read>"),
+    ],
+)
+async def test_a_failure_whose_text_cannot_be_stored_is_recorded_escaped(
+    tmp_path: Path, error: Exception, message: str
+) -> None:
+    """An error whose message holds a lone surrogate (an undecodable file name, say) or
+    whose ``__str__`` raises still fails the intent with its failure fact; the host neither
+    loses the attempt nor hangs on its way out."""
+
+    async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
+        raise error
+
+    trigger = make_trigger(KIND, acquire, retry=RetryPolicy(max_attempts=1))
+    with anyio.fail_after(30):
+        async with open_host(tmp_path, trigger) as host:
+            agent = host.get("a")
+            intent = await agent.enqueue_trigger(trigger_kind=KIND)
+            state = await agent.wait_for_intent(intent.id)
+            failure = (await agent.events(kinds=[FAILED]))[0].payload
+    assert state.status == "failed"
+    assert failure["message"] == message
+
+
+async def test_a_self_cancel_whose_reason_cannot_be_stored_is_recorded_escaped(
+    tmp_path: Path,
+) -> None:
+    async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
+        raise AbortError("stop \udcff")
+
+    with anyio.fail_after(30):
+        async with open_host(tmp_path, make_trigger(KIND, acquire)) as host:
+            agent = host.get("a")
+            intent = await agent.enqueue_trigger(trigger_kind=KIND)
+            state = await agent.wait_for_intent(intent.id)
+    assert (state.status, state.cancel_reason) == ("cancelled", "stop \\udcff")
+
+
+@pytest.mark.parametrize(
+    ("options", "error"),
+    [
+        ({"initial_backoff": 1e17}, ValueError),
+        ({"max_backoff": 1e17}, ValueError),
+        ({"jitter": "no"}, TypeError),
+    ],
+)
+def test_retry_policies_out_of_bounds_are_refused(options: dict[str, Any], error: type) -> None:
+    with pytest.raises(error, match="RetryPolicy"):
+        RetryPolicy(**options)

@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from ledger import IntentStatus
-from tests.helpers import DONE, make_trigger, open_host
+from tests.helpers import CANCELLED, DONE, make_trigger, open_host
 from triggers import CancelStatus
 
 if TYPE_CHECKING:
@@ -106,8 +106,10 @@ async def test_reschedule_runs_the_intent_again(tmp_path: Path) -> None:
 
 
 async def test_cancel_request_survives_a_reschedule(tmp_path: Path) -> None:
-    """A cancel requested while an attempt runs is not consumed when its commit reschedules:
-    the next attempt starts with its signal aborted and the intent ends cancelled."""
+    """A cancel requested while an occurrence runs is not consumed when its commit
+    reschedules: the occurrence's facts stand and the series ends there, cancelled, with no
+    further attempt (one started aborted could return and reschedule again, for ever, if its
+    acquire did not look at the signal)."""
     started = anyio.Event()
     proceed = anyio.Event()
     seen: list[bool] = []
@@ -137,8 +139,43 @@ async def test_cancel_request_survives_a_reschedule(tmp_path: Path) -> None:
         with anyio.fail_after(10):
             state = await agent.wait_for_intent(intent.id)
         assert (state.status, state.cancel_reason) == (IntentStatus.CANCELLED, "stop the series")
-        assert seen == [False, True]
+        assert seen == [False]
         assert [e.payload for e in await agent.events(kinds=["test.tick"])] == ["first"]
+        assert state.terminal_event_ids == tuple(
+            e.id for e in await agent.events(kinds=[CANCELLED])
+        )
+
+
+async def test_a_series_whose_acquire_ignores_the_signal_ends_on_a_cancel(
+    tmp_path: Path,
+) -> None:
+    """A recurring trigger whose acquire never looks at its signal still ends once cancelled:
+    the occurrence running then commits, and no other starts."""
+    started = anyio.Event()
+    proceed = anyio.Event()
+    runs: list[int] = []
+
+    async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
+        runs.append(ctx.attempt)
+        started.set()
+        await proceed.wait()  # never looks at ctx.signal
+        return len(runs)
+
+    def commit(outcome: JSON, tx: Tx) -> None:
+        tx.insert_event(kind="test.tick", payload=outcome)
+        tx.reschedule(tx.now)  # due again at once: a busy series
+
+    async with open_host(tmp_path, make_trigger("test.work", acquire, commit=commit)) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind="test.work")
+        await started.wait()
+        await agent.cancel_trigger(trigger_kind="test.work", intent_event_id=intent.id)
+        proceed.set()
+        with anyio.fail_after(10):
+            state = await agent.wait_for_intent(intent.id)
+        assert state.status is IntentStatus.CANCELLED
+        assert runs == [1]
+        assert [e.payload for e in await agent.events(kinds=["test.tick"])] == [1]
 
 
 async def test_cancel_during_a_far_reschedule_ends_the_intent_now(tmp_path: Path) -> None:
