@@ -97,7 +97,9 @@ async def _until_signalled(args: argparse.Namespace) -> int:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as received:
                 async for signum in received:
                     codes.append(128 + signum)
-                    tg.cancel_scope.cancel()
+                    # A command serving a host stops inside it (see ``_serve``); others stop.
+                    stop = getattr(args, "stop_scope", None)
+                    (stop or tg.cancel_scope).cancel()
                     return
 
         tg.start_soon(watch)
@@ -237,28 +239,36 @@ async def _serve(args: argparse.Namespace) -> int:
     spec = load_app(args.app)
     log = structlog.get_logger("actors")
     async with ActorHost(spec, data_dir=args.data_dir) as host:
-        if args.no_http:
-            log.info("serving", data_dir=str(host.data_dir), http=False)
-            await anyio.sleep_forever()
-        import uvicorn
-
-        from .http import close_streams, create_app
-
-        app = create_app(host, token=args.token)
-        # Bind first, so the log line names the real port (also for --port 0) and requests
-        # sent as soon as it is printed wait in the backlog instead of being refused.
-        sock = _listen(args.host, args.port)
-        port = sock.getsockname()[1]
-        config = uvicorn.Config(
-            app, log_config=None, access_log=False, timeout_graceful_shutdown=_HTTP_GRACE
-        )
-        log.info("serving", data_dir=str(host.data_dir), url=f"http://{args.host}:{port}")
-        try:
-            stopping = functools.partial(close_streams, app)
-            await _serve_until_cancelled(uvicorn.Server(config), sock, stopping)
-        finally:
-            sock.close()
+        # A signal ends what runs in this scope, and the host is left in order: running
+        # attempts get their grace and are released (cancelling the scope that holds the host
+        # itself would cut its attempts and its ledger writes short).
+        with anyio.CancelScope() as args.stop_scope:
+            await _serve_host(args, host, log)
     return OK
+
+
+async def _serve_host(args: argparse.Namespace, host: ActorHost, log: Any) -> None:
+    if args.no_http:
+        log.info("serving", data_dir=str(host.data_dir), http=False)
+        await anyio.sleep_forever()
+    import uvicorn
+
+    from .http import close_streams, create_app
+
+    app = create_app(host, token=args.token)
+    # Bind first, so the log line names the real port (also for --port 0) and requests sent
+    # as soon as it is printed wait in the backlog instead of being refused.
+    sock = _listen(args.host, args.port)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app, log_config=None, access_log=False, timeout_graceful_shutdown=_HTTP_GRACE
+    )
+    log.info("serving", data_dir=str(host.data_dir), url=f"http://{args.host}:{port}")
+    try:
+        stopping = functools.partial(close_streams, app)
+        await _serve_until_cancelled(uvicorn.Server(config), sock, stopping)
+    finally:
+        sock.close()
 
 
 _HTTP_GRACE = 5

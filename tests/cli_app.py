@@ -20,10 +20,13 @@ def positive(payload: Any) -> Any:
 
 
 async def chatty(intent: Any, ctx: TriggerContext) -> Any:
-    """Streams ``n`` chunks, then returns."""
+    """Streams ``n`` chunks, then returns (with ``"hold": true``, once its signal aborts)."""
     for index in range(intent["n"]):
         await ctx.stream.write({"chunk": index})
         await anyio.lowlevel.checkpoint()
+    if intent.get("hold"):
+        await ctx.signal.wait()
+        ctx.signal.throw_if_aborted()
     return {"chunks": intent["n"]}
 
 

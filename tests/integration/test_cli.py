@@ -20,7 +20,7 @@ import pytest
 
 from actors import ActorHost
 from tests.cli_app import AgentDO
-from tests.helpers import fast_config
+from tests.helpers import fast_config, wait_until
 from tests.integration.test_lifecycle import lost_claim, past_clock
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -309,3 +309,46 @@ def test_a_closed_pipe_ends_a_command_quietly(data: str) -> None:
     _, stderr = reader.communicate(timeout=60)
     assert reader.returncode == 141, stderr
     assert b"Traceback" not in stderr, stderr
+
+
+async def _running(data: str) -> None:
+    """Until the held attempt of chat:1's intent 1 has started in the serving process."""
+    async with ActorHost(AgentDO, data_dir=data, run_scheduler=False) as client:
+        agent = client.get("chat:1")
+
+        async def started() -> bool:
+            return (await agent.intent(1)).status == "running"
+
+        await wait_until(agent, started, timeout=60)
+
+
+async def _state(data: str) -> Any:
+    async with ActorHost(AgentDO, data_dir=data, run_scheduler=False) as client:
+        return await client.get("chat:1").intent(1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_serve_stops_in_order_while_an_attempt_runs(data: str, signum: int) -> None:
+    """A signal while an attempt runs leaves the host in order: the attempt gets the
+    shutdown grace, its signal aborts with reason "shutdown", its claim is released for a
+    redrive, and the process exits 128 + the signal (it used to hang for good)."""
+    assert ACTORS is not None
+    enqueue(data, '{"n": 1, "hold": true}')
+    server = subprocess.Popen(
+        [ACTORS, "serve", APP, "--data-dir", data, "--no-http"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        anyio.run(_running, data)
+        server.send_signal(signum)
+        _, errors = server.communicate(timeout=60)
+    finally:
+        server.kill()
+    assert server.returncode == 128 + signum, errors
+    assert "Traceback" not in errors
+    state = anyio.run(_state, data)
+    assert (state.status, state.attempts) == ("pending", 0), "released for a redrive"
