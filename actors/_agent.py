@@ -71,6 +71,14 @@ def _check_id(intent_event_id: object) -> bool:
     return 0 <= intent_event_id <= _MAX_ID
 
 
+async def _run(host: ActorHost, actor_id: str, fn: Callable[[LedgerTx], T], **options: Any) -> T:
+    """``host.store.run``, raising ``HostClosedError`` when the host is not running."""
+    try:
+        return await host.store.run(actor_id, fn, **options)
+    except LedgerClosedError:
+        raise HostClosedError from None
+
+
 class Agent:
     """One actor: enqueue and cancel its work, read its ledger.
 
@@ -141,10 +149,7 @@ class Agent:
             after = None
             if eager is not None and scheduler is not None:
                 after = scheduler.after_enqueue(actor_id)
-            try:
-                result = await host.store.run(actor_id, op, after=after)
-            except LedgerClosedError:
-                raise HostClosedError from None
+            result = await _run(host, actor_id, op, after=after)
             return result.event
 
         return record
@@ -234,10 +239,7 @@ class Agent:
         when the actor has no ledger and ``create`` is false."""
         if not create:
             return await self._read(fn, None, write=write)
-        try:
-            return await self._host.store.run(self.actor_id, fn, write=write)
-        except LedgerClosedError:
-            raise HostClosedError from None
+        return await _run(self._host, self.actor_id, fn, write=write)
 
     # -- reads ----------------------------------------------------------------------------
 
@@ -252,13 +254,9 @@ class Agent:
         """Run ``op`` without creating a ledger: an actor that has none answers ``missing``.
         ``reads``: the intent whose row ``op`` reads (see ``Store.run``)."""
         try:
-            return await self._host.store.run(
-                self.actor_id, op, write=write, create=False, reads=reads
-            )
+            return await _run(self._host, self.actor_id, op, write=write, create=False, reads=reads)
         except LedgerNotFoundError:
             return missing
-        except LedgerClosedError:
-            raise HostClosedError from None
 
     async def events(
         self,

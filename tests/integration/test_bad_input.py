@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from actors import ActorHost, HostClosedError, define_agent_do
-from ledger import JSON, LedgerClosedError, PayloadError, Projection
+from ledger import JSON, IntentState, LedgerClosedError, PayloadError, Projection
 from tests.helpers import FAILED, fast_config, make_trigger, open_host
 from triggers import (
     AbortError,
@@ -294,12 +294,7 @@ async def test_an_acquire_that_is_not_async_fails_at_once(tmp_path: Path) -> Non
         calls.append(1)
         return {"done": True}
 
-    trigger = make_trigger(KIND, acquire)
-    async with open_host(tmp_path, trigger) as host:
-        agent = host.get("a")
-        intent = await agent.enqueue_trigger(trigger_kind=KIND)
-        state = await agent.wait_for_intent(intent.id)
-        failure = (await agent.events(kinds=[FAILED]))[0].payload
+    state, failure = await _run_to_its_end(tmp_path, make_trigger(KIND, acquire))
     assert state.status == "failed"
     assert state.attempts == 1
     assert calls == [1]
@@ -391,14 +386,21 @@ async def test_a_failure_whose_text_cannot_be_stored_is_recorded_escaped(
         raise error
 
     trigger = make_trigger(KIND, acquire, retry=RetryPolicy(max_attempts=1))
+    state, failure = await _run_to_its_end(tmp_path, trigger)
+    assert state.status == "failed"
+    assert failure["message"] == message
+
+
+async def _run_to_its_end(tmp_path: Path, trigger: Any) -> tuple[IntentState, Any]:
+    """Run one intent of ``trigger`` to its end (bounded, the host's exit included); its
+    terminal state and the payload of its first failure fact."""
     with anyio.fail_after(30):
         async with open_host(tmp_path, trigger) as host:
             agent = host.get("a")
             intent = await agent.enqueue_trigger(trigger_kind=KIND)
             state = await agent.wait_for_intent(intent.id)
             failure = (await agent.events(kinds=[FAILED]))[0].payload
-    assert state.status == "failed"
-    assert failure["message"] == message
+    return state, failure
 
 
 async def test_a_self_cancel_whose_reason_cannot_be_stored_is_recorded_escaped(

@@ -15,7 +15,8 @@ from triggers import CancelStatus
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ledger import JSON
+    from actors import Agent
+    from ledger import JSON, IntentState
     from triggers import TriggerContext, Tx
 
 pytestmark = [pytest.mark.anyio, pytest.mark.contract]
@@ -167,20 +168,15 @@ async def test_a_series_whose_acquire_ignores_the_signal_ends_on_a_cancel(
 
     async with open_host(tmp_path, make_trigger("test.work", acquire, commit=commit)) as host:
         agent = host.get("a")
-        intent = await agent.enqueue_trigger(trigger_kind="test.work")
-        await started.wait()
-        await agent.cancel_trigger(trigger_kind="test.work", intent_event_id=intent.id)
-        proceed.set()
-        with anyio.fail_after(10):
-            state = await agent.wait_for_intent(intent.id)
+        state = await _cancel_while_it_runs(agent, started, proceed)
         assert state.status is IntentStatus.CANCELLED
         assert runs == [1]
         assert [e.payload for e in await agent.events(kinds=["test.tick"])] == [1]
 
 
 async def test_cancel_during_a_far_reschedule_ends_the_intent_now(tmp_path: Path) -> None:
-    """A commit rescheduling its intent an hour ahead while a cancel was requested brings the
-    next attempt forward to now: it starts aborted and the intent ends cancelled at once."""
+    """A commit rescheduling its intent an hour ahead while a cancel was requested does not
+    leave it waiting for that hour: the series ends there, cancelled, at once."""
     started = anyio.Event()
     proceed = anyio.Event()
 
@@ -195,14 +191,21 @@ async def test_cancel_during_a_far_reschedule_ends_the_intent_now(tmp_path: Path
         tx.reschedule(tx.now + timedelta(hours=1))
 
     async with open_host(tmp_path, make_trigger("test.work", acquire, commit=commit)) as host:
-        agent = host.get("a")
-        intent = await agent.enqueue_trigger(trigger_kind="test.work")
-        await started.wait()
-        await agent.cancel_trigger(trigger_kind="test.work", intent_event_id=intent.id)
-        proceed.set()
-        with anyio.fail_after(10):
-            state = await agent.wait_for_intent(intent.id)
+        state = await _cancel_while_it_runs(host.get("a"), started, proceed)
         assert state.status is IntentStatus.CANCELLED
+
+
+async def _cancel_while_it_runs(
+    agent: Agent, started: anyio.Event, proceed: anyio.Event
+) -> IntentState:
+    """Enqueue a ``test.work`` intent, cancel it once its attempt has ``started``, let the
+    attempt ``proceed``, and return the intent's terminal state (bounded wait)."""
+    intent = await agent.enqueue_trigger(trigger_kind="test.work")
+    await started.wait()
+    await agent.cancel_trigger(trigger_kind="test.work", intent_event_id=intent.id)
+    proceed.set()
+    with anyio.fail_after(10):
+        return await agent.wait_for_intent(intent.id)
 
 
 async def test_reserved_kinds_and_stale_tx_are_refused(tmp_path: Path) -> None:
