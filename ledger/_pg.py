@@ -985,9 +985,11 @@ class PostgresStore(Store):
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self._stop_pumps()
-        with anyio.CancelScope(shield=True):
-            await self._close_connections()
+        try:
+            await self._stop_pumps()  # as ``LedgerStore``'s: a cancellation skips nothing
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close_connections()
 
     async def _close_connections(self) -> None:
         conns = [*self._conns.values(), *([self._index] if self._index else [])]

@@ -413,6 +413,12 @@ class Store:
     # -- the pump -------------------------------------------------------------------------
 
     async def _pump(self, shard: _Shard) -> None:
+        # Shielded: what is queued runs whatever cancels the task around the store (an
+        # attempt's settle must land); the pump ends when ``_stop_pumps`` has it drain.
+        with anyio.CancelScope(shield=True):
+            await self._pump_until_closed(shard)
+
+    async def _pump_until_closed(self, shard: _Shard) -> None:
         while True:
             if not shard.pending and await self._idle(shard):
                 continue
@@ -569,15 +575,19 @@ class LedgerStore(Store):
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self._stop_pumps()
-        with anyio.CancelScope(shield=True):
-            for shard, worker in zip(self._shards, self._workers, strict=True):
-                await worker.run(self._close_shard, shard)
-                await worker.stop()
-            for _ in self._closers:
-                self._to_close.put(None)
-            for closer in self._closers:
-                await anyio.to_thread.run_sync(closer.join)
+        try:
+            # The pumps drain what is queued; a cancelled caller's cancellation is raised
+            # again once they have ended, and must not skip closing the ledgers.
+            await self._stop_pumps()
+        finally:
+            with anyio.CancelScope(shield=True):
+                for shard, worker in zip(self._shards, self._workers, strict=True):
+                    await worker.run(self._close_shard, shard)
+                    await worker.stop()
+                for _ in self._closers:
+                    self._to_close.put(None)
+                for closer in self._closers:
+                    await anyio.to_thread.run_sync(closer.join)
 
     async def exists(self, actor_id: str) -> bool:
         """True if ``actor_id`` has a ledger file."""

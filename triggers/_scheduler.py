@@ -258,17 +258,29 @@ class Scheduler:
             self.hint(actor_id)
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Run until cancelled; call ``shutdown()`` first for a graceful stop."""
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            async with anyio.create_task_group() as attempts:
-                self._attempt_tg = attempts
-                self._pool = TaskPool(attempts)
-                tg.start_soon(self._timer_loop)
-                tg.start_soon(self._dispatch_loop)
-                tg.start_soon(self._renew_loop)
-                task_status.started()
-                await anyio.sleep_forever()
+        """Claim and run due work until cancelled; then stop as ``shutdown()`` does.
+
+        A cancellation stops the claiming at once, but it does not cut running attempts
+        short: they are shielded from it (their leases still renewed) and get the shutdown
+        grace, then are aborted with reason ``"shutdown"`` and released; each settles before
+        this returns.
+        """
+        renewing = anyio.CancelScope(shield=True)
+        async with anyio.create_task_group() as attempts:
+            self._attempt_tg = attempts
+            self._pool = TaskPool(attempts)
+            attempts.start_soon(self._renew_loop, renewing)
+            try:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    tg.start_soon(self._timer_loop)
+                    tg.start_soon(self._dispatch_loop)
+                    task_status.started()
+                    await anyio.sleep_forever()
+            finally:
+                await self.shutdown()
+                renewing.cancel()
+                self._pool.close()
 
     async def shutdown(self) -> None:
         """Stop claiming; let running attempts finish within the grace, then abort them with
@@ -291,8 +303,9 @@ class Scheduler:
 
     async def _wait_idle(self) -> None:
         while self._running or self._claiming or self._eager:
-            self._idle = anyio.Event()
-            await self._idle.wait()
+            if self._idle.is_set():
+                self._idle = anyio.Event()  # set when it was last idle: wait for the next time
+            await self._idle.wait()  # shared by every waiter (shutdown may run twice at once)
 
     def _check_idle(self) -> None:
         if not self._running and not self._claiming and not self._eager:
@@ -419,15 +432,18 @@ class Scheduler:
         self._dispatch_wake.set()
         self._check_idle()
 
-    async def _renew_loop(self) -> None:
-        while True:
-            await anyio.sleep(self.config.lease / 3)
-            by_actor: dict[str, list[str]] = {}
-            for attempt in self._running.values():
-                by_actor.setdefault(attempt.actor_id, []).append(attempt.token)
-            async with anyio.create_task_group() as tg:
-                for actor_id, tokens in by_actor.items():
-                    tg.start_soon(self._renew, actor_id, tokens)
+    async def _renew_loop(self, scope: anyio.CancelScope) -> None:
+        """Renew the leases of the running attempts, until ``scope`` (shielded: running
+        attempts outlive a cancellation of ``serve``) is cancelled."""
+        with scope:
+            while True:
+                await anyio.sleep(self.config.lease / 3)
+                by_actor: dict[str, list[str]] = {}
+                for attempt in self._running.values():
+                    by_actor.setdefault(attempt.actor_id, []).append(attempt.token)
+                async with anyio.create_task_group() as tg:
+                    for actor_id, tokens in by_actor.items():
+                        tg.start_soon(self._renew, actor_id, tokens)
 
     async def _renew(self, actor_id: str, tokens: list[str]) -> None:
         try:

@@ -424,6 +424,83 @@ async def test_shutdown_waits_for_attempts_within_grace(tmp_path: Path) -> None:
         assert gate.attempts == [(intent.id, 1, False, False)]
 
 
+@pytest.mark.timeout(60)  # the old code never returned: the test fails rather than hangs
+async def test_cancelling_the_task_holding_the_host_stops_it_in_order(tmp_path: Path) -> None:
+    """A cancellation of the task that holds the host (Ctrl-C on ``anyio.run``, a cancelled
+    task group) stops it as leaving it does: the running attempt gets the grace, then its
+    signal aborts with reason "shutdown", and the intent is released (pending, uncounted)
+    before the host has stopped; the next host runs it."""
+    gate = Gate()
+    reasons: list[object] = []
+    box: dict[str, int] = {}
+
+    async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
+        try:
+            return await gate.acquire(intent, ctx)
+        finally:
+            reasons.append(ctx.signal.reason)
+
+    async def hold(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with open_host(tmp_path, make_trigger(KIND, acquire)) as host:
+            intent = await host.get("a").enqueue_trigger(trigger_kind=KIND, payload="p")
+            box["id"] = intent.id
+            await gate.wait_started(intent.id)
+            task_status.started()
+            await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(hold)
+        tg.cancel_scope.cancel()
+    assert reasons == ["shutdown"]
+
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as client:
+        state = await client.get("a").intent(box["id"])
+        assert (state.status, state.attempts) == (IntentStatus.PENDING, 0)
+
+    again = Gate()
+    again.open(box["id"])
+    async with open_host(tmp_path, make_trigger(KIND, again.acquire)) as host:
+        state = await terminal(host.get("a"), box["id"])
+        assert state.status is IntentStatus.COMPLETED
+        assert again.attempts == [(box["id"], 1, True, False)]
+
+
+@pytest.mark.timeout(60)
+async def test_an_attempt_ending_within_the_grace_of_a_cancelled_host_completes(
+    tmp_path: Path,
+) -> None:
+    """The host's task is cancelled while an attempt runs that finishes within the grace:
+    the attempt is not cut short, and its outcome is committed before the host stops."""
+    gate = Gate()
+    box: dict[str, int] = {}
+
+    async def hold(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+        grace = fast_config(shutdown_grace=30)
+        async with open_host(tmp_path, make_trigger(KIND, gate.acquire), config=grace) as host:
+            intent = await host.get("a").enqueue_trigger(trigger_kind=KIND, payload="p")
+            box["id"] = intent.id
+            await gate.wait_started(intent.id)
+            task_status.started()
+            await anyio.sleep_forever()
+
+    async def release_once_stopping() -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.wait_all_tasks_blocked()  # every task now waits: the host is stopping
+            gate.open(box["id"])
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(hold)
+        tg.cancel_scope.cancel()
+        tg.start_soon(release_once_stopping)
+
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as client:
+        agent = client.get("a")
+        state = await agent.intent(box["id"])
+        assert (state.status, state.attempts) == (IntentStatus.COMPLETED, 1)
+        assert [e.payload for e in await facts(agent, DONE)] == [{"intent": "p", "attempt": 1}]
+    assert gate.attempts == [(box["id"], 1, False, False)]
+
+
 # -- redrives ------------------------------------------------------------------------------
 
 

@@ -529,6 +529,33 @@ async def test_sigkill_mid_acquire_is_redriven_by_the_next_host(tmp_path):
     assert host_b.find("started", intent=intent.id) == [redrive]
 
 
+async def test_ctrl_c_on_a_host_script_releases_the_running_attempt(tmp_path):
+    """SIGINT to a plain ``anyio.run`` host script (Ctrl-C) cancels its main task: the host
+    stops in order, as leaving it does (the attempt's signal aborts with reason "shutdown"
+    after the grace and the intent is released, uncounted), and the process exits; the next
+    host runs the intent at once, not after the 60 s lease."""
+    async with processes(tmp_path) as procs, open_client(tmp_path) as client:
+        host_a = await procs.start_host(*LONG_LEASE)
+        agent = client.get("chat:ctrl-c")
+        intent = await agent.enqueue_trigger(trigger_kind=WAIT, payload={"seconds": 3600})
+        await host_a.expect("started", intent=intent.id)
+        os.kill(host_a.pid, signal.SIGINT)
+        await host_a.wait_eof()
+        with anyio.fail_after(30):
+            code = await host_a.process.wait()
+        assert code != -signal.SIGKILL
+        assert "KeyboardInterrupt" in host_a.stderr()
+        state = await agent.intent(intent.id)
+        assert (state.status, state.attempts) == ("pending", 0)
+
+        host_b = await procs.start("host", *LONG_LEASE)
+        again = await host_b.expect("started", intent=intent.id)
+        assert (again["attempt"], again["redrive"]) == (1, True)
+        await host_b.send({"op": "release", "actor": agent.actor_id, "intent": intent.id})
+        assert (await wait_terminal(agent, intent.id)).status == "completed"
+        await host_b.stop()
+
+
 async def test_cancel_while_no_host_runs_reaches_the_redrive(tmp_path):
     """A cancel of work whose host was SIGKILLed answers requested; the next host's redrive
     starts with its signal already aborted and the intent ends cancelled with the reason."""

@@ -40,7 +40,7 @@ async def test_pool_reuses_idle_tasks() -> None:
             gate.set()
         await anyio.wait_all_tasks_blocked()
         assert done == 8
-        tg.cancel_scope.cancel()
+        pool.close()  # the idle tasks end: the group can end
 
 
 async def test_pool_job_error_reaches_the_task_group() -> None:
@@ -55,25 +55,65 @@ async def test_pool_job_error_reaches_the_task_group() -> None:
     assert caught.group_contains(RuntimeError, match="boom")
 
 
-async def test_pool_takes_a_job_while_its_group_is_cancelled() -> None:
-    """A job given after the group was cancelled (an ``after`` callback of a transaction that
-    was in flight) does not raise: the idle tasks are gone, so it gets a task of its own,
-    which runs until its first checkpoint, as any task started in a cancelled group."""
+async def test_pool_jobs_run_to_their_end_through_the_group_cancellation() -> None:
+    """A job given before or after its group was cancelled (an ``after`` callback of a
+    transaction that was in flight) runs to its end, checkpoints included: an attempt must
+    settle whatever cancels the task around the host. ``close()`` then ends the idle tasks,
+    and a job given after it runs on a task that ends with it."""
     ran: list[str] = []
+    gate = anyio.Event()
 
     async def job(name: str) -> None:
-        ran.append(name)
+        ran.append(f"{name} started")
+        await gate.wait()
+        await anyio.sleep(0)
+        ran.append(f"{name} done")
 
-    async with anyio.create_task_group() as tg:
-        pool = TaskPool(tg)
-        pool.start_soon(job, "first")
-        await anyio.wait_all_tasks_blocked()
-        assert ran == ["first"]  # its task now waits, idle
-        tg.cancel_scope.cancel()
-        with anyio.CancelScope(shield=True):
-            await anyio.wait_all_tasks_blocked()  # the idle task has been cancelled
-            pool.start_soon(job, "late")
-    assert ran == ["first", "late"]
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            pool = TaskPool(tg)
+            pool.start_soon(job, "first")
+            await anyio.wait_all_tasks_blocked()
+            tg.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                pool.start_soon(job, "late")
+                await anyio.wait_all_tasks_blocked()
+                assert ran == ["first started", "late started"]
+                gate.set()
+                await anyio.wait_all_tasks_blocked()
+                assert ran[2:] == ["first done", "late done"]
+                pool.start_soon(job, "idle task reused")  # on the task "first" left idle
+                await anyio.wait_all_tasks_blocked()
+                pool.close()
+                pool.start_soon(job, "after close")
+    assert ran[4:] == [
+        "idle task reused started",
+        "idle task reused done",
+        "after close started",
+        "after close done",
+    ]
+
+
+async def test_pool_close_ends_the_idle_tasks() -> None:
+    """The group's cancellation does not end the idle tasks (they are shielded); ``close()``
+    does, so the group can end."""
+    gate = anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            pool = TaskPool(tg)
+            pool.start_soon(gate.wait)
+            pool.start_soon(gate.wait)
+            await anyio.wait_all_tasks_blocked()
+            gate.set()
+            await anyio.wait_all_tasks_blocked()
+            alive = len(anyio.get_running_tasks())
+            tg.cancel_scope.cancel()
+            with anyio.CancelScope(shield=True):
+                await anyio.wait_all_tasks_blocked()
+                assert len(anyio.get_running_tasks()) == alive
+                pool.close()
+                await anyio.wait_all_tasks_blocked()
+                assert len(anyio.get_running_tasks()) == alive - 2
 
 
 def test_slots_never_go_below_zero_across_threads() -> None:
