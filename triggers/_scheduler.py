@@ -54,6 +54,9 @@ if TYPE_CHECKING:
 
 _log = structlog.get_logger("triggers")
 
+_MAX_CLAIM_BACKOFF_MS = 30_000
+"""Longest wait before the poll sends the scheduler back to an actor whose claims fail."""
+
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
@@ -141,6 +144,9 @@ class Scheduler:
         self._running: dict[tuple[str, int], _Attempt] = {}
         self._tokens: set[str] = set()
         self._timers: list[tuple[int, str]] = []
+        # Actors whose last claim failed (a corrupt ledger, a storage error): when the poll
+        # may send us there again, and the wait before that, doubled at each failure.
+        self._failing: dict[str, tuple[int, int]] = {}
         self._armed: dict[str, int] = {}
         # asyncio's event (the host runs on asyncio): set after nearly every claim and
         # attempt, where anyio's wrapper costs several times more.
@@ -346,7 +352,10 @@ class Scheduler:
         except Exception as exc:  # the next poll retries; the ledgers stay the truth
             _log.warning("index_poll_failed", error=str(exc))
             return
+        failing = self._failing
         for actor_id, due in rows:
+            if failing and actor_id in failing and failing[actor_id][0] > read_at:
+                continue  # its claims fail: not at every poll
             self.hint(actor_id, due, seen_at=read_at)
 
     async def _dispatch_loop(self) -> None:
@@ -418,9 +427,11 @@ class Scheduler:
     ) -> None:
         self._claiming.discard(actor_id)
         if error is not None or result is None:
-            _log.warning("claim_failed", actor=actor_id, error=repr(error))
+            self._claim_failed(actor_id, error)
             self._slots.give(taken.count)  # the claims did not commit
             result = ClaimResult([], False)
+        elif self._failing and self._failing.pop(actor_id, None) is not None:
+            _log.info("claim_recovered", actor=actor_id)
         assert self._attempt_tg is not None
         for claimed in result.claimed:
             # Registered before the task starts, so shutdown waits for (and releases) it.
@@ -431,6 +442,19 @@ class Scheduler:
             self._ready[actor_id] = None
         self._dispatch_wake.set()
         self._check_idle()
+
+    def _claim_failed(self, actor_id: str, error: BaseException | None) -> None:
+        """Put the poll's look at ``actor_id`` off, longer at each failure in a row; warn at
+        the first (the same failure at every poll would flood the log)."""
+        previous = self._failing.get(actor_id)
+        poll_ms = max(1, round(self.config.poll_interval * 1000))
+        wait_ms = poll_ms if previous is None else min(previous[1] * 2, _MAX_CLAIM_BACKOFF_MS)
+        wait_ms = max(wait_ms, poll_ms)
+        self._failing[actor_id] = (self.store.clock() + wait_ms, wait_ms)
+        if previous is None:
+            _log.warning("claim_failed", actor=actor_id, error=repr(error))
+        else:
+            _log.debug("claim_failed_again", actor=actor_id, error=repr(error), wait_ms=wait_ms)
 
     async def _renew_loop(self, scope: anyio.CancelScope) -> None:
         """Renew the leases of the running attempts, until ``scope`` (shielded: running

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
+import structlog.testing
 
 from actors import ActorHost, define_agent_do
 from ledger import (
@@ -365,6 +366,48 @@ async def test_corrupt_actor_with_due_work_does_not_stall_the_scheduler(tmp_path
         for i in range(3):
             await run_one(host, f"good-{i}")
         await assert_corrupt(host, "bad")
+
+
+async def test_claims_of_a_corrupt_actor_back_off_and_warn_once(tmp_path: Path) -> None:
+    """A corrupt actor with due work is not claimed at every poll, nor warned about at each:
+    one ``claim_failed`` warning, then looks ever further apart; once the file is good again
+    its work runs and ``claim_recovered`` is logged."""
+    async with open_host(tmp_path, make_trigger(), run_scheduler=False) as client:
+        intent = await client.get("bad").enqueue_trigger(trigger_kind="test.work")
+    path = ledger_path(tmp_path.resolve(), "bad")
+    good = path.read_bytes()
+    path.write_bytes(b"\xff" * 4096)
+    polls = 0
+    enough = anyio.Event()
+    config = fast_config(poll_interval=0.02)
+    with structlog.testing.capture_logs() as logs:
+        async with open_host(tmp_path, make_trigger(), config=config) as host:
+            scheduler = host.scheduler
+            assert scheduler is not None
+            poll = scheduler._poll
+
+            async def counted(now: int) -> None:
+                nonlocal polls
+                await poll(now)
+                polls += 1
+                if polls == 60:
+                    enough.set()
+
+            scheduler._poll = counted  # type: ignore[method-assign]
+            with anyio.fail_after(30):
+                await enough.wait()
+            failures = [e for e in logs if e["event"].startswith("claim_failed")]
+            assert [e["event"] for e in failures[:1]] == ["claim_failed"]
+            assert [e["log_level"] for e in failures[1:]] == ["debug"] * (len(failures) - 1)
+            # One look per poll would be 60; doubling waits from 20 ms make about 7.
+            assert 2 <= len(failures) <= 15, len(failures)
+
+            path.write_bytes(good)
+            with anyio.fail_after(20):
+                state = await host.get("bad").wait_for_intent(intent.id)
+            assert state.status == "completed"
+    assert [e["event"] for e in logs].count("claim_recovered") == 1
+    assert [e["event"] for e in logs].count("claim_failed") == 1
 
 
 async def test_foreign_sqlite_database_is_refused(tmp_path: Path) -> None:
