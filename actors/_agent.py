@@ -17,7 +17,9 @@ from ledger import (
     LedgerNotFoundError,
     LedgerTx,
     Projection,
+    check_event_id,
     check_kinds,
+    check_position,
     check_text,
     datetime_to_ms,
     dump_json,
@@ -39,20 +41,6 @@ _PAGE = 500
 T = TypeVar("T")
 
 
-_MAX_ID = (1 << 63) - 1
-"""Event ids are 64-bit signed integers in both backends."""
-
-
-def _check_position(value: object, name: str, *, optional: bool = False) -> None:
-    """``after``, ``limit`` and ``start``: ints from 0 to 2**63 - 1 (or None if optional)."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    if not 0 <= value <= _MAX_ID:
-        raise ValueError(f"{name} must be between 0 and 2**63 - 1, not {value}")
-
-
 def _check_status(status: object) -> None:
     """Refuse anything but an intent status, naming the valid ones."""
     if status not in _STATUSES:
@@ -61,14 +49,6 @@ def _check_status(status: object) -> None:
 
 
 _STATUSES = tuple(status.value for status in IntentStatus)
-
-
-def _check_id(intent_event_id: object) -> bool:
-    """Refuse a non-int id; True if it can name an event (0 to 2**63 - 1), False for an int
-    no event can have (the caller answers "not found" without asking the ledger)."""
-    if isinstance(intent_event_id, bool) or not isinstance(intent_event_id, int):
-        raise TypeError(f"intent_event_id must be an int, not {type(intent_event_id).__name__}")
-    return 0 <= intent_event_id <= _MAX_ID
 
 
 async def _run(host: ActorHost, actor_id: str, fn: Callable[[LedgerTx], T], **options: Any) -> T:
@@ -215,7 +195,7 @@ class Agent:
             HostClosedError: the host is not running (enter it with ``async with`` first).
         """
         trigger = self._host.spec.registry.get(trigger_kind)
-        storable = _check_id(intent_event_id)
+        storable = check_event_id(intent_event_id)
         if reason is not None and not isinstance(reason, str):
             raise TypeError(f"reason must be a str or None, not {type(reason).__name__}")
         if requested_by is not None and not isinstance(requested_by, str):
@@ -274,9 +254,9 @@ class Agent:
                 something other than a str without NUL.
         """
         kind_list = check_kinds(kinds)
-        _check_position(after, "after")
-        _check_position(limit, "limit", optional=True)
-        if intent_event_id is not None and not _check_id(intent_event_id):
+        check_position(after, "after")
+        check_position(limit, "limit", optional=True)
+        if intent_event_id is not None and not check_event_id(intent_event_id):
             return []
 
         def op(tx: LedgerTx) -> list[Event]:
@@ -292,7 +272,7 @@ class Agent:
         Raises:
             IntentNotFoundError: no intent with that id in this actor.
         """
-        if not _check_id(intent_event_id):
+        if not check_event_id(intent_event_id):
             raise IntentNotFoundError(self.actor_id, intent_event_id)
         row = await self._read(
             lambda tx: tx.intent_row(intent_event_id), None, reads=intent_event_id
@@ -310,8 +290,8 @@ class Agent:
             TypeError, ValueError: ``after`` or ``limit`` is not an int from 0 to 2**63 - 1,
                 or ``status`` is not an intent status.
         """
-        _check_position(after, "after")
-        _check_position(limit, "limit", optional=True)
+        check_position(after, "after")
+        check_position(limit, "limit", optional=True)
         if status is not None:
             _check_status(status)
         none: list[IntentRow] = []
@@ -376,9 +356,9 @@ class Agent:
         Raises:
             IntentNotFoundError: no intent with that id in this actor.
         """
-        if not _check_id(intent_event_id):
+        if not check_event_id(intent_event_id):
             raise IntentNotFoundError(self.actor_id, intent_event_id)
-        _check_position(start, "start")
+        check_position(start, "start")
         store = self._host.store
 
         def read(tx: LedgerTx) -> tuple[list[JSON], str | None]:

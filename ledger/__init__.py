@@ -35,7 +35,9 @@ from ._tx import IntentRow as IntentRow
 from ._tx import LedgerTx as LedgerTx
 from ._tx import NewClaim as NewClaim
 from ._tx import TxEffects as TxEffects
+from ._tx import check_event_id as check_event_id
 from ._tx import check_kinds as check_kinds
+from ._tx import check_position as check_position
 from ._tx import check_text as check_text
 from ._tx import dump_json as dump_json
 
@@ -66,7 +68,9 @@ __all__ = [
     "Projection",
     "Store",
     "TxEffects",
+    "check_event_id",
     "check_kinds",
+    "check_position",
     "check_text",
     "datetime_to_ms",
     "dump_json",

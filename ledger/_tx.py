@@ -154,6 +154,38 @@ def check_text(value: str | None, what: str) -> None:
         raise PayloadError(f"{what} must not contain NUL characters")
 
 
+MAX_ID = (1 << 63) - 1
+"""The largest event id (SQLite's and PostgreSQL's 64-bit signed integer)."""
+
+
+def check_position(value: object, name: str, *, optional: bool = False) -> None:
+    """``after``, ``limit``, ``start`` of a read: ints from 0 to 2**63 - 1 (or None if
+    ``optional``).
+
+    Raises:
+        TypeError: ``value`` is not an int (a bool is not one here).
+        ValueError: ``value`` is out of that range.
+    """
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not 0 <= value <= MAX_ID:
+        raise ValueError(f"{name} must be between 0 and 2**63 - 1, not {value}")
+
+
+def check_event_id(intent_event_id: object) -> bool:
+    """Refuse a non-int id; True if it can name an event (0 to 2**63 - 1), False for an int
+    no event can have (the caller answers "not found" without asking the ledger).
+
+    Raises:
+        TypeError: ``intent_event_id`` is not an int.
+    """
+    if isinstance(intent_event_id, bool) or not isinstance(intent_event_id, int):
+        raise TypeError(f"intent_event_id must be an int, not {type(intent_event_id).__name__}")
+    return 0 <= intent_event_id <= MAX_ID
+
+
 def check_kinds(kinds: Iterable[str] | None) -> list[str] | None:
     """``kinds`` (event kinds to filter by) as a list, or None for every kind.
 

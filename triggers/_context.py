@@ -5,7 +5,16 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ledger import JSON, Event, LedgerTx, dump_json, ms_to_datetime
+from ledger import (
+    JSON,
+    Event,
+    LedgerTx,
+    check_event_id,
+    check_kinds,
+    check_position,
+    dump_json,
+    ms_to_datetime,
+)
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -31,7 +40,7 @@ class ContextBackend(Protocol):
         actor_id: str,
         *,
         after: int,
-        kinds: Iterable[str] | None,
+        kinds: list[str] | None,
         intent_event_id: int | None,
         limit: int | None,
     ) -> list[Event]: ...
@@ -149,10 +158,21 @@ class TriggerContext:
         the given ``kinds`` (a list) and those of one intent.
 
         Raises:
-            TypeError: ``kinds`` is a single str (give a list) or holds a non-str.
+            TypeError, ValueError: ``after``, ``limit`` or ``intent_event_id`` is not an int
+                from 0 to 2**63 - 1, or ``kinds`` is a single str (give a list) or holds
+                something other than a str without NUL.
         """
+        kind_list = check_kinds(kinds)
+        check_position(after, "after")
+        check_position(limit, "limit", optional=True)
+        if intent_event_id is not None and not check_event_id(intent_event_id):
+            return []
         return await self._backend.read_events(
-            self.actor_id, after=after, kinds=kinds, intent_event_id=intent_event_id, limit=limit
+            self.actor_id,
+            after=after,
+            kinds=kind_list,
+            intent_event_id=intent_event_id,
+            limit=limit,
         )
 
     async def _record(

@@ -26,7 +26,6 @@ from ledger import (
     LedgerError,
     LedgerTx,
     Store,
-    check_kinds,
 )
 
 from ._abort import AbortController
@@ -46,7 +45,7 @@ from ._pool import TaskPool
 from ._slots import Slots, Taken
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Mapping, Sequence
 
     from anyio.abc import TaskGroup, TaskStatus
 
@@ -661,16 +660,12 @@ class _Backend:
         actor_id: str,
         *,
         after: int,
-        kinds: Iterable[str] | None,
+        kinds: list[str] | None,
         intent_event_id: int | None,
         limit: int | None,
     ) -> list[Event]:
-        kind_list = check_kinds(kinds)
-
         def op(tx: LedgerTx) -> list[Event]:
-            return tx.events(
-                after=after, kinds=kind_list, intent_event_id=intent_event_id, limit=limit
-            )
+            return tx.events(after=after, kinds=kinds, intent_event_id=intent_event_id, limit=limit)
 
         return await self._store.run(actor_id, op, write=False)
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from ledger import JSON, Clock, Event, check_kinds, dump_json, ms_to_datetime, system_clock
+from ledger import JSON, Clock, Event, dump_json, ms_to_datetime, system_clock
 
 from ._abort import AbortController, AbortSignal, describe
 from ._context import TriggerContext
@@ -268,6 +268,8 @@ class _MemoryLedger:
         self.events: list[Event] = []
         self.chunks: dict[int, list[JSON]] = {}
         self.stream_changed = anyio.Event()
+        self.keys: dict[str, tuple[str, Event]] = {}
+        """Idempotency key -> (trigger kind, intent event) of intents enqueued with one."""
 
     @property
     def now_ms(self) -> int:
@@ -313,10 +315,28 @@ class _MemoryLedger:
         key_retention_ms: int = 0,
         text: str | None = None,
     ) -> tuple[Event, bool]:
+        if idempotency_key is not None:
+            held = self.keys.get(idempotency_key)
+            # A key whose intent was rolled back with its transaction is free again.
+            if held is not None and self._kept(held[1]):
+                kind, event = held
+                if kind != trigger_kind:
+                    raise ValueError(
+                        f"idempotency key {idempotency_key!r} is held by intent {event.id}"
+                        f" of trigger {kind!r}, not of {trigger_kind!r}"
+                    )
+                return event, False
         if text is None:
             text = dump_json(payload)
         event_id = len(self.events) + 1
-        return self.insert_event(intent_event_kind, payload, event_id, text=text), True
+        event = self.insert_event(intent_event_kind, payload, event_id, text=text)
+        if idempotency_key is not None:
+            self.keys[idempotency_key] = (trigger_kind, event)
+        return event, True
+
+    def _kept(self, event: Event) -> bool:
+        """True unless ``event`` was rolled back with its transaction."""
+        return event.id <= len(self.events) and self.events[event.id - 1] is event
 
 
 class _Backend:
@@ -340,12 +360,11 @@ class _Backend:
         actor_id: str,
         *,
         after: int,
-        kinds: Iterable[str] | None,
+        kinds: list[str] | None,
         intent_event_id: int | None,
         limit: int | None,
     ) -> list[Event]:
-        kind_list = check_kinds(kinds)
-        kind_set = None if kind_list is None else set(kind_list)
+        kind_set = None if kinds is None else set(kinds)
         found = [
             event
             for event in self._ledger.events

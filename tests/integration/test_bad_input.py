@@ -12,7 +12,7 @@ import pytest
 
 from actors import ActorHost, HostClosedError, define_agent_do
 from ledger import JSON, IntentState, LedgerClosedError, PayloadError, Projection
-from tests.helpers import FAILED, fast_config, make_trigger, open_host
+from tests.helpers import DONE, FAILED, fast_config, make_trigger, open_host
 from triggers import (
     AbortError,
     DistributedAbortController,
@@ -113,6 +113,42 @@ async def test_a_single_kind_string_is_refused_to_an_attempt_too(tmp_path: Path)
         assert (await agent.wait_for_intent(intent.id)).status == "completed"
     assert len(errors) == 1
     assert "not a single str" in errors[0]
+
+
+async def test_an_attempts_read_arguments_are_checked(tmp_path: Path) -> None:
+    """``ctx.events`` checks ``after``, ``limit`` and ``intent_event_id`` as
+    ``agent.events`` does; an id no event can have finds nothing."""
+    answers: list[str] = []
+    bad: list[dict[str, Any]] = [
+        {"after": "1"},
+        {"after": -1},
+        {"after": True},
+        {"limit": 2.5},
+        {"limit": 1 << 63},
+        {"intent_event_id": "1"},
+    ]
+
+    async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
+        for arguments in bad:
+            try:
+                await ctx.events(**arguments)
+            except (TypeError, ValueError) as exc:
+                answers.append(f"{type(exc).__name__}: {exc}")
+        return len(await ctx.events(intent_event_id=1 << 64))
+
+    async with open_host(tmp_path, make_trigger(KIND, acquire)) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND)
+        assert (await agent.wait_for_intent(intent.id)).status == "completed"
+        assert [e.payload for e in await agent.events(kinds=[DONE])] == [0]
+    assert answers == [
+        "TypeError: after must be an int, not str",
+        "ValueError: after must be between 0 and 2**63 - 1, not -1",
+        "TypeError: after must be an int, not bool",
+        "TypeError: limit must be an int, not float",
+        f"ValueError: limit must be between 0 and 2**63 - 1, not {1 << 63}",
+        "TypeError: intent_event_id must be an int, not str",
+    ]
 
 
 @pytest.mark.parametrize("requested_by", [5, b"me", ["me"]])

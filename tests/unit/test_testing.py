@@ -198,6 +198,37 @@ async def test_commit_can_enqueue_registered_triggers_and_reschedule() -> None:
         lonely.commit("x")
 
 
+async def test_commit_enqueue_honours_idempotency_keys() -> None:
+    """``tx.enqueue(idempotency_key=)`` answers the intent already holding the key, as on a
+    host: one intent for two enqueues with a key; the key held by another trigger's intent
+    raises ValueError and the commit writes nothing; a rolled-back intent frees its key."""
+    plan: list[tuple[str, str]] = []
+
+    def commit(outcome: JSON, tx: Tx) -> None:
+        for kind, key in plan:
+            tx.enqueue(trigger_kind=kind, payload=outcome, idempotency_key=key)
+
+    env = TriggerEnvironment(
+        make_trigger(KIND, commit=commit),
+        triggers=[make_trigger("test.next"), make_trigger("test.other")],
+    )
+    await env.acquire("a")
+    plan[:] = [("test.next", "k"), ("test.next", "k")]
+    env.commit("a")
+    env.commit("b")
+    requested = [e for e in env.events if e.kind == "test.next.requested"]
+    assert [e.payload for e in requested] == ["a"]
+
+    plan[:] = [("test.other", "fresh"), ("test.other", "k")]
+    before = list(env.events)
+    with pytest.raises(ValueError, match="held by intent"):
+        env.commit("c")
+    assert env.events == before
+    plan[:] = [("test.next", "fresh")]
+    env.commit("d")
+    assert [e.payload for e in env.events if e.kind == "test.next.requested"] == ["a", "d"]
+
+
 async def test_reserved_kinds_are_refused_in_commits() -> None:
     """A commit may not write ``trigger.`` facts, here as on a host."""
 
