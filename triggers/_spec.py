@@ -348,7 +348,9 @@ class TriggerRegistry:
         """
         trigger = self._by_kind.get(kind) if isinstance(kind, str) else None
         if trigger is None:
-            raise UnknownTriggerError(kind, list(self._by_kind))
+            # The framework's own kinds are not the user's to name: the hint leaves them out.
+            users = [known for known in self._by_kind if not known.startswith(RESERVED_PREFIX)]
+            raise UnknownTriggerError(kind, users)
         return trigger
 
     @property

@@ -332,8 +332,10 @@ async def test_bad_calls_raise_at_once_and_write_nothing(tmp_path: Path) -> None
     trigger = make_trigger(KIND, parse_intent=positive)
     async with open_host(tmp_path, trigger) as host:
         agent = host.get("a")
-        with pytest.raises(UnknownTriggerError):
+        with pytest.raises(UnknownTriggerError) as unknown:
             agent.call(trigger_kind="nope")
+        # The hint names the user's kinds, not the framework's own (``trigger.`` kinds).
+        assert str(unknown.value).endswith(f"registered kinds: {KIND}")
         with pytest.raises(IntentRejectedError):
             agent.call(trigger_kind=KIND, payload=-1)
         with pytest.raises(TypeError, match="AbortSignal"):
