@@ -140,7 +140,12 @@ class AbortSignal:
         Returns:
             A function that removes the listener. Calling it more than once, or after the
             signal aborted, does nothing.
+
+        Raises:
+            TypeError: ``callback`` is not callable.
         """
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         listeners = self._listeners
         if self._aborted or listeners is None:
             return _noop
@@ -218,8 +223,16 @@ class AbortSignal:
 
         Returns:
             The combined signal.
+
+        Raises:
+            TypeError: ``signals`` is one signal (give a list) or holds something else.
         """
+        if isinstance(signals, AbortSignal):
+            raise TypeError("signals must be an iterable of AbortSignal: AbortSignal.any([s])")
         inputs = list(signals)
+        for signal in inputs:
+            if not isinstance(signal, AbortSignal):
+                raise TypeError(f"signals must be AbortSignal, not {type(signal).__name__}")
         for signal in inputs:
             if signal._aborted:
                 return AbortSignal.abort(signal._reason)
@@ -259,9 +272,12 @@ class AbortSignal:
             The new signal.
 
         Raises:
+            TypeError: If ``seconds`` is not a number.
             ValueError: If ``seconds`` is negative or NaN.
             RuntimeError: If there is no running asyncio event loop.
         """
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise TypeError(f"seconds must be a number, not {type(seconds).__name__}")
         if math.isnan(seconds) or seconds < 0:
             raise ValueError(f"seconds must be a non-negative number, got {seconds!r}")
         # Backend-specific on purpose: the project runs anyio on the asyncio backend and

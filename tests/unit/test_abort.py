@@ -6,6 +6,7 @@ import gc
 import logging
 import math
 import pickle
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -652,3 +653,30 @@ async def test_any_signal_someone_waits_on_fires() -> None:
         source.abort("go")
         with anyio.fail_after(5):
             await fired.wait()
+
+
+def _wrong(value: object) -> Any:
+    """``value`` typed as anything: the misuse the checks below are for."""
+    return value
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: AbortSignal().add_listener(_wrong("print")), "callback must be callable"),
+        (lambda: AbortSignal.any(_wrong(AbortSignal())), r"AbortSignal.any\(\[s\]\)"),
+        (lambda: AbortSignal.any([AbortSignal(), _wrong("x")]), "must be AbortSignal, not str"),
+        (lambda: AbortSignal.any([_wrong(None)]), "must be AbortSignal, not NoneType"),
+    ],
+)
+def test_misuse_is_a_type_error_at_once(call: Any, match: str) -> None:
+    """A listener that is not callable, one signal or a non-signal given to ``any()``: a
+    TypeError at the call, not an AttributeError (or a logged error) later."""
+    with pytest.raises(TypeError, match=match):
+        call()
+
+
+@pytest.mark.parametrize("seconds", ["5", None, True])
+async def test_timeout_refuses_what_is_not_a_number(seconds: Any) -> None:
+    with pytest.raises(TypeError, match="seconds must be a number"):
+        AbortSignal.timeout(seconds)
