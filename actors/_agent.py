@@ -171,7 +171,7 @@ class Agent:
                 raise TypeError(f"signal must be an AbortSignal, not {type(signal).__name__}")
             signal.throw_if_aborted()
         record = self._prepare(trigger_kind, payload, at, idempotency_key)
-        return CallHandle(self, trigger_kind, record, signal, self._host.task_group())
+        return CallHandle(self, trigger_kind, record, signal, self._host.start_soon)
 
     async def cancel_trigger(
         self,

@@ -17,8 +17,6 @@ from ._errors import HostClosedError
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Generator
 
-    from anyio.abc import TaskGroup
-
     from ledger import Event, IntentState
     from triggers import CancelResult
 
@@ -57,7 +55,7 @@ class CallHandle:
         trigger_kind: str,
         record: Callable[[], Awaitable[Event]],
         signal: AbortSignal | None,
-        task_group: TaskGroup,
+        start_soon: Callable[..., None],
     ) -> None:
         """Start recording and following the intent (``Agent.call`` builds handles)."""
         self._agent = agent
@@ -74,7 +72,7 @@ class CallHandle:
         self._remove_listener: Callable[[], None] | None = None
         if signal is not None:
             self._remove_listener = signal.add_listener(self._on_external_abort)
-        task_group.start_soon(self._run, record)
+        start_soon(self._run, record)
 
     def __repr__(self) -> str:
         state = "done" if self._done.is_set() else "running"

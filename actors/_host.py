@@ -33,6 +33,7 @@ from ._spec import AgentSpec
 from ._wakeup import Message, WakeupSocket, classify
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
     from pathlib import Path
 
     from anyio.abc import TaskGroup
@@ -158,6 +159,8 @@ class ActorHost:
         """Cancels for owners the wake-up hook found no address for (filled on any thread)."""
         self._dead: set[str] = set()
         self._tg: TaskGroup | None = None
+        self._guards: set[anyio.CancelScope] | None = set()
+        """The scopes of the tasks run by ``start_soon``; None once they were ended."""
         self._stack: contextlib.AsyncExitStack | None = None
         self._entered = False
 
@@ -229,12 +232,57 @@ class ActorHost:
     def task_group(self) -> TaskGroup:
         """The host's task group, for work that must end when the host does.
 
+        Its tasks are cancelled at once if the task holding the host is cancelled; for work
+        that must keep going while running attempts get their shutdown grace (following
+        an intent an attempt waits for), use ``start_soon``.
+
         Raises:
             HostClosedError: the host is not running.
         """
         if self._tg is None or self._stack is None:
             raise HostClosedError
         return self._tg
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run ``await fn(*args)`` as a task of the host, until it returns or the host has
+        stopped.
+
+        Such a task outlives a cancellation of the task holding the host until the host
+        has stopped in order (the attempts' grace and settles included), as the host's own
+        tasks do: the work running attempts wait on keeps going until they end.
+
+        Raises:
+            HostClosedError: the host is not running.
+        """
+        if self._tg is None or self._stack is None or self._guards is None:
+            raise HostClosedError
+        self._tg.start_soon(self._guarded, fn, args)
+
+    def _spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """``start_soon`` for the host's own tasks, started from callbacks: nothing once the
+        host is stopping."""
+        if self._tg is not None and self._guards is not None:
+            self._tg.start_soon(self._guarded, fn, args)
+
+    async def _guarded(
+        self, fn: Callable[..., Awaitable[object]], args: tuple[object, ...]
+    ) -> None:
+        guards = self._guards
+        if guards is None:
+            return  # the host stopped before this task began
+        scope = anyio.CancelScope(shield=True)  # cancelled by ``_end_tasks``
+        guards.add(scope)
+        try:
+            with scope:
+                await fn(*args)
+        finally:
+            guards.discard(scope)
+
+    def _end_tasks(self) -> None:
+        """The scheduler has shut down: end the host's tasks."""
+        guards, self._guards = self._guards, None
+        for scope in guards or ():
+            scope.cancel()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -280,7 +328,10 @@ class ActorHost:
             await stack.enter_async_context(tg)
             self._tg = tg
             stack.callback(tg.cancel_scope.cancel)
-            tg.start_soon(wake.receive_forever, self._on_message)
+            # Runs after the scheduler's shutdown (pushed later, so run earlier): until then
+            # the host hears cancels and keeps its peers, also when its task was cancelled.
+            stack.callback(self._end_tasks)
+            self._spawn(wake.receive_forever, self._on_message)
             if self.run_scheduler:
                 self.scheduler = Scheduler(
                     self.store,
@@ -294,7 +345,7 @@ class ActorHost:
                 stack.push_async_callback(self.scheduler.shutdown)
                 if self._dead:
                     await self.scheduler.rescan(self.config.lease)
-            tg.start_soon(self._housekeeping)
+            self._spawn(self._housekeeping)
         except BaseException:
             await stack.__aexit__(None, None, None)
             raise
@@ -316,6 +367,14 @@ class ActorHost:
     async def _unregister(self) -> None:
         assert self._wake is not None
         process_id = self._wake.process_id
+        scheduler = self.scheduler
+        if scheduler is not None and (scheduler.running or scheduler.abandoned):
+            # Attempts were killed before they settled (a second Ctrl-C): their claims stand.
+            # Registered, this process is soon seen dead and they are redriven at once;
+            # unregistered, they would wait for their leases to run out.
+            left = scheduler.running + scheduler.abandoned
+            _log.warning("claims_left_to_redrive", attempts=left)
+            return
         with anyio.CancelScope(shield=True), contextlib.suppress(LedgerError, OSError):
             await self.store.run_index(lambda index: index.unregister_process(process_id))
 
@@ -417,7 +476,7 @@ class ActorHost:
             late.append(self._late.popleft())
         if late and self._tg is not None:
             # The owner registered after our last refresh: look it up, then deliver.
-            self._tg.start_soon(self._send_late, late)
+            self._spawn(self._send_late, late)
 
     def _send_wakeups(self, committed: list[Committed]) -> None:
         """Right after each local commit, on the thread that committed it: wake the peers.
@@ -479,14 +538,13 @@ class ActorHost:
         store = self.store
         scheduler = self.scheduler
         if message.hello:
-            if self._tg is not None:
-                self._tg.start_soon(self._refresh_and_recover)
+            self._spawn(self._refresh_and_recover)
             return
         if message.everything:
-            if scheduler is not None and self._tg is not None:
-                self._tg.start_soon(scheduler.rescan, 0.0)
+            if scheduler is not None:
+                self._spawn(scheduler.rescan, 0.0)
                 # Cancels sent while we could not hear them (a lost database connection).
-                self._tg.start_soon(self._poll_cancels, scheduler)
+                self._spawn(self._poll_cancels, scheduler)
             store.notify_all()
             return
         if scheduler is not None:
@@ -507,4 +565,4 @@ class ActorHost:
             for actor_id, intent_event_id, _ in cancels:
                 by_actor.setdefault(actor_id, []).append(intent_event_id)
             for actor_id, ids in by_actor.items():
-                self._tg.start_soon(self._deliver_verified, actor_id, ids)
+                self._spawn(self._deliver_verified, actor_id, ids)

@@ -463,7 +463,10 @@ class Store:
             done.set()
             for request in batch:
                 if request.after is not None and request.done is done:
-                    request.after(request.result, request.error)
+                    try:
+                        request.after(request.result, request.error)
+                    except Exception:  # a bug there must not end the pump: others wait on it
+                        _log.exception("after_callback_failed", actor=request.actor_id)
             for item in committed:
                 effects = item.effects
                 # Any change of an intent's state (claims and reschedules too) wakes local

@@ -26,7 +26,7 @@ from ._engine import cancel_op
 from ._spec import RetryPolicy, TriggerRegistry
 
 if TYPE_CHECKING:
-    from anyio.abc import TaskGroup
+    from collections.abc import Awaitable, Callable
 
     from ledger import Store
 
@@ -54,7 +54,7 @@ class ControllerHost(Protocol):
     @property
     def poll_interval(self) -> float: ...
 
-    def task_group(self) -> TaskGroup: ...
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None: ...
 
 
 # -- the built-in trigger --------------------------------------------------------------------
@@ -225,7 +225,7 @@ class DistributedAbortController:
             if fired:
                 signal._abort(reason)  # known to have fired: nothing to follow
             else:
-                self._host.task_group().start_soon(self._follow, signal)
+                self._host.start_soon(self._follow, signal)
             self._signal = signal
         return self._signal
 

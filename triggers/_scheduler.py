@@ -98,7 +98,7 @@ class SchedulerConfig:
 
 class _Attempt:
     __slots__ = ("actor_id", "controller", "intent_event_id", "scope", "shutdown", "timed_out",
-                 "token", "watchdog")  # fmt: skip
+                 "token")  # fmt: skip
 
     def __init__(
         self, actor_id: str, intent_event_id: int, token: str, controller: AbortController
@@ -108,7 +108,6 @@ class _Attempt:
         self.token = token
         self.controller = controller
         self.scope: anyio.CancelScope | None = None
-        self.watchdog: anyio.CancelScope | None = None
         self.timed_out = False
         self.shutdown = False
 
@@ -141,6 +140,8 @@ class Scheduler:
         self._slots = Slots(config.max_concurrency)
         self._eager = 0  # enqueues in flight that may claim their intent
         self._running: dict[tuple[str, int], _Attempt] = {}
+        self.abandoned = 0
+        """Attempts killed before they could settle: their claims stand until redriven."""
         self._tokens: set[str] = set()
         self._timers: list[tuple[int, str]] = []
         # Actors whose last claim failed (a corrupt ledger, a storage error): when the poll
@@ -283,16 +284,20 @@ class Scheduler:
                     task_status.started()
                     await anyio.sleep_forever()
             finally:
-                await self.shutdown()
-                renewing.cancel()
-                self._pool.close()
+                try:
+                    await self.shutdown()
+                finally:
+                    renewing.cancel()
+                    self._pool.close()
 
     async def shutdown(self) -> None:
         """Stop claiming; let running attempts finish within the grace, then abort them with
         reason ``"shutdown"`` and release their intents for a redrive elsewhere.
 
         Runs shielded from cancellation: releasing claims is what lets the next host take
-        over at once instead of after the lease.
+        over at once instead of after the lease. If the aborted attempts have still not
+        settled a lease later (an ``acquire`` stuck where cancellation cannot reach it), it
+        stops waiting: their leases run out and the next host redrives them.
         """
         self._stopping = True
         self._dispatch_wake.set()
@@ -304,7 +309,14 @@ class Scheduler:
                 attempt.controller.abort("shutdown")
                 if attempt.scope is not None:
                     attempt.scope.cancel()
-            await self._wait_idle()
+            with anyio.move_on_after(self.config.lease):
+                await self._wait_idle()
+            if self._running:
+                _log.warning(
+                    "shutdown_left_attempts",
+                    attempts=len(self._running),
+                    note="their leases run out and another host redrives them",
+                )
 
     async def _wait_idle(self) -> None:
         while self._running or self._claiming or self._eager:
@@ -497,7 +509,16 @@ class Scheduler:
             attempt.shutdown = True
             outcome, value = Outcome.SHUTDOWN, None
         else:
-            outcome, value = await self._run_acquire(trigger, attempt, claimed, log)
+            try:
+                outcome, value = await self._run_acquire(trigger, attempt, claimed, log)
+            except BaseException:
+                # Killed where anyio's shield does not reach (asyncio's runner cancels every
+                # task after a second Ctrl-C): nothing settles it, so it is forgotten here,
+                # or shutdown would wait for it; its lease runs out and its token guards the
+                # redrive.
+                self._forget(attempt)
+                self.abandoned += 1
+                raise
         if outcome is not Outcome.RETURNED:
             if attempt.shutdown:
                 outcome = Outcome.SHUTDOWN
@@ -515,11 +536,7 @@ class Scheduler:
         log: Any,
         started: float,
     ) -> None:
-        del self._running[(attempt.actor_id, attempt.intent_event_id)]
-        self._tokens.discard(attempt.token)
-        self._slots.give(1)
-        self._dispatch_wake.set()
-        self._check_idle()
+        self._forget(attempt)
         log.info(
             "attempt_finished",
             outcome=settled.value,
@@ -527,6 +544,15 @@ class Scheduler:
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
             error=None if outcome is Outcome.RETURNED else repr(value),
         )
+
+    def _forget(self, attempt: _Attempt) -> None:
+        """The attempt has ended: its slot is free."""
+        if self._running.pop((attempt.actor_id, attempt.intent_event_id), None) is None:
+            return
+        self._tokens.discard(attempt.token)
+        self._slots.give(1)
+        self._dispatch_wake.set()
+        self._check_idle()
 
     async def _run_acquire(
         self, trigger: TriggerDef, attempt: _Attempt, claimed: Claimed, log: Any
@@ -549,28 +575,31 @@ class Scheduler:
             claim_token=attempt.token,
         )
         outcome: tuple[Outcome, Any] = (Outcome.RAISED, None)
+        timer: asyncio.TimerHandle | None = None
         with anyio.CancelScope() as scope:
             attempt.scope = scope
             if trigger.timeout is not None:
-                assert self._attempt_tg is not None
-                self._attempt_tg.start_soon(self._watchdog, attempt, trigger.timeout)
+                # A timer of the loop, not a task: nothing that cancels tasks (a cancelled
+                # host) stops it, and it costs no task per attempt.
+                loop = asyncio.get_running_loop()
+                timer = loop.call_later(trigger.timeout, self._time_out, attempt)
             try:
                 outcome = (Outcome.RETURNED, await trigger.start(intent, ctx))
             except Exception as exc:
                 outcome = (Outcome.RAISED, exc)
-        attempt.scope = None
-        if attempt.watchdog is not None:
-            attempt.watchdog.cancel()
+            finally:
+                attempt.scope = None
+                if timer is not None:
+                    timer.cancel()
         return outcome
 
-    async def _watchdog(self, attempt: _Attempt, seconds: float) -> None:
-        with anyio.CancelScope() as scope:
-            attempt.watchdog = scope
-            await anyio.sleep(seconds)
-            if attempt.scope is not None:
-                attempt.timed_out = True
-                attempt.controller.abort("timeout")
-                attempt.scope.cancel()
+    @staticmethod
+    def _time_out(attempt: _Attempt) -> None:
+        """The attempt's ``timeout`` has passed: abort its signal and cut it short."""
+        if attempt.scope is not None:
+            attempt.timed_out = True
+            attempt.controller.abort("timeout")
+            attempt.scope.cancel()
 
     def _settle(
         self,

@@ -7,8 +7,9 @@ so the test can synchronize on them); structlog writes its warnings to stderr.
 
 Host: prints ``{"event": "ready", ...}`` once serving, then runs the triggers below until its
 stdin closes (then it shuts down gracefully and prints ``{"event": "stopped"}``) or it is
-killed. Stdin commands: ``{"op": "release", "actor": A, "intent": I}`` lets a held
-``proc.wait`` acquire return.
+killed. It prints ``{"event": "stopping"}`` when its scheduler begins to shut down. Stdin
+commands: ``{"op": "release", "actor": A, "intent": I}`` lets a held ``proc.wait`` acquire
+return.
 
 Client (``run_scheduler=False``): prints ``ready``, then answers stdin commands ``enqueue``,
 ``cancel`` and ``wait`` with one line each (``enqueued``, ``cancel``, ``terminal``). The
@@ -240,6 +241,23 @@ async def _no_cancel_poll(self: ActorHost, scheduler: Any) -> None:
     """Replaces the host's cancel-poll fallback: only a direct wake-up can deliver a cancel."""
 
 
+def report_stopping(host: ActorHost) -> None:
+    """Print ``stopping`` when the host's scheduler begins to shut down (the grace begins)."""
+    scheduler = host.scheduler
+    assert scheduler is not None
+    wait_idle = scheduler._wait_idle  # what ``shutdown`` awaits first
+    reported = False
+
+    async def reporting() -> None:
+        nonlocal reported
+        if scheduler._stopping and not reported:
+            reported = True
+            emit({"event": "stopping", "pid": os.getpid()})
+        await wait_idle()
+
+    scheduler._wait_idle = reporting  # type: ignore[method-assign]
+
+
 async def run_host(args: argparse.Namespace) -> None:
     if args.no_cancel_poll:
         # Fail loudly if the fallback moved: patching a missing name would prove nothing.
@@ -252,6 +270,7 @@ async def run_host(args: argparse.Namespace) -> None:
         max_redrives=args.max_redrives,
     )
     async with ActorHost(AgentDO, **place(args.data_dir), config=config) as host:
+        report_stopping(host)
         emit({"event": "ready", "role": "host", "pid": os.getpid(), "process_id": host.process_id})
         async for command in read_commands():
             if command.get("op") == "release":

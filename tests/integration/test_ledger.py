@@ -208,6 +208,30 @@ async def test_a_projection_that_changes_its_state_in_place_changes_no_other_act
 
 
 @pytest.mark.contract
+async def test_an_after_callback_that_raises_does_not_stop_the_store(tmp_path: Path) -> None:
+    """An ``after`` callback of ``submit`` that raises is logged; the other callbacks of its
+    batch are still called and the store goes on serving (its pump does not die)."""
+    called: list[int] = []
+
+    def after(event: Event | None, error: BaseException | None) -> None:
+        assert event is not None
+        called.append(event.id)
+        if event.id == 1:
+            raise RuntimeError("a bug in a callback")
+
+    with structlog.testing.capture_logs() as logs:
+        async with open_store(tmp_path) as store:
+            store.submit("a", insert("k"), after)
+            store.submit("a", insert("k"), after)
+            event = await store.run("a", insert("k"))
+            assert event.id == 3
+            assert called == [1, 2]
+            assert (await store.run("a", insert("k"))).id == 4
+    failed = [e for e in logs if e["event"] == "after_callback_failed"]
+    assert [(e["actor"], e["log_level"]) for e in failed] == [("a", "error")]
+
+
+@pytest.mark.contract
 async def test_ids_increase_in_commit_order_under_concurrency(tmp_path: Path) -> None:
     """Concurrent writers get distinct ids; every round's ids exceed all earlier ones."""
     async with open_store(tmp_path) as store:

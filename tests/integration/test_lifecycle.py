@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 
+from actors import define_agent_do
 from ledger import IntentStatus, PayloadError, system_clock
 from tests.helpers import (
     CANCELLED,
@@ -25,16 +26,17 @@ from tests.helpers import (
     open_host,
     wait_until,
 )
-from triggers import AbortError, FatalError, RetryPolicy, TriggerContext, Tx
+from triggers import AbortError, CancelStatus, FatalError, RetryPolicy, TriggerContext, Tx
 from triggers._engine import ATTEMPT_FAILED, claim_op
 from triggers._slots import Slots, Taken
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
+    from collections.abc import Awaitable, Callable, Coroutine, Sequence
     from pathlib import Path
 
     from actors import ActorHost, Agent
     from ledger import JSON, Event, IntentState
+    from triggers import DurableTrigger
 
 pytestmark = [pytest.mark.anyio, pytest.mark.contract]
 
@@ -424,6 +426,52 @@ async def test_shutdown_waits_for_attempts_within_grace(tmp_path: Path) -> None:
         assert gate.attempts == [(intent.id, 1, False, False)]
 
 
+async def cancel_host_while_running(
+    tmp_path: Path,
+    trigger: DurableTrigger[Any, Any],
+    started: Callable[[int], Awaitable[None]],
+    *,
+    grace: float = 0.5,
+    during: Callable[[ActorHost, int], Awaitable[None]] | None = None,
+    others: Sequence[DurableTrigger[Any, Any]] = (),
+    bindings: dict[str, Any] | None = None,
+) -> int:
+    """Open a host (with ``trigger``, ``others`` and ``bindings``; a ``"hosts"`` list there
+    gets the host), enqueue one ``trigger`` intent, wait for ``started(intent_id)``, then
+    cancel the task that holds the host (as Ctrl-C or a cancelled task group does).
+    ``during(host, intent_id)`` runs once every task waits (the host is stopping), shielded.
+    Returns when the host has stopped; the intent's id."""
+    box: dict[str, int] = {}
+    kind = trigger["kind"]
+    spec = define_agent_do(triggers=[trigger, *others], bindings=bindings or {})
+
+    async def hold(*, task_status: anyio.abc.TaskStatus[ActorHost]) -> None:
+        config = fast_config(shutdown_grace=grace)
+        async with open_host(tmp_path, spec=spec, config=config) as host:
+            if bindings is not None and "hosts" in bindings:
+                bindings["hosts"].append(host)
+            intent = await host.get("a").enqueue_trigger(trigger_kind=kind, payload="p")
+            box["id"] = intent.id
+            await started(intent.id)
+            task_status.started(host)
+            await anyio.sleep_forever()
+
+    async def stopping(host: ActorHost) -> None:
+        assert during is not None
+        with anyio.CancelScope(shield=True):
+            await anyio.wait_all_tasks_blocked()  # every task now waits: the host is stopping
+            assert host.scheduler is not None
+            assert host.scheduler._stopping
+            await during(host, box["id"])
+
+    async with anyio.create_task_group() as tg:
+        host = await tg.start(hold)
+        tg.cancel_scope.cancel()
+        if during is not None:
+            tg.start_soon(stopping, host)
+    return box["id"]
+
+
 @pytest.mark.timeout(60)  # the old code never returned: the test fails rather than hangs
 async def test_cancelling_the_task_holding_the_host_stops_it_in_order(tmp_path: Path) -> None:
     """A cancellation of the task that holds the host (Ctrl-C on ``anyio.run``, a cancelled
@@ -432,7 +480,6 @@ async def test_cancelling_the_task_holding_the_host_stops_it_in_order(tmp_path: 
     before the host has stopped; the next host runs it."""
     gate = Gate()
     reasons: list[object] = []
-    box: dict[str, int] = {}
 
     async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
         try:
@@ -440,29 +487,19 @@ async def test_cancelling_the_task_holding_the_host_stops_it_in_order(tmp_path: 
         finally:
             reasons.append(ctx.signal.reason)
 
-    async def hold(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-        async with open_host(tmp_path, make_trigger(KIND, acquire)) as host:
-            intent = await host.get("a").enqueue_trigger(trigger_kind=KIND, payload="p")
-            box["id"] = intent.id
-            await gate.wait_started(intent.id)
-            task_status.started()
-            await anyio.sleep_forever()
-
-    async with anyio.create_task_group() as tg:
-        await tg.start(hold)
-        tg.cancel_scope.cancel()
+    trigger = make_trigger(KIND, acquire)
+    intent_id = await cancel_host_while_running(tmp_path, trigger, gate.wait_started)
     assert reasons == ["shutdown"]
-
     async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as client:
-        state = await client.get("a").intent(box["id"])
+        state = await client.get("a").intent(intent_id)
         assert (state.status, state.attempts) == (IntentStatus.PENDING, 0)
 
     again = Gate()
-    again.open(box["id"])
+    again.open(intent_id)
     async with open_host(tmp_path, make_trigger(KIND, again.acquire)) as host:
-        state = await terminal(host.get("a"), box["id"])
+        state = await terminal(host.get("a"), intent_id)
         assert state.status is IntentStatus.COMPLETED
-        assert again.attempts == [(box["id"], 1, True, False)]
+        assert again.attempts == [(intent_id, 1, True, False)]
 
 
 @pytest.mark.timeout(60)
@@ -472,33 +509,109 @@ async def test_an_attempt_ending_within_the_grace_of_a_cancelled_host_completes(
     """The host's task is cancelled while an attempt runs that finishes within the grace:
     the attempt is not cut short, and its outcome is committed before the host stops."""
     gate = Gate()
-    box: dict[str, int] = {}
 
-    async def hold(*, task_status: anyio.abc.TaskStatus[None]) -> None:
-        grace = fast_config(shutdown_grace=30)
-        async with open_host(tmp_path, make_trigger(KIND, gate.acquire), config=grace) as host:
-            intent = await host.get("a").enqueue_trigger(trigger_kind=KIND, payload="p")
-            box["id"] = intent.id
-            await gate.wait_started(intent.id)
-            task_status.started()
-            await anyio.sleep_forever()
+    async def release(host: ActorHost, intent_id: int) -> None:
+        gate.open(intent_id)
 
-    async def release_once_stopping() -> None:
-        with anyio.CancelScope(shield=True):
-            await anyio.wait_all_tasks_blocked()  # every task now waits: the host is stopping
-            gate.open(box["id"])
-
-    async with anyio.create_task_group() as tg:
-        await tg.start(hold)
-        tg.cancel_scope.cancel()
-        tg.start_soon(release_once_stopping)
-
+    trigger = make_trigger(KIND, gate.acquire)
+    intent_id = await cancel_host_while_running(
+        tmp_path, trigger, gate.wait_started, grace=30, during=release
+    )
     async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as client:
         agent = client.get("a")
-        state = await agent.intent(box["id"])
+        state = await agent.intent(intent_id)
         assert (state.status, state.attempts) == (IntentStatus.COMPLETED, 1)
         assert [e.payload for e in await facts(agent, DONE)] == [{"intent": "p", "attempt": 1}]
-    assert gate.attempts == [(box["id"], 1, False, False)]
+    assert gate.attempts == [(intent_id, 1, False, False)]
+
+
+@pytest.mark.timeout(60)
+async def test_a_cancelled_hosts_attempts_still_time_out(tmp_path: Path) -> None:
+    """An attempt's ``timeout`` is kept while a cancelled host gives its attempts the grace:
+    the signal aborts with reason "timeout" (not "shutdown" at the grace's end), and the
+    timed-out attempt counts, as it would on a running host."""
+    gate = Gate()
+    reasons: list[object] = []
+
+    async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
+        try:
+            return await gate.acquire(intent, ctx)
+        finally:
+            reasons.append(ctx.signal.reason)
+
+    trigger = make_trigger(KIND, acquire, timeout=0.2)
+    intent_id = await cancel_host_while_running(tmp_path, trigger, gate.wait_started, grace=30)
+    assert reasons == ["timeout"]
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as client:
+        agent = client.get("a")
+        state = await agent.intent(intent_id)
+        assert (state.status, state.attempts) == (IntentStatus.PENDING, 1)
+        assert [e.payload["error_type"] for e in await facts(agent, ATTEMPT_FAILED)] == [
+            "TimeoutError"
+        ]
+
+
+@pytest.mark.timeout(60)
+async def test_a_cancel_during_a_cancelled_hosts_grace_reaches_the_attempt(
+    tmp_path: Path,
+) -> None:
+    """While a cancelled host gives its attempts the grace it still hears cancels (here from
+    another host on the same ledgers): the attempt's signal aborts with the cancel's reason
+    and the intent ends cancelled, as it would on a running host."""
+    gate = Gate()
+
+    async def cancel(host: ActorHost, intent_id: int) -> None:
+        async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as client:
+            result = await client.get("a").cancel_trigger(
+                trigger_kind=KIND, intent_event_id=intent_id, reason="user"
+            )
+            assert result.status is CancelStatus.REQUESTED
+
+    trigger = make_trigger(KIND, gate.acquire)
+    intent_id = await cancel_host_while_running(
+        tmp_path, trigger, gate.wait_started, grace=30, during=cancel
+    )
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as client:
+        agent = client.get("a")
+        state = await agent.intent(intent_id)
+        assert state.status is IntentStatus.CANCELLED
+        assert [e.payload for e in await facts(agent, CANCELLED)] == [{"reason": "user"}]
+
+
+@pytest.mark.timeout(60)
+async def test_an_attempt_waiting_on_a_call_is_released_by_a_cancelled_host(
+    tmp_path: Path,
+) -> None:
+    """An attempt that awaits ``agent.call(...)`` when the host's task is cancelled keeps
+    its call followed through the grace; then it is aborted with reason "shutdown" and
+    released, as on leaving the host, rather than failing with ``HostClosedError``."""
+    child_gate = Gate()
+    errors: list[str] = []
+    hosts: list[ActorHost] = []
+
+    async def parent(intent: JSON, ctx: TriggerContext) -> JSON:
+        try:
+            return await ctx.bindings["hosts"][0].get("child").call(trigger_kind="test.child")
+        except BaseException as exc:
+            errors.append(f"{type(exc).__name__} {ctx.signal.reason}")
+            raise
+
+    trigger = make_trigger(KIND, parent, retry=RetryPolicy(max_attempts=1))
+    child = make_trigger("test.child", child_gate.acquire)
+
+    async def child_started(_: int) -> None:
+        await child_gate.wait_started(1)  # the parent now awaits its call
+
+    intent_id = await cancel_host_while_running(
+        tmp_path, trigger, child_started, others=[child], bindings={"hosts": hosts}
+    )
+    assert errors == ["CancelledError shutdown"]
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as client:
+        agent = client.get("a")
+        state = await agent.intent(intent_id)
+        assert (state.status, state.attempts) == (IntentStatus.PENDING, 0)
+        assert await facts(agent, FAILED) == []
+        assert (await client.get("child").intent(1)).status is IntentStatus.PENDING
 
 
 # -- redrives ------------------------------------------------------------------------------

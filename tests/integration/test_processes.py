@@ -556,6 +556,34 @@ async def test_ctrl_c_on_a_host_script_releases_the_running_attempt(tmp_path):
         await host_b.stop()
 
 
+async def test_a_second_ctrl_c_during_the_grace_ends_the_host_script(tmp_path):
+    """A second SIGINT while the host gives its attempt the shutdown grace ends the process
+    at once (asyncio's runner then cancels every task, past the host's shields) rather than
+    leaving it hanging; the claim it held is redriven by the next host, which sees its owner
+    dead, and the intent ends with one terminal fact."""
+    async with processes(tmp_path) as procs, open_client(tmp_path) as client:
+        host_a = await procs.start_host(*LONG_LEASE, "--shutdown-grace", "60")
+        agent = client.get("chat:ctrl-c-twice")
+        intent = await agent.enqueue_trigger(trigger_kind=WAIT, payload={"seconds": 3600})
+        await host_a.expect("started", intent=intent.id)
+        os.kill(host_a.pid, signal.SIGINT)
+        await host_a.expect("stopping")
+        os.kill(host_a.pid, signal.SIGINT)
+        await host_a.wait_eof()
+        with anyio.fail_after(30):
+            assert await host_a.process.wait() != -signal.SIGKILL
+        assert "KeyboardInterrupt" in host_a.stderr()
+
+        host_b = await procs.start("host", *LONG_LEASE)
+        again = await host_b.expect("started", intent=intent.id)
+        assert again["redrive"] is True
+        await host_b.send({"op": "release", "actor": agent.actor_id, "intent": intent.id})
+        assert (await wait_terminal(agent, intent.id)).status == "completed"
+        facts = (await terminal_facts(agent))[intent.id]
+        assert [(f.kind, f.payload["pid"]) for f in facts] == [(DONE, host_b.pid)]
+        await host_b.stop()
+
+
 async def test_cancel_while_no_host_runs_reaches_the_redrive(tmp_path):
     """A cancel of work whose host was SIGKILLed answers requested; the next host's redrive
     starts with its signal already aborted and the intent ends cancelled with the reason."""
