@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import math
+import signal
+import threading
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +36,9 @@ from ._spec import AgentSpec
 from ._wakeup import Message, WakeupSocket, classify
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterator
     from pathlib import Path
+    from types import FrameType
 
     from anyio.abc import TaskGroup
 
@@ -48,6 +52,37 @@ def _check_count(value: object, name: str) -> None:
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be at least 1, not {value}")
+
+
+@contextlib.contextmanager
+def _interrupts_at_the_loop() -> Iterator[None]:
+    """Meanwhile, the Python handler of SIGINT runs as a callback of the event loop, not in
+    whatever code the main thread happens to run.
+
+    A second Ctrl-C while the host gives its attempts their grace raises KeyboardInterrupt
+    from the handler asyncio's runner installs. Raised in the host's own exit, it would be
+    caught by the exit's stack and held until the grace ends; raised in a callback, it ends
+    the event loop at once. Only the main thread can do this; elsewhere nothing changes.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+    handler = previous
+    loop = asyncio.get_running_loop()
+
+    def deferred(signum: int, frame: FrameType | None) -> None:
+        if loop.is_closed():
+            handler(signum, frame)
+        else:
+            loop.call_soon_threadsafe(handler, signum, frame)
+
+    signal.signal(signal.SIGINT, deferred)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is deferred:
+            signal.signal(signal.SIGINT, previous)
 
 
 class ActorHost:
@@ -249,12 +284,13 @@ class ActorHost:
 
         Such a task outlives a cancellation of the task holding the host until the host
         has stopped in order (the attempts' grace and settles included), as the host's own
-        tasks do: the work running attempts wait on keeps going until they end.
+        tasks do: the work running attempts wait on keeps going until they end. It may be
+        started until then too (an attempt may start a call during the grace).
 
         Raises:
             HostClosedError: the host is not running.
         """
-        if self._tg is None or self._stack is None or self._guards is None:
+        if self._tg is None or self._guards is None:
             raise HostClosedError
         self._tg.start_soon(self._guarded, fn, args)
 
@@ -356,7 +392,8 @@ class ActorHost:
         assert self._stack is not None
         stack, self._stack = self._stack, None
         try:
-            await stack.__aexit__(None, None, None)
+            with _interrupts_at_the_loop():
+                await stack.__aexit__(None, None, None)
         finally:
             self._tg = None
 

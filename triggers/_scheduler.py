@@ -295,9 +295,8 @@ class Scheduler:
         reason ``"shutdown"`` and release their intents for a redrive elsewhere.
 
         Runs shielded from cancellation: releasing claims is what lets the next host take
-        over at once instead of after the lease. If the aborted attempts have still not
-        settled a lease later (an ``acquire`` stuck where cancellation cannot reach it), it
-        stops waiting: their leases run out and the next host redrives them.
+        over at once instead of after the lease. An ``acquire`` that ignores its
+        cancellation keeps it waiting (its lease renewed) until it returns.
         """
         self._stopping = True
         self._dispatch_wake.set()
@@ -309,14 +308,7 @@ class Scheduler:
                 attempt.controller.abort("shutdown")
                 if attempt.scope is not None:
                     attempt.scope.cancel()
-            with anyio.move_on_after(self.config.lease):
-                await self._wait_idle()
-            if self._running:
-                _log.warning(
-                    "shutdown_left_attempts",
-                    attempts=len(self._running),
-                    note="their leases run out and another host redrives them",
-                )
+            await self._wait_idle()
 
     async def _wait_idle(self) -> None:
         while self._running or self._claiming or self._eager:

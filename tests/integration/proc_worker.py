@@ -35,10 +35,12 @@ the process that wrote it.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from datetime import UTC, datetime
@@ -356,6 +358,7 @@ async def run_client(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test's view of a hang
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--data-dir", required=True, help="a directory or a postgresql:// URL")
     parser.add_argument("--role", choices=("host", "client"), required=True)

@@ -614,6 +614,45 @@ async def test_an_attempt_waiting_on_a_call_is_released_by_a_cancelled_host(
         assert (await client.get("child").intent(1)).status is IntentStatus.PENDING
 
 
+@pytest.mark.timeout(60)
+async def test_an_attempt_may_start_a_call_during_the_grace(tmp_path: Path) -> None:
+    """During the shutdown grace (here of a cancelled host) an attempt may still start an
+    ``agent.call``: it is recorded and followed (the stopping host claims nothing new, so it
+    waits for the next host), and at the grace's end the attempt is released uncounted
+    rather than failed by a ``HostClosedError`` because the host had begun to stop."""
+    gate = Gate()
+    hosts: list[ActorHost] = []
+    errors: list[str] = []
+
+    async def parent(intent: JSON, ctx: TriggerContext) -> JSON:
+        await gate.acquire(intent, ctx)
+        try:
+            await ctx.bindings["hosts"][0].get("child").call(trigger_kind="test.child")
+        except BaseException as exc:
+            errors.append(f"{type(exc).__name__} {ctx.signal.reason}")
+            raise
+        return None
+
+    async def release(host: ActorHost, intent_id: int) -> None:
+        gate.open(intent_id)
+
+    intent_id = await cancel_host_while_running(
+        tmp_path,
+        make_trigger(KIND, parent),
+        gate.wait_started,
+        grace=1,
+        during=release,
+        others=[make_trigger("test.child")],
+        bindings={"hosts": hosts},
+    )
+    assert errors == ["CancelledError shutdown"]
+    async with open_host(tmp_path, make_trigger(KIND), run_scheduler=False) as client:
+        state = await client.get("a").intent(intent_id)
+        assert (state.status, state.attempts) == (IntentStatus.PENDING, 0)
+        assert await facts(client.get("a"), ATTEMPT_FAILED) == []
+        assert (await client.get("child").intent(1)).status is IntentStatus.PENDING
+
+
 # -- redrives ------------------------------------------------------------------------------
 
 
