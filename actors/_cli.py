@@ -1,8 +1,14 @@
 """The ``actors`` command line: serve an actor class, enqueue, cancel, read, follow, inspect.
 
-Exit codes: 0 done; 1 the ledger failed (locked, unwritable, corrupt); 2 bad usage; 3 not found
-(actor, intent, trigger kind, or a cancel that answered ``not_found``); 4 input rejected (a
-payload refused by ``parse_intent``, or not JSON).
+Exit codes: 0 done; 1 the ledger failed (locked, unwritable, corrupt; for ``inspect``, any
+actor's ledger could not be read, the others being reported all the same); 2 bad usage; 3 not
+found (actor, intent, trigger kind, or a cancel that answered ``not_found``); 4 input rejected
+(a payload refused by ``parse_intent``, or not JSON).
+
+The commands that only read (``intents``, ``events``, ``stream``, ``inspect``) also work on a
+data directory this process cannot write (see ``_reading``). Tables and other text for people
+show non-printable characters of names, kinds and reasons escaped (``\\x1b``, ``\\n``);
+``--json`` gives them exactly.
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ from ledger import (
     IntentNotFoundError,
     IntentRow,
     IntentStatus,
+    LedgerClosedError,
+    LedgerCorruptError,
     LedgerError,
+    LedgerNotFoundError,
+    LedgerStore,
     LedgerTx,
     PayloadError,
     ledger_relpath,
@@ -71,10 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(anyio.run(_until_signalled, args))
     except CliError as exc:
-        print(f"actors: error: {exc}", file=sys.stderr)
+        print(f"actors: error: {_shown(str(exc))}", file=sys.stderr)
         return exc.code
     except LedgerError as exc:
-        print(f"actors: error: {exc}", file=sys.stderr)
+        print(f"actors: error: {_shown(str(exc))}", file=sys.stderr)
         return LEDGER_FAILED
     except KeyboardInterrupt:
         return 130
@@ -226,7 +236,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("intent", type=int)
     data_dir(sub)
 
-    sub = command("inspect", _inspect, "summarize a data directory")
+    sub = command(
+        "inspect", _inspect, "summarize a data directory (exit code 1 if a ledger is unreadable)"
+    )
     sub.add_argument("dir", metavar="DIR")
     as_json(sub)
     return parser
@@ -336,7 +348,7 @@ async def _enqueue(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"intent_event_id": event.id, "event": event.model_dump(mode="json")})
     else:
-        print(f"enqueued intent {event.id} ({event.kind}) for {args.actor}")
+        print(f"enqueued intent {event.id} ({_shown(event.kind)}) for {_shown(args.actor)}")
     return OK
 
 
@@ -359,7 +371,7 @@ async def _cancel(args: argparse.Namespace) -> int:
 
 
 async def _intents(args: argparse.Namespace) -> int:
-    async with _client(args.data_dir) as host:
+    async with _reading(args.data_dir) as host:
         agent = host.get(_existing_actor(host, args.actor))
         intents = await agent.intents(status=args.status, limit=args.limit)
     if args.json:
@@ -371,14 +383,20 @@ async def _intents(args: argparse.Namespace) -> int:
 
 
 async def _events(args: argparse.Namespace) -> int:
-    async with _client(args.data_dir) as host:
-        agent = host.get(_existing_actor(host, args.actor))
+    async with _reading(args.data_dir) as host:
         if args.follow:
+            # An actor without a ledger yet is followed all the same: its first events show
+            # as soon as they are recorded (reads of an actor without a ledger find nothing).
+            agent = host.get(_actor(args.actor))
+            if not await host.store.exists(agent.actor_id):
+                note = f"no actor named {args.actor!r} yet; waiting for its first events"
+                print(f"actors: {_shown(note)}", file=sys.stderr, flush=True)
             async for event in agent.tail(after=args.after):
                 if args.kinds is None or event.kind in args.kinds:
                     _print_event(event, as_json=args.json)
                     sys.stdout.flush()
             return OK  # pragma: no cover - tail never ends on its own
+        agent = host.get(_existing_actor(host, args.actor))
         events = await agent.events(after=args.after, kinds=args.kinds, limit=args.limit)
     if args.json:
         _print_json([event.model_dump(mode="json") for event in events])
@@ -389,7 +407,7 @@ async def _events(args: argparse.Namespace) -> int:
 
 
 async def _stream(args: argparse.Namespace) -> int:
-    async with _client(args.data_dir) as host:
+    async with _reading(args.data_dir) as host:
         agent = host.get(_existing_actor(host, args.actor))
         try:
             async for chunk in agent.stream(args.intent):
@@ -400,47 +418,81 @@ async def _stream(args: argparse.Namespace) -> int:
 
 
 async def _inspect(args: argparse.Namespace) -> int:
+    """Summarize every actor of the data directory; an actor whose ledger cannot be read is
+    reported (its status, and a line on stderr naming its file) and the others still are."""
     directory = Path(args.dir)
     report: dict[str, Any] = {"data_dir": _data_dir_path(directory), "actors": []}
     totals: dict[str, int] = dict.fromkeys((s.value for s in IntentStatus), 0)
     stuck_total = 0
-    async with _client(directory) as host:
+    failures: list[str] = []
+    async with _reading(directory) as host:
         names = await _all_actors(host)
         progress = Progress(len(names), "inspecting actors")
         now_ms = host.store.clock()
         for name in names:
-            intent_rows = await host.store.run(name, _all_rows, write=False, create=False)
-            counts = dict.fromkeys(totals, 0)
-            stuck = 0
-            for row in intent_rows:
-                counts[row.status] += 1
-                if row.status == "running" and (row.lease_until or 0) < now_ms:
-                    stuck += 1
-            for status, count in counts.items():
-                totals[status] += count
-            stuck_total += stuck
-            size = _ledger_bytes(directory / ledger_relpath(name))
-            report["actors"].append(
-                {"actor": name, "intents": counts, "stuck_claims": stuck, "bytes": size}
-            )
+            path = host.data_dir / ledger_relpath(name)
+            actor: dict[str, Any] = {
+                "actor": name, "status": "ok", "error": None, "file": str(path),
+                "intents": None, "stuck_claims": None,
+            }  # fmt: skip
+            try:
+                intent_rows = await host.store.run(name, _all_rows, write=False, create=False)
+            except LedgerClosedError:
+                raise
+            except LedgerError as exc:
+                actor["status"], actor["error"] = _unreadable(exc), str(exc)
+                failures.append(f"actors: error: actor {name!r} is {actor['status']}: {exc}")
+            else:
+                counts = dict.fromkeys(totals, 0)
+                stuck = 0
+                for row in intent_rows:
+                    counts[row.status] += 1
+                    if row.status == "running" and (row.lease_until or 0) < now_ms:
+                        stuck += 1
+                for status, count in counts.items():
+                    totals[status] += count
+                stuck_total += stuck
+                actor["intents"], actor["stuck_claims"] = counts, stuck
+            actor["bytes"] = _ledger_bytes(path)
+            report["actors"].append(actor)
             progress.advance()
         progress.done()
-    report["totals"] = {"intents": totals, "stuck_claims": stuck_total}
+    for line in failures:  # after the progress bar, which shares the terminal
+        print(_shown(line), file=sys.stderr)
+    report["totals"] = {
+        "intents": totals, "stuck_claims": stuck_total, "unreadable_actors": len(failures)
+    }  # fmt: skip
+    code = LEDGER_FAILED if failures else OK
     if args.json:
         _print_json(report)
-        return OK
+        return code
     rows = [
-        [a["actor"], *(str(a["intents"][s]) for s in totals), str(a["stuck_claims"]),
-         _size(a["bytes"])]
+        [a["actor"], *(_count(a["intents"], s) for s in totals),
+         "-" if a["stuck_claims"] is None else str(a["stuck_claims"]), _size(a["bytes"]),
+         a["status"]]
         for a in report["actors"]
     ]  # fmt: skip
-    _print_table(["ACTOR", *(s.upper() for s in totals), "STUCK", "SIZE"], rows)
+    _print_table(["ACTOR", *(s.upper() for s in totals), "STUCK", "SIZE", "STATUS"], rows)
+    unreadable = f" ({len(failures)} unreadable, see above)" if failures else ""
     print(
-        f"\n{len(names)} actors; "
+        f"\n{len(names)} actors{unreadable}; "
         + ", ".join(f"{count} {status}" for status, count in totals.items())
         + f"; {stuck_total} stuck claims (running, lease expired)"
     )
-    return OK
+    return code
+
+
+def _unreadable(error: LedgerError) -> str:
+    """The status ``inspect`` gives an actor whose ledger raised ``error``."""
+    if isinstance(error, LedgerCorruptError):
+        return "corrupt"
+    if isinstance(error, LedgerNotFoundError):
+        return "missing"
+    return "unreadable"
+
+
+def _count(counts: dict[str, int] | None, status: str) -> str:
+    return "-" if counts is None else str(counts[status])
 
 
 # -- helpers ----------------------------------------------------------------------------------
@@ -471,9 +523,7 @@ class _client:
     """A client host (no scheduler) on ``data_dir``; refuses a directory that does not exist."""
 
     def __init__(self, data_dir: str | Path, spec: AgentSpec | None = None) -> None:
-        path = Path(data_dir)
-        if not path.is_dir():
-            raise CliError(f"no data directory at {path}", NOT_FOUND)
+        path = _existing_dir(data_dir)
         self._host = ActorHost(spec or define_agent_do(), data_dir=path, run_scheduler=False)
 
     async def __aenter__(self) -> ActorHost:
@@ -481,6 +531,48 @@ class _client:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._host.__aexit__(*exc_info)
+
+
+class _reader:
+    """Reads ``data_dir`` without writing anything to it: a client host that is never entered
+    (so it registers nowhere and opens no wake-up socket), its store a read-only one
+    (``LedgerStore(read_only=True)``), entered alone. Its agents read as any; their followers
+    (``tail``, ``stream``) see other processes' writes at their fallback poll (every
+    ``poll_interval``, 1 s), since no wake-up reaches a process that is not registered."""
+
+    def __init__(self, data_dir: str | Path) -> None:
+        path = _existing_dir(data_dir)
+        spec = define_agent_do()
+        self._host = ActorHost(spec, data_dir=path, run_scheduler=False)
+        self._host.store = LedgerStore(path, projections=spec.projections, read_only=True)
+
+    async def __aenter__(self) -> ActorHost:
+        await self._host.store.__aenter__()
+        return self._host
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._host.store.__aexit__(*exc_info)
+
+
+def _reading(data_dir: str | Path) -> _client | _reader:
+    """What a command that only reads opens: a client host, or a ``_reader`` when this
+    process cannot write the data directory or its ``index.db`` (a client registers there).
+
+    A reader is kept for that case: in a directory it could write, SQLite's read-only
+    connections would leave their ``-wal`` and ``-shm`` files behind.
+    """
+    path = _existing_dir(data_dir)
+    index = path / "index.db"
+    if os.access(path, os.W_OK) and (not index.exists() or os.access(index, os.W_OK)):
+        return _client(path)
+    return _reader(path)
+
+
+def _existing_dir(data_dir: str | Path) -> Path:
+    path = Path(data_dir)
+    if not path.is_dir():
+        raise CliError(f"no data directory at {path}", NOT_FOUND)
+    return path
 
 
 def _actor(name: str) -> str:
@@ -556,7 +648,7 @@ def _print_event(event: Event, *, as_json: bool) -> None:
         print(event.model_dump_json())
         return
     intent = "" if event.intent_event_id is None else f" intent={event.intent_event_id}"
-    print(f"{event.id:>6}  {event.kind}{intent}  {json.dumps(event.payload)}")
+    print(f"{event.id:>6}  {_shown(event.kind)}{intent}  {json.dumps(event.payload)}")
 
 
 def _print_json(value: Any) -> None:
@@ -564,12 +656,23 @@ def _print_json(value: Any) -> None:
 
 
 def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    """Print an aligned table, its cells shown with ``_shown``."""
     if not rows:
         print("(none)")
         return
+    rows = [[_shown(cell) for cell in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     for line in [headers, *rows]:
         print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+
+
+def _shown(text: str) -> str:
+    """``text`` for a terminal: each non-printable character (controls such as ESC and
+    newline, format characters such as bidirectional overrides, separators other than the
+    space) as its Python escape (``\\x1b``, ``\\n``, ``\\u202e``); everything else as it is."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def _size(count: int) -> str:

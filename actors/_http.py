@@ -383,6 +383,9 @@ def create_app(
         ledger``, ``id`` the event id), resumable with ``Last-Event-ID``."""
         agent = await agent_of(actor)
         start = _resume(last_event_id, after)
+        # Read once before answering: a ledger that cannot be read (corrupt, busy) answers
+        # its error, as on every other route, rather than a 200 whose body breaks off.
+        await agent.events(after=start, limit=1)
 
         async def frames() -> AsyncIterator[tuple[int, str, str]]:
             async for event in agent.tail(after=start):

@@ -48,9 +48,19 @@ class LedgerFile:
 
     @classmethod
     def open(
-        cls, actor_id: str, path: Path, relpath: str, *, synchronous: Synchronous
+        cls,
+        actor_id: str,
+        path: Path,
+        relpath: str,
+        *,
+        synchronous: Synchronous,
+        read_only: bool = False,
     ) -> LedgerFile:
         """Open (creating if needed) the ledger of ``actor_id`` at ``path``.
+
+        With ``read_only``, the file must exist and nothing is written to it, nor to its
+        directory (see ``connect_read_only``): it is not created, migrated or named, and its
+        writes fail.
 
         Raises:
             LedgerCorruptError: the file is not a SQLite database, is another program's
@@ -59,6 +69,8 @@ class LedgerFile:
             LedgerWriteError: the file cannot be opened at all (permissions, no file
                 descriptors left, no space).
         """
+        if read_only:
+            return cls(actor_id, path, relpath, _open_read_only(path, actor_id))
         try:
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +177,104 @@ def _migrate(conn: sqlite3.Connection, path: Path, actor_id: str) -> None:
         _verify(conn, path, actor_id)
 
 
-def _verify(conn: sqlite3.Connection, path: Path, actor_id: str) -> None:
+def connect_read_only(path: Path, **options: Any) -> sqlite3.Connection:
+    """A connection that only reads the SQLite file at ``path`` and writes nothing, not even
+    in its directory; ``options`` go to ``sqlite3.connect``.
+
+    It opens with ``mode=ro``, which reads a WAL file as its writers leave it (its ``-wal``
+    file included) but needs the ``-shm`` file to exist or to be creatable. When it is
+    neither (a directory this process cannot write) and there is no ``-wal`` file either
+    (every writer closed the file, and the last close moved everything into it), it opens
+    the file ``immutable`` instead: as it is on disk, without locks. Such a connection does
+    not see what is written after it opened: keep it for one read.
+
+    Meant for directories this process cannot write: in one it can, SQLite leaves the
+    ``-wal`` and ``-shm`` files a read-only connection created behind.
+
+    Raises:
+        sqlite3.Error: the file cannot be read (as ``sqlite3.connect`` and a first read).
+    """
+    uri = path.absolute().as_uri()
+    conn: sqlite3.Connection = sqlite3.connect(f"{uri}?mode=ro", uri=True, **options)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
+        return conn
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        code = exc.sqlite_errorcode
+        no_shm = code in _NO_SHM or code & 0xFF == sqlite3.SQLITE_CANTOPEN
+        if not no_shm or Path(f"{path}-wal").exists():
+            raise
+    except BaseException:
+        conn.close()
+        raise
+    snapshot: sqlite3.Connection = sqlite3.connect(
+        f"{uri}?mode=ro&immutable=1", uri=True, **options
+    )
+    return snapshot
+
+
+_NO_SHM = (sqlite3.SQLITE_READONLY_DIRECTORY, sqlite3.SQLITE_READONLY_CANTINIT)
+"""What SQLite answers a read-only WAL reader that cannot create or set up the ``-shm``
+file (besides ``SQLITE_CANTOPEN``)."""
+
+
+def _open_read_only(path: Path, actor_id: str) -> sqlite3.Connection:
+    """A read-only connection to the existing ledger of ``actor_id``, verified like any.
+
+    Raises:
+        LedgerCorruptError, LedgerBusyError: as ``LedgerFile.open``.
+        LedgerWriteError: the file cannot be opened, or needs a migration (which writes).
+    """
+    try:
+        conn = connect_read_only(
+            path,
+            timeout=_BUSY_MS / 1000,
+            isolation_level=None,
+            check_same_thread=False,
+            cached_statements=64,
+        )
+    except sqlite3.OperationalError as exc:
+        if is_locked(exc):
+            raise LedgerBusyError(path, 0.0) from exc
+        message = str(exc)
+        if "unable to open" in message or "disk" in message or "readonly" in message:
+            raise LedgerWriteError(path, f"cannot open: {message}") from exc
+        raise LedgerCorruptError(path, str(exc)) from exc
+    except sqlite3.DatabaseError as exc:
+        raise LedgerCorruptError(path, str(exc)) from exc
+    except OSError as exc:
+        raise LedgerWriteError(path, f"cannot open: {exc}") from exc
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0 and conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:
+            raise LedgerCorruptError(path, "a SQLite database that is not a ledger")
+        if version > SCHEMA_VERSION:
+            raise LedgerCorruptError(
+                path, f"schema version {version} is newer than this library's ({SCHEMA_VERSION})"
+            )
+        if version < SCHEMA_VERSION:
+            raise LedgerWriteError(
+                path, f"schema version {version} must be migrated first, which needs writing"
+            )
+        _verify(conn, path, actor_id, read_only=True)
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        if is_locked(exc):
+            raise LedgerBusyError(path, 0.0) from exc
+        raise LedgerCorruptError(path, str(exc)) from exc
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise LedgerCorruptError(path, str(exc)) from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _verify(
+    conn: sqlite3.Connection, path: Path, actor_id: str, *, read_only: bool = False
+) -> None:
     try:
         meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
     except sqlite3.DatabaseError as exc:
@@ -174,6 +283,8 @@ def _verify(conn: sqlite3.Connection, path: Path, actor_id: str) -> None:
         raise LedgerCorruptError(path, f"no ledger metadata ({exc})") from exc
     if meta.get("format") != FORMAT:
         raise LedgerCorruptError(path, "a SQLite database that is not a ledger")
+    if "actor_id" not in meta and read_only:
+        return  # fresh from the template, so empty: a reader need not name it
     if "actor_id" not in meta:
         # Fresh from the template: the first opener names it (once, under the write lock).
         conn.execute("BEGIN IMMEDIATE")

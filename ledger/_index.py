@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from ._errors import LedgerBusyError, LedgerCorruptError, LedgerWriteError, is_locked
+from ._file import connect_read_only
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -96,15 +97,21 @@ class Directory(Protocol):
 
 
 class IndexDB:
-    """A connection to ``index.db``; used by one ledger worker thread at a time."""
+    """A connection to ``index.db``; used by one ledger worker thread at a time.
 
-    def __init__(self, path: Path) -> None:
+    With ``read_only`` the file must exist, and nothing is written to it nor to its directory
+    (see ``connect_read_only``): the reads work, the writes fail.
+    """
+
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        connect = self._connect_read_only if read_only else self._connect
+        if not read_only:
+            path.parent.mkdir(parents=True, exist_ok=True)
         deadline = time.monotonic() + _OPEN_TIMEOUT_S
         while True:
             try:
-                self.conn = self._connect(path)
+                self.conn = connect(path)
                 return
             except sqlite3.OperationalError as exc:
                 # Processes opening a new data directory together race to switch index.db to
@@ -135,6 +142,10 @@ class IndexDB:
             conn.close()
             raise
         return conn
+
+    @staticmethod
+    def _connect_read_only(path: Path) -> sqlite3.Connection:
+        return connect_read_only(path, timeout=5.0, isolation_level=None, check_same_thread=False)
 
     def close(self) -> None:
         """Close the connection."""

@@ -527,6 +527,11 @@ class LedgerStore(Store):
         clock: the time source, epoch milliseconds.
         lock_timeout: seconds an operation waits for a ledger locked by another process
             before failing with ``LedgerBusyError``.
+        read_only: only read, for a data directory this process cannot write: every file
+            is opened read-only (``ledger._file.connect_read_only``), nothing is created,
+            migrated or registered, and each connection is closed at the end of its batch
+            (one may be a snapshot of the file, which would not see later writes). Writes
+            fail with ``LedgerWriteError``; ``index.db`` must exist to be read.
     """
 
     def __init__(
@@ -539,6 +544,7 @@ class LedgerStore(Store):
         shards: int = 1,
         clock: Clock = system_clock,
         lock_timeout: float = 10.0,
+        read_only: bool = False,
     ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError(f"synchronous must be 'NORMAL' or 'FULL', not {synchronous!r}")
@@ -555,6 +561,7 @@ class LedgerStore(Store):
         self.synchronous: Synchronous = synchronous
         self.max_open = max_open
         self.lock_timeout = lock_timeout
+        self.read_only = read_only
         # Evicted ledgers are closed on their own threads: the last close of a WAL file
         # checkpoints and syncs it (about a millisecond, mostly waiting on the disk), which
         # must not stall everyone's batch; several closers overlap those waits.
@@ -565,7 +572,8 @@ class LedgerStore(Store):
     # -- lifecycle ------------------------------------------------------------------------
 
     async def __aenter__(self) -> LedgerStore:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self.read_only:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
         self._closers = [
             threading.Thread(target=self._close_evicted, name="ledger-closer", daemon=True)
             for _ in range(_CLOSERS)
@@ -638,7 +646,7 @@ class LedgerStore(Store):
 
     def _index(self, shard: _Shard) -> IndexDB:
         if shard.index is None:
-            shard.index = IndexDB(self.data_dir / "index.db")
+            shard.index = IndexDB(self.data_dir / "index.db", read_only=self.read_only)
         return shard.index
 
     def _open_file(self, shard: _Shard, actor_id: str, keep: set[str], create: bool) -> LedgerFile:
@@ -669,7 +677,11 @@ class LedgerStore(Store):
         is_new = not path.exists()
         if is_new and not create:
             raise LedgerNotFoundError(actor_id)
-        file = LedgerFile.open(actor_id, path, relpath, synchronous=self.synchronous)
+        if is_new and self.read_only:
+            raise LedgerWriteError(path, "the ledger store is read-only")
+        file = LedgerFile.open(
+            actor_id, path, relpath, synchronous=self.synchronous, read_only=self.read_only
+        )
         if is_new:
             self._index(shard).register(actor_id, relpath)
         shard.files[actor_id] = file
@@ -751,6 +763,11 @@ class LedgerStore(Store):
                 self._put_off_raise(shard, state, now_ms)
             elif state.effects.new_due is not None:
                 shard.idle.pop(state.file.actor_id, None)
+        if self.read_only:
+            for file, _ in files:  # none outlives its batch (see ``read_only``)
+                shard.files.pop(file.actor_id, None)
+                shard.idle.pop(file.actor_id, None)
+                file.close()
         return committed, deferred + busy, {request.actor_id for request in busy}
 
     def _defer_busy(
