@@ -556,14 +556,16 @@ class _reader:
 
 def _reading(data_dir: str | Path) -> _client | _reader:
     """What a command that only reads opens: a client host, or a ``_reader`` when this
-    process cannot write the data directory or its ``index.db`` (a client registers there).
+    process cannot write the data directory, its ``index.db`` (a client registers there) or
+    its ``actors`` directory (a client opens the ledgers for writing).
 
-    A reader is kept for that case: in a directory it could write, SQLite's read-only
-    connections would leave their ``-wal`` and ``-shm`` files behind.
+    A reader is kept for that case: where it could write after all (a writable ``actors``
+    directory under a read-only ``index.db``), SQLite's read-only connections leave their
+    ``-wal`` and ``-shm`` files behind, which the next writer takes over.
     """
     path = _existing_dir(data_dir)
-    index = path / "index.db"
-    if os.access(path, os.W_OK) and (not index.exists() or os.access(index, os.W_OK)):
+    needed = [path, path / "index.db", path / "actors"]  # what a client writes in
+    if all(os.access(place, os.W_OK) for place in needed if place.exists()):
         return _client(path)
     return _reader(path)
 

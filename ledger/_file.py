@@ -12,7 +12,13 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._errors import LedgerBusyError, LedgerCorruptError, LedgerWriteError, is_locked
+from ._errors import (
+    LedgerBusyError,
+    LedgerCorruptError,
+    LedgerError,
+    LedgerWriteError,
+    is_locked,
+)
 from ._schema import FORMAT, MIGRATIONS, SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -29,7 +35,8 @@ class LedgerFile:
     """An open SQLite connection to one actor's ledger, verified to belong to that actor."""
 
     __slots__ = (
-        "_busy_ms", "actor_id", "conn", "next_id", "no_due_pending", "path", "relpath", "rows"
+        "_busy_ms", "actor_id", "conn", "next_id", "no_due_pending", "path", "relpath", "rows",
+        "snapshot",
     )  # fmt: skip
 
     def __init__(self, actor_id: str, path: Path, relpath: str, conn: sqlite3.Connection) -> None:
@@ -45,6 +52,9 @@ class LedgerFile:
         # Nor does reading an intent's row: nothing is read ahead (see ``LedgerHandle``).
         self.rows: dict[int, tuple[Any, ...]] = {}
         self._busy_ms = _BUSY_MS  # the connection's busy_timeout, as last set
+        self.snapshot: Signature | None = None
+        """For a read-only snapshot (``connect_read_only``): the file as it was when opened;
+        what was read holds only if ``snapshot_holds`` still says so."""
 
     @classmethod
     def open(
@@ -70,7 +80,10 @@ class LedgerFile:
                 descriptors left, no space).
         """
         if read_only:
-            return cls(actor_id, path, relpath, _open_read_only(path, actor_id))
+            conn, snapshot = _open_read_only(path, actor_id)
+            file = cls(actor_id, path, relpath, conn)
+            file.snapshot = snapshot
+            return file
         try:
             if not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,41 +190,73 @@ def _migrate(conn: sqlite3.Connection, path: Path, actor_id: str) -> None:
         _verify(conn, path, actor_id)
 
 
-def connect_read_only(path: Path, **options: Any) -> sqlite3.Connection:
+Signature = tuple[int, int, int]
+"""A file's inode, size and modification time (ns): it changes with any write."""
+
+
+def file_signature(path: Path) -> Signature | None:
+    """The ``Signature`` of the file at ``path``; None if there is none."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def snapshot_holds(path: Path, signature: Signature) -> bool:
+    """True if the file at ``path`` is still as ``signature`` describes and no writer has
+    it open (it has no ``-wal`` file): what a snapshot read of it found is its content."""
+    return not Path(f"{path}-wal").exists() and file_signature(path) == signature
+
+
+class WriterArrivedError(sqlite3.OperationalError):
+    """A writer opened the file while a reader without write access was opening it: the
+    reader tries again (``is_locked`` says so), and then reads through the writer's files."""
+
+    def __init__(self) -> None:
+        super().__init__("database is locked: a writer opened it meanwhile")
+
+
+def connect_read_only(path: Path, **options: Any) -> tuple[sqlite3.Connection, Signature | None]:
     """A connection that only reads the SQLite file at ``path`` and writes nothing, not even
-    in its directory; ``options`` go to ``sqlite3.connect``.
+    in its directory; ``options`` go to ``sqlite3.connect``. Returns it, with the file's
+    ``Signature`` if it is a snapshot (else None).
 
     It opens with ``mode=ro``, which reads a WAL file as its writers leave it (its ``-wal``
     file included) but needs the ``-shm`` file to exist or to be creatable. When it is
     neither (a directory this process cannot write) and there is no ``-wal`` file either
     (every writer closed the file, and the last close moved everything into it), it opens
-    the file ``immutable`` instead: as it is on disk, without locks. Such a connection does
-    not see what is written after it opened: keep it for one read.
+    the file ``immutable`` instead: as it is on disk, without locks. A writer may open and
+    change the file meanwhile, so such a snapshot's reads hold only if ``snapshot_holds``
+    says so afterwards; keep it for one read.
 
     Meant for directories this process cannot write: in one it can, SQLite leaves the
     ``-wal`` and ``-shm`` files a read-only connection created behind.
 
     Raises:
+        WriterArrivedError: a writer opened the file while this was opening it (try again).
         sqlite3.Error: the file cannot be read (as ``sqlite3.connect`` and a first read).
     """
     uri = path.absolute().as_uri()
     conn: sqlite3.Connection = sqlite3.connect(f"{uri}?mode=ro", uri=True, **options)
     try:
         conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()
-        return conn
+        return conn, None
     except sqlite3.OperationalError as exc:
         conn.close()
         code = exc.sqlite_errorcode
-        no_shm = code in _NO_SHM or code & 0xFF == sqlite3.SQLITE_CANTOPEN
-        if not no_shm or Path(f"{path}-wal").exists():
+        if not (code in _NO_SHM or code & 0xFF == sqlite3.SQLITE_CANTOPEN):
             raise
+        if Path(f"{path}-wal").exists():
+            raise WriterArrivedError from exc  # its -shm file is there to read through now
     except BaseException:
         conn.close()
         raise
+    signature = file_signature(path)
     snapshot: sqlite3.Connection = sqlite3.connect(
         f"{uri}?mode=ro&immutable=1", uri=True, **options
     )
-    return snapshot
+    return snapshot, signature
 
 
 _NO_SHM = (sqlite3.SQLITE_READONLY_DIRECTORY, sqlite3.SQLITE_READONLY_CANTINIT)
@@ -219,15 +264,17 @@ _NO_SHM = (sqlite3.SQLITE_READONLY_DIRECTORY, sqlite3.SQLITE_READONLY_CANTINIT)
 file (besides ``SQLITE_CANTOPEN``)."""
 
 
-def _open_read_only(path: Path, actor_id: str) -> sqlite3.Connection:
-    """A read-only connection to the existing ledger of ``actor_id``, verified like any.
+def _open_read_only(path: Path, actor_id: str) -> tuple[sqlite3.Connection, Signature | None]:
+    """A read-only connection to the existing ledger of ``actor_id``, verified like any,
+    with its snapshot ``Signature`` (see ``connect_read_only``).
 
     Raises:
-        LedgerCorruptError, LedgerBusyError: as ``LedgerFile.open``.
+        LedgerCorruptError: as ``LedgerFile.open``.
+        LedgerBusyError: another process holds the file, or wrote it while it was read.
         LedgerWriteError: the file cannot be opened, or needs a migration (which writes).
     """
     try:
-        conn = connect_read_only(
+        conn, snapshot = connect_read_only(
             path,
             timeout=_BUSY_MS / 1000,
             isolation_level=None,
@@ -258,18 +305,20 @@ def _open_read_only(path: Path, actor_id: str) -> sqlite3.Connection:
                 path, f"schema version {version} must be migrated first, which needs writing"
             )
         _verify(conn, path, actor_id, read_only=True)
-    except sqlite3.OperationalError as exc:
+    except (LedgerError, sqlite3.Error) as exc:
         conn.close()
-        if is_locked(exc):
+        if snapshot is not None and not snapshot_holds(path, snapshot):
+            # Read while a writer changed it: what looked wrong may be a torn read.
             raise LedgerBusyError(path, 0.0) from exc
-        raise LedgerCorruptError(path, str(exc)) from exc
-    except sqlite3.DatabaseError as exc:
-        conn.close()
+        if isinstance(exc, LedgerError):
+            raise
+        if isinstance(exc, sqlite3.OperationalError) and is_locked(exc):
+            raise LedgerBusyError(path, 0.0) from exc
         raise LedgerCorruptError(path, str(exc)) from exc
     except BaseException:
         conn.close()
         raise
-    return conn
+    return conn, snapshot
 
 
 def _verify(

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from ._errors import LedgerBusyError, LedgerCorruptError, LedgerWriteError, is_locked
-from ._file import connect_read_only
+from ._file import Signature, connect_read_only
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -105,6 +105,8 @@ class IndexDB:
 
     def __init__(self, path: Path, *, read_only: bool = False) -> None:
         self.path = path
+        self.snapshot: Signature | None = None
+        """As ``LedgerFile.snapshot``, for a read-only snapshot of ``index.db``."""
         connect = self._connect_read_only if read_only else self._connect
         if not read_only:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,9 +145,11 @@ class IndexDB:
             raise
         return conn
 
-    @staticmethod
-    def _connect_read_only(path: Path) -> sqlite3.Connection:
-        return connect_read_only(path, timeout=5.0, isolation_level=None, check_same_thread=False)
+    def _connect_read_only(self, path: Path) -> sqlite3.Connection:
+        conn, self.snapshot = connect_read_only(
+            path, timeout=5.0, isolation_level=None, check_same_thread=False
+        )
+        return conn
 
     def close(self) -> None:
         """Close the connection."""

@@ -36,7 +36,7 @@ from ._errors import (
     LedgerWriteError,
     is_locked,
 )
-from ._file import LedgerFile, Synchronous
+from ._file import LedgerFile, Synchronous, snapshot_holds
 from ._index import Directory, IndexDB
 from ._naming import check_actor_id, ledger_relpath
 from ._tx import LedgerTx, TxEffects
@@ -625,7 +625,31 @@ class LedgerStore(Store):
             self._apply_raises(shard)
             return fn(self._index(shard))
 
+        if self.read_only:
+            return await self._workers[shard.number].run(self._read_index, shard, fn)
         return await self._workers[shard.number].run(call)
+
+    def _read_index(self, shard: _Shard, fn: Callable[[Directory], T]) -> T:
+        """``fn`` on a read-only ``index.db`` connection of its own, closed after it; read
+        again if it was a snapshot that a writer changed meanwhile (see ``read_only``)."""
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            index = IndexDB(self.data_dir / "index.db", read_only=True)
+            try:
+                result = fn(index)
+                error: BaseException | None = None
+            except (LedgerError, sqlite3.Error) as exc:
+                result, error = None, exc
+            finally:
+                index.close()
+            snapshot = index.snapshot
+            if snapshot is None or snapshot_holds(index.path, snapshot):
+                if error is not None:
+                    raise error
+                return result  # type: ignore[return-value]
+            if time.monotonic() > deadline:
+                raise LedgerBusyError(index.path, self.lock_timeout) from error
+            time.sleep(_HOLD)  # a writer is at it: read again in a moment
 
     async def _run_batch(
         self, shard: _Shard, batch: list[_Request[Any]]
@@ -764,10 +788,15 @@ class LedgerStore(Store):
             elif state.effects.new_due is not None:
                 shard.idle.pop(state.file.actor_id, None)
         if self.read_only:
-            for file, _ in files:  # none outlives its batch (see ``read_only``)
+            for file, requests in files:  # none outlives its batch (see ``read_only``)
                 shard.files.pop(file.actor_id, None)
                 shard.idle.pop(file.actor_id, None)
                 file.close()
+                if file.snapshot is not None and not snapshot_holds(file.path, file.snapshot):
+                    # A writer changed the file while this snapshot read it: read again.
+                    for request in requests:
+                        request.result = request.error = None
+                    self._defer_busy(file.path, requests, busy)
         return committed, deferred + busy, {request.actor_id for request in busy}
 
     def _defer_busy(

@@ -12,6 +12,7 @@ import shutil
 import signal
 import stat
 import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,7 +21,7 @@ import anyio
 import pytest
 
 from ledger import ledger_relpath
-from tests.helpers import make_trigger, open_host
+from tests.helpers import make_trigger, open_host, open_store
 from tests.integration.test_cli import ACTORS, APP, KIND, LATER, ROOT, actors, run_to_end, stop
 from tests.integration.test_http import api
 
@@ -286,3 +287,90 @@ def writable(directory: Path) -> Iterator[None]:
     finally:
         for path in [directory, *directory.rglob("*")]:
             path.chmod(stat.S_IMODE(path.stat().st_mode) & ~stat.S_IWUSR)
+
+
+SNAPSHOT_READER = """
+import json, sys
+import anyio
+from ledger import LedgerStore
+
+async def main(data_dir):
+    runs = []
+
+    def op(tx):
+        runs.append(1)
+        if len(runs) == 1:
+            print("reading", flush=True)
+            sys.stdin.readline()  # the test changes the ledger meanwhile
+        return [event.id for event in tx.events()]
+
+    async with LedgerStore(data_dir, projections=(), read_only=True) as store:
+        ids = await store.run("chat:1", op, write=False, create=False)
+    print(json.dumps({"runs": len(runs), "ids": ids}), flush=True)
+
+anyio.run(main, sys.argv[1])
+"""
+
+
+@pytest.mark.anyio
+async def test_a_snapshot_read_that_a_writer_changes_meanwhile_is_read_again(
+    tmp_path: Path,
+) -> None:
+    """A reader that cannot write reads a ledger no writer has open as a snapshot (no locks);
+    if a writer changes the file during that read, what was read may be torn, so it is read
+    again rather than answered (or taken for corruption)."""
+    prefix = without_write_access()
+    directory = tmp_path / "data"
+
+    def insert(tx: Any) -> Any:
+        return tx.insert_event("note", {"n": 1})
+
+    async with open_store(directory) as store:
+        await store.run("chat:1", insert)
+    script = tmp_path / "reader.py"
+    script.write_text(SNAPSHOT_READER)
+    with (
+        read_only(directory),
+        subprocess.Popen(
+            [*prefix, sys.executable, str(script), str(directory)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        ) as reader,
+    ):
+        assert reader.stdout is not None
+        assert reader.stdin is not None
+        assert reader.stdout.readline() == "reading\n"
+        with writable(directory):
+            async with open_store(directory) as store:
+                await store.run("chat:1", insert)
+        assert not Path(f"{ledger_path(directory)}-wal").exists()
+        reader.stdin.write("go on\n")
+        reader.stdin.flush()
+        result = json.loads(reader.stdout.readline())
+    assert result == {"runs": 2, "ids": [1, 2]}
+
+
+def ledger_path(directory: Path) -> Path:
+    return directory / ledger_relpath("chat:1")
+
+
+def test_reads_work_when_only_the_ledgers_are_read_only(data: str) -> None:
+    """With the data directory and ``index.db`` writable but the ledgers' ``actors``
+    directory not, the reading commands still read (they used to fail opening a ledger for
+    writing)."""
+    prefix = without_write_access()
+    (intent,) = anyio.run(run_to_end, data, {"n": 1})
+    with read_only(Path(data) / "actors"):
+        result = subprocess.run(
+            [*prefix, str(ACTORS), "events", "chat:1", "--json", "--data-dir", data],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+    assert result.returncode == 0, result.stderr
+    assert [event["id"] for event in json.loads(result.stdout)][:1] == [intent]
