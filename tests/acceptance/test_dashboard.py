@@ -3,6 +3,7 @@ enqueue a long trigger, watch it run, press Cancel, see ``requested`` then ``can
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ import pytest
 from playwright.async_api import async_playwright, expect
 
 from actors.http import create_app
+from ledger import ledger_relpath
 from tests.helpers import make_trigger, open_host
 from tests.servers import serve
 from tests.system import chromium
@@ -71,3 +73,34 @@ async def test_cancel_from_the_dashboard(tmp_path: Path, token: str | None) -> N
         (state,) = await host.get("chat:123").intents()
         assert state.status == "cancelled"
         assert state.cancel_reason == "cancelled from the dashboard"
+
+
+async def test_the_timeline_recovers_once_the_ledger_can_be_read_again(tmp_path: Path) -> None:
+    """Selecting an actor whose ledger cannot be read shows why (the stream answers 503, and
+    the browser gives that stream up); once the file is good again the page opens the
+    timeline anew and shows the actor's events, with no reload."""
+    executable = chromium()
+    later = datetime(2100, 1, 1, tzinfo=UTC)
+    async with (
+        open_host(tmp_path, make_trigger(KIND, long_work), max_open_ledgers=1) as host,
+        serve(create_app(host)) as url,
+        async_playwright() as playwright,
+    ):
+        await host.get("a").enqueue_trigger(trigger_kind=KIND, at=later)
+        await host.get("b").enqueue_trigger(trigger_kind=KIND, at=later)  # "a" hibernates
+        path = host.data_dir / ledger_relpath("a")
+        good = path.read_bytes()
+        path.write_bytes(b"\xff" * 4096)
+        browser = await playwright.chromium.launch(executable_path=executable, headless=True)
+        try:
+            page = await browser.new_page()
+            await page.goto(url + "/")
+            await page.locator('#actors button[data-actor="a"]').click()
+            error = page.locator("#error")
+            await expect(error).to_contain_text("cannot be read now", timeout=10_000)
+            path.write_bytes(good)
+            timeline = page.get_by_test_id("timeline")
+            await expect(timeline).to_contain_text(f"{KIND}.requested", timeout=10_000)
+            await expect(error).to_have_text("")
+        finally:
+            await browser.close()
