@@ -776,6 +776,8 @@ class LedgerStore(Store):
             for state in opened:
                 if state.file.conn.in_transaction:
                     state.file.conn.execute("ROLLBACK")
+            if self.read_only:
+                self._close_files(shard, files)
             raise
         committed = [
             Committed(state.file.actor_id, state.effects) for state in opened if state.requests
@@ -788,16 +790,22 @@ class LedgerStore(Store):
             elif state.effects.new_due is not None:
                 shard.idle.pop(state.file.actor_id, None)
         if self.read_only:
-            for file, requests in files:  # none outlives its batch (see ``read_only``)
-                shard.files.pop(file.actor_id, None)
-                shard.idle.pop(file.actor_id, None)
-                file.close()
+            self._close_files(shard, files)  # none outlives its batch (see ``read_only``)
+            for file, requests in files:
                 if file.snapshot is not None and not snapshot_holds(file.path, file.snapshot):
                     # A writer changed the file while this snapshot read it: read again.
                     for request in requests:
                         request.result = request.error = None
                     self._defer_busy(file.path, requests, busy)
         return committed, deferred + busy, {request.actor_id for request in busy}
+
+    @staticmethod
+    def _close_files(shard: _Shard, files: list[tuple[LedgerFile, list[_Request[Any]]]]) -> None:
+        """Close a read-only batch's ledgers and forget them (see ``read_only``)."""
+        for file, _ in files:
+            shard.files.pop(file.actor_id, None)
+            shard.idle.pop(file.actor_id, None)
+            file.close()
 
     def _defer_busy(
         self, path: Path, requests: list[_Request[Any]], busy: list[_Request[Any]]
