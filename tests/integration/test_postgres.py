@@ -210,7 +210,13 @@ async def test_batches_that_only_read_share_the_actor(database_url: str) -> None
             holding.set()
             wait_for(gate.wait())  # the batch stays open, holding its lock on a
 
-        one.submit("a", read_and_hold, lambda _r, _e: ended.append("held"), write=False)
+        held_ended = anyio.Event()
+
+        def after_hold(_result: object, _error: BaseException | None) -> None:
+            ended.append("held")
+            held_ended.set()
+
+        one.submit("a", read_and_hold, after_hold, write=False)
         try:
             with anyio.fail_after(10):
                 await holding.wait()
@@ -224,7 +230,9 @@ async def test_batches_that_only_read_share_the_actor(database_url: str) -> None
         finally:
             gate.set()  # else closing the store would wait for the held batch
         with anyio.fail_after(10):
+            # Each store hears of its own batch: which of the two hears first is a race.
             await wrote.wait()
+            await held_ended.wait()
         assert ended == ["held"]
         assert [e.kind for e in await one.run("a", lambda tx: tx.events())] == ["x", "y"]
 
