@@ -56,12 +56,19 @@ class LedgerBusyError(LedgerError):
 
 class LedgerWriteError(LedgerError):
     """The storage refused a write (disk full, read-only file, I/O error, lost database
-    connection); nothing was written unless the message says the outcome is unknown."""
+    connection); nothing was written unless the message says the outcome is unknown.
 
-    def __init__(self, path: Path | str, detail: str) -> None:
+    With ``reading=True``: a store that only reads could not open the file (permissions,
+    no file descriptors left); the message then says so.
+    """
+
+    def __init__(self, path: Path | str, detail: str, *, reading: bool = False) -> None:
         self.path = Path(path)
         self.detail = detail
-        super().__init__(f"could not write {_where(path)}: {detail}; nothing was written")
+        if reading:
+            super().__init__(f"could not read {_where(path)}: {detail}")
+        else:
+            super().__init__(f"could not write {_where(path)}: {detail}; nothing was written")
 
 
 def is_locked(error: BaseException) -> bool:

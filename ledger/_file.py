@@ -286,12 +286,12 @@ def _open_read_only(path: Path, actor_id: str) -> tuple[sqlite3.Connection, Sign
             raise LedgerBusyError(path, 0.0) from exc
         message = str(exc)
         if "unable to open" in message or "disk" in message or "readonly" in message:
-            raise LedgerWriteError(path, f"cannot open: {message}") from exc
+            raise LedgerWriteError(path, f"cannot open: {message}", reading=True) from exc
         raise LedgerCorruptError(path, str(exc)) from exc
     except sqlite3.DatabaseError as exc:
         raise LedgerCorruptError(path, str(exc)) from exc
     except OSError as exc:
-        raise LedgerWriteError(path, f"cannot open: {exc}") from exc
+        raise LedgerWriteError(path, f"cannot open: {exc}", reading=True) from exc
     try:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         if version == 0 and conn.execute("SELECT count(*) FROM sqlite_schema").fetchone()[0]:

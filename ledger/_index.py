@@ -126,7 +126,7 @@ class IndexDB:
                     raise LedgerBusyError(path, _OPEN_TIMEOUT_S) from exc
                 if "malformed" in message or "not a database" in message:
                     raise LedgerCorruptError(path, message) from exc
-                raise LedgerWriteError(path, message) from exc
+                raise LedgerWriteError(path, message, reading=read_only) from exc
             except sqlite3.DatabaseError as exc:
                 raise LedgerCorruptError(path, str(exc)) from exc
 

@@ -374,3 +374,30 @@ def test_reads_work_when_only_the_ledgers_are_read_only(data: str) -> None:
         )
     assert result.returncode == 0, result.stderr
     assert [event["id"] for event in json.loads(result.stdout)][:1] == [intent]
+
+
+def test_a_ledger_it_may_not_read_is_reported_as_unreadable(data: str) -> None:
+    """A ledger file this process may not open (mode 000) is ``unreadable`` in ``inspect``,
+    with a message that says reading failed, not writing."""
+    prefix = without_write_access()
+    anyio.run(run_to_end, data, {"n": 1})
+    path = Path(data) / ledger_relpath("chat:1")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    path.chmod(0)
+    try:
+        with read_only(Path(data)):
+            result = subprocess.run(
+                [*prefix, str(ACTORS), "inspect", data, "--json"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )
+    finally:
+        path.chmod(mode)
+    assert result.returncode == 1, result.stderr
+    (actor,) = json.loads(result.stdout)["actors"]
+    assert actor["status"] == "unreadable"
+    assert actor["error"].startswith(f"could not read ledger file {path}: cannot open")
+    assert "written" not in actor["error"]
