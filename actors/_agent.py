@@ -18,7 +18,7 @@ from ledger import (
     LedgerTx,
     Projection,
     check_event_id,
-    check_kinds,
+    check_events_query,
     check_position,
     check_text,
     datetime_to_ms,
@@ -253,10 +253,8 @@ class Agent:
                 from 0 to 2**63 - 1, or ``kinds`` is a single str (give a list) or holds
                 something other than a str without NUL.
         """
-        kind_list = check_kinds(kinds)
-        check_position(after, "after")
-        check_position(limit, "limit", optional=True)
-        if intent_event_id is not None and not check_event_id(intent_event_id):
+        kind_list, findable = check_events_query(after, kinds, intent_event_id, limit)
+        if not findable:
             return []
 
         def op(tx: LedgerTx) -> list[Event]:

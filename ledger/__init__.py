@@ -36,6 +36,7 @@ from ._tx import LedgerTx as LedgerTx
 from ._tx import NewClaim as NewClaim
 from ._tx import TxEffects as TxEffects
 from ._tx import check_event_id as check_event_id
+from ._tx import check_events_query as check_events_query
 from ._tx import check_kinds as check_kinds
 from ._tx import check_position as check_position
 from ._tx import check_text as check_text
@@ -69,6 +70,7 @@ __all__ = [
     "Store",
     "TxEffects",
     "check_event_id",
+    "check_events_query",
     "check_kinds",
     "check_position",
     "check_text",

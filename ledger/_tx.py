@@ -186,6 +186,24 @@ def check_event_id(intent_event_id: object) -> bool:
     return 0 <= intent_event_id <= MAX_ID
 
 
+def check_events_query(
+    after: object, kinds: Iterable[str] | None, intent_event_id: object, limit: object
+) -> tuple[list[str] | None, bool]:
+    """The arguments of an events read, checked: ``kinds`` as a list (or None), and False if
+    ``intent_event_id`` is an int no event can have (the read then finds nothing).
+
+    Raises:
+        TypeError, ValueError: ``after``, ``limit`` or ``intent_event_id`` is not an int from
+            0 to 2**63 - 1, or ``kinds`` is a single str or holds something other than a str
+            without NUL.
+    """
+    kind_list = check_kinds(kinds)
+    check_position(after, "after")
+    check_position(limit, "limit", optional=True)
+    findable = intent_event_id is None or check_event_id(intent_event_id)
+    return kind_list, findable
+
+
 def check_kinds(kinds: Iterable[str] | None) -> list[str] | None:
     """``kinds`` (event kinds to filter by) as a list, or None for every kind.
 

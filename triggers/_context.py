@@ -9,9 +9,7 @@ from ledger import (
     JSON,
     Event,
     LedgerTx,
-    check_event_id,
-    check_kinds,
-    check_position,
+    check_events_query,
     dump_json,
     ms_to_datetime,
 )
@@ -162,10 +160,8 @@ class TriggerContext:
                 from 0 to 2**63 - 1, or ``kinds`` is a single str (give a list) or holds
                 something other than a str without NUL.
         """
-        kind_list = check_kinds(kinds)
-        check_position(after, "after")
-        check_position(limit, "limit", optional=True)
-        if intent_event_id is not None and not check_event_id(intent_event_id):
+        kind_list, findable = check_events_query(after, kinds, intent_event_id, limit)
+        if not findable:
             return []
         return await self._backend.read_events(
             self.actor_id,

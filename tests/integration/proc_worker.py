@@ -40,7 +40,6 @@ import json
 import logging
 import math
 import os
-import signal
 import sys
 import time
 from datetime import UTC, datetime
@@ -358,7 +357,7 @@ async def run_client(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # a test's view of a hang
+    faulthandler.enable()  # SIGABRT dumps every thread's stack: a test's view of a hang
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--data-dir", required=True, help="a directory or a postgresql:// URL")
     parser.add_argument("--role", choices=("host", "client"), required=True)

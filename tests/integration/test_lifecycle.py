@@ -19,6 +19,7 @@ from tests.helpers import (
     DONE,
     FAILED,
     TERMINAL_KINDS,
+    Acquire,
     Gate,
     ManualClock,
     fast_config,
@@ -426,6 +427,18 @@ async def test_shutdown_waits_for_attempts_within_grace(tmp_path: Path) -> None:
         assert gate.attempts == [(intent.id, 1, False, False)]
 
 
+def recording_reasons(gate: Gate, reasons: list[object]) -> Acquire:
+    """``gate.acquire`` that appends its signal's reason to ``reasons`` as it ends."""
+
+    async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
+        try:
+            return await gate.acquire(intent, ctx)
+        finally:
+            reasons.append(ctx.signal.reason)
+
+    return acquire
+
+
 async def cancel_host_while_running(
     tmp_path: Path,
     trigger: DurableTrigger[Any, Any],
@@ -480,13 +493,7 @@ async def test_cancelling_the_task_holding_the_host_stops_it_in_order(tmp_path: 
     before the host has stopped; the next host runs it."""
     gate = Gate()
     reasons: list[object] = []
-
-    async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
-        try:
-            return await gate.acquire(intent, ctx)
-        finally:
-            reasons.append(ctx.signal.reason)
-
+    acquire = recording_reasons(gate, reasons)
     trigger = make_trigger(KIND, acquire)
     intent_id = await cancel_host_while_running(tmp_path, trigger, gate.wait_started)
     assert reasons == ["shutdown"]
@@ -532,13 +539,7 @@ async def test_a_cancelled_hosts_attempts_still_time_out(tmp_path: Path) -> None
     timed-out attempt counts, as it would on a running host."""
     gate = Gate()
     reasons: list[object] = []
-
-    async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
-        try:
-            return await gate.acquire(intent, ctx)
-        finally:
-            reasons.append(ctx.signal.reason)
-
+    acquire = recording_reasons(gate, reasons)
     trigger = make_trigger(KIND, acquire, timeout=0.2)
     intent_id = await cancel_host_while_running(tmp_path, trigger, gate.wait_started, grace=30)
     assert reasons == ["timeout"]

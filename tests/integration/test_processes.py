@@ -123,16 +123,15 @@ class Worker:
 
     async def wait_eof(self, timeout: float = 20) -> None:
         """Wait until stdout has closed (the process has exited or died); if it does not,
-        fail with the stacks of its threads (``proc_worker`` dumps them on SIGUSR1)."""
+        fail with the stacks of its threads (``proc_worker`` dumps them as SIGABRT ends it)."""
         with anyio.move_on_after(timeout):
             while not self.eof:
                 await self._changed.wait()
         if self.eof:
             return
-        os.kill(self.pid, signal.SIGUSR1)
-        with anyio.move_on_after(5):
-            while "most recent call first" not in self.stderr():
-                await anyio.sleep(0.05)  # polls the child's stderr file for its dump
+        os.kill(self.pid, signal.SIGABRT)
+        with anyio.move_on_after(10):
+            await self.process.wait()  # the dump is written before the process ends
         dump = self.stderr_path.read_text(errors="replace")[-12000:]
         raise AssertionError(f"{self} still runs after {timeout} s; stderr:\n{dump}")
 
