@@ -7,8 +7,9 @@ found (actor, intent, trigger kind, or a cancel that answered ``not_found``); 4 
 
 The commands that only read (``intents``, ``events``, ``stream``, ``inspect``) also work on a
 data directory this process cannot write (see ``_reading``). Tables and other text for people
-show non-printable characters of names, kinds and reasons escaped (``\\x1b``, ``\\n``);
-``--json`` gives them exactly.
+show non-printable characters of names, kinds and reasons escaped (``\\x1b``, ``\\n``), and a
+backslash doubled (``\\\\``), their columns aligned by terminal cells; ``--json`` gives them
+exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import signal
 import socket
 import sys
 import time
+import unicodedata
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -58,7 +60,11 @@ OK, LEDGER_FAILED, USAGE, NOT_FOUND, REJECTED = 0, 1, 2, 3, 4
 
 
 class CliError(Exception):
-    """A user-facing failure: printed as one line, no traceback, with an exit code."""
+    """A user-facing failure: printed as one line, no traceback, with an exit code.
+
+    The message is printed through ``_shown``, so it quotes names and other values as they
+    are (``f"'{name}'"``), not with ``repr``, which would escape their backslashes twice.
+    """
 
     def __init__(self, message: str, code: int) -> None:
         super().__init__(message)
@@ -389,7 +395,7 @@ async def _events(args: argparse.Namespace) -> int:
             # as soon as they are recorded (reads of an actor without a ledger find nothing).
             agent = host.get(_actor(args.actor))
             if not await host.store.exists(agent.actor_id):
-                note = f"no actor named {args.actor!r} yet; waiting for its first events"
+                note = f"no actor named '{args.actor}' yet; waiting for its first events"
                 print(f"actors: {_shown(note)}", file=sys.stderr, flush=True)
             async for event in agent.tail(after=args.after):
                 if args.kinds is None or event.kind in args.kinds:
@@ -441,7 +447,7 @@ async def _inspect(args: argparse.Namespace) -> int:
                 raise
             except LedgerError as exc:
                 actor["status"], actor["error"] = _unreadable(exc), str(exc)
-                failures.append(f"actors: error: actor {name!r} is {actor['status']}: {exc}")
+                failures.append(f"actors: error: actor '{name}' is {actor['status']}: {exc}")
             else:
                 counts = dict.fromkeys(totals, 0)
                 stuck = 0
@@ -506,13 +512,13 @@ def load_app(reference: str) -> AgentSpec:
     """
     module_name, sep, attribute = reference.partition(":")
     if not sep or not module_name or not attribute:
-        raise CliError(f"APP must look like module:attribute, not {reference!r}", USAGE)
+        raise CliError(f"APP must look like module:attribute, not '{reference}'", USAGE)
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise CliError(f"cannot import {module_name!r}: {exc}", USAGE) from None
+        raise CliError(f"cannot import '{module_name}': {exc}", USAGE) from None
     spec = getattr(module, attribute, None)
     if not isinstance(spec, AgentSpec):
         raise CliError(f"{reference} is not an actor class from define_agent_do()", USAGE)
@@ -587,7 +593,7 @@ def _actor(name: str) -> str:
 
 def _existing_actor(host: ActorHost, name: str) -> str:
     if not (host.data_dir / ledger_relpath(_actor(name))).exists():
-        raise CliError(f"no actor named {name!r} in {host.data_dir}", NOT_FOUND)
+        raise CliError(f"no actor named '{name}' in {host.data_dir}", NOT_FOUND)
     return name
 
 
@@ -627,7 +633,7 @@ def _datetime_arg(text: str) -> datetime:
     try:
         value = datetime.fromisoformat(text)
     except ValueError:
-        raise CliError(f"--at must be an ISO 8601 date and time, not {text!r}", USAGE) from None
+        raise CliError(f"--at must be an ISO 8601 date and time, not '{text}'", USAGE) from None
     if value.tzinfo is None:
         raise CliError("--at needs a time zone (for example 2030-01-01T09:00+00:00)", USAGE)
     return value
@@ -658,23 +664,41 @@ def _print_json(value: Any) -> None:
 
 
 def _print_table(headers: list[str], rows: list[list[str]]) -> None:
-    """Print an aligned table, its cells shown with ``_shown``."""
+    """Print a table, its cells shown with ``_shown`` and its columns aligned by terminal
+    cells (``_cells``), so wide characters do not shift the columns after them."""
     if not rows:
         print("(none)")
         return
     rows = [[_shown(cell) for cell in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max(_cells(h), *(_cells(r[i]) for r in rows)) for i, h in enumerate(headers)]
     for line in [headers, *rows]:
-        print("  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)))
+        pairs = zip(line, widths, strict=True)
+        print("  ".join(cell + " " * (width - _cells(cell)) for cell, width in pairs))
+
+
+def _cells(text: str) -> int:
+    """How many terminal cells ``text`` takes: two for each wide or fullwidth character (East
+    Asian width ``W`` or ``F``: CJK ideographs, kana, most emoji), none for a combining or
+    zero-width one (combining marks, format characters such as U+200B), one for the others."""
+    cells = 0
+    for char in text:
+        if unicodedata.combining(char) or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+            continue
+        cells += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+    return cells
 
 
 def _shown(text: str) -> str:
-    """``text`` for a terminal: each non-printable character (controls such as ESC and
-    newline, format characters such as bidirectional overrides, separators other than the
-    space) as its Python escape (``\\x1b``, ``\\n``, ``\\u202e``); everything else as it is."""
-    if text.isprintable():
+    """``text`` for a terminal, escaped unambiguously: each non-printable character (controls
+    such as ESC and newline, format characters such as bidirectional overrides, separators
+    other than the space) as its Python escape (``\\x1b``, ``\\n``, ``\\u202e``), and a
+    backslash doubled (``\\\\``), so the four characters ``\\x1b`` show as ``\\\\x1b``,
+    unlike an ESC; everything else as it is."""
+    if text.isprintable() and "\\" not in text:
         return text
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    return "".join(
+        char if char.isprintable() and char != "\\" else repr(char)[1:-1] for char in text
+    )
 
 
 def _size(count: int) -> str:

@@ -1,7 +1,7 @@
 """Operating a data directory: a corrupt ledger among many (``actors inspect``, the HTTP event
-stream), names with control characters in tables, following an actor before its first event,
-and reading a data directory this process cannot write. The command line runs as a real
-subprocess, the HTTP API on a real server."""
+stream), names with control characters, backslashes or wide characters in tables, following an
+actor before its first event, and reading a data directory this process cannot write. The
+command line runs as a real subprocess, the HTTP API on a real server."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ async def test_event_stream_of_a_corrupt_ledger_answers_503(tmp_path: Path) -> N
                         break
 
 
-# -- control characters in tables -------------------------------------------------------------
+# -- names in tables: control characters, backslashes, wide characters ------------------------
 
 EVIL = "evil\x1b[2J\nname\u202e"
 """An actor name that clears the screen, breaks the line and reverses the text after it."""
@@ -151,6 +151,36 @@ def test_tables_escape_control_characters_and_json_keeps_them(data: str) -> None
     assert [r["actor"] for r in inspect_json(data)] == [EVIL]
     listed = json.loads(actors("intents", EVIL, "--data-dir", data, "--json").stdout)
     assert listed[0]["cancel_reason"] == REASON
+
+
+def test_a_backslash_is_escaped_so_no_two_names_show_alike(data: str) -> None:
+    """A backslash shows doubled: a name holding the four characters ``\\x1b`` and one holding
+    an ESC show differently in tables and messages (they showed alike); messages quote a
+    name as tables show it; ``--json`` keeps both exactly."""
+    literal, escape = "lit\\x1b", "lit\x1b"
+    enqueued = actors("enqueue", literal, KIND, "--payload", '{"n": 1}', "--at", LATER,
+                      "--app", APP, "--data-dir", data)  # fmt: skip
+    enqueue_for(data, escape, "--at", LATER)
+    assert enqueued.stdout.strip().endswith(" for lit\\\\x1b")
+
+    rows = actors("inspect", data).stdout.splitlines()[1:3]
+    assert sorted(row.split()[0] for row in rows) == ["lit\\\\x1b", "lit\\x1b"]
+    missing = actors("intents", "no\\x1b", "--data-dir", data, check=3).stderr
+    assert "no actor named 'no\\\\x1b' in " in missing
+    assert sorted(r["actor"] for r in inspect_json(data)) == [escape, literal]
+
+
+def test_table_columns_count_terminal_cells(data: str) -> None:
+    """Columns line up on a terminal whatever the names hold: a wide character (CJK, emoji)
+    takes two cells and a combining accent none (the padding counted code points)."""
+    padding = {"ACTOR": 1, "日本語": 0, "😀x": 3, "e\u0301": 5, "abcd": 2}  # to 6 cells
+    for name in padding.keys() - {"ACTOR"}:
+        enqueue_for(data, name, "--at", LATER)
+    header, *rows = actors("inspect", data).stdout.splitlines()[:5]
+    assert header.startswith("ACTOR" + " " * padding["ACTOR"] + "  PENDING  ")
+    for row in rows:
+        name = row.split()[0]
+        assert row.startswith(name + " " * padding[name] + "  1  "), row
 
 
 # -- following an actor before its first event ------------------------------------------------
