@@ -378,6 +378,24 @@ class AbortController:
         self._signal._abort(reason)
 
 
+def is_failure(error: BaseException) -> bool:
+    """True if ``error``, raised by user code, is that code's failure rather than an
+    interruption: any ``Exception``, and a ``CancelledError`` that is not a cancellation of
+    the current task (the code awaited something someone else cancelled, such as a library's
+    inner task or a future). A cancellation in progress, ``KeyboardInterrupt`` and the like
+    are interruptions and must propagate."""
+    if isinstance(error, Exception):
+        return True
+    return isinstance(error, asyncio.CancelledError) and not being_cancelled()
+
+
+def being_cancelled() -> bool:
+    """True while the current task has a cancellation pending (an anyio cancel scope's or
+    anyone's ``task.cancel()``): a ``CancelledError`` raised now is that cancellation."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 def reason_text(reason: object) -> str | None:
     """An abort reason as the text a durable cancel records (``None`` for no reason)."""
     if reason is None or (isinstance(reason, AbortError) and reason.reason is None):

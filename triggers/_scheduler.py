@@ -28,7 +28,7 @@ from ledger import (
     Store,
 )
 
-from ._abort import AbortController
+from ._abort import AbortController, is_failure
 from ._context import ClaimLostError, TriggerContext
 from ._engine import (
     Claimed,
@@ -577,7 +577,12 @@ class Scheduler:
                 timer = loop.call_later(trigger.timeout, self._time_out, attempt)
             try:
                 outcome = (Outcome.RETURNED, await trigger.start(intent, ctx))
-            except Exception as exc:
+            except BaseException as exc:
+                # A CancelledError that is no cancellation of this attempt is an error like any
+                # other: the acquire awaited something that was cancelled (a library's task).
+                ours = scope.cancel_called and not isinstance(exc, Exception)
+                if ours or not is_failure(exc):
+                    raise
                 outcome = (Outcome.RAISED, exc)
             finally:
                 attempt.scope = None

@@ -52,7 +52,7 @@ from ledger import (
     ms_to_datetime,
 )
 
-from ._abort import AbortError, AbortSignal
+from ._abort import AbortError, AbortSignal, is_failure
 from ._context import ClaimLostError, StreamWriter, TriggerContext
 from ._engine import CANCEL_REQUESTED
 from ._errors import FatalError, TriggerError
@@ -1313,15 +1313,15 @@ class _Run:
                 raise _merge(_leaves(suspended)) from None
             signal = self.ctx.signal
             errors = [exc for exc in _leaves(group) if not _interrupts(exc, signal)]
-            if not errors or not all(isinstance(exc, Exception) for exc in errors):
+            if not errors or not all(is_failure(exc) for exc in errors):
                 raise  # cancelled or storage trouble (or anyio's cancellation): not a failure
             self._check_diverged()  # else the body failed, as if it had raised errors[0]
             raise _BodyFailedError(errors[0]) from group
         except _Suspend:
             self._check_diverged()
             raise
-        except Exception as exc:
-            if _interrupts(exc, self.ctx.signal):
+        except BaseException as exc:
+            if not is_failure(exc) or _interrupts(exc, self.ctx.signal):
                 raise  # cancelled or storage trouble: not the body's failure
             # The body failed: a run failure, not something to retry by running it again.
             self._check_diverged()
@@ -1364,7 +1364,9 @@ class _Run:
                 # A result the ledger cannot hold fails the step: running it again (its side
                 # effects too) would not help, nor is it the storage trouble a retry is for.
                 dump_json(result, what=f"the result of step {name!r}")
-            except Exception as exc:
+            except BaseException as exc:
+                if not is_failure(exc):
+                    raise
                 fact = {"seq": seq, "step": name, "error_type": type(exc).__name__,
                         "message": str(exc), "attempts": attempt}  # fmt: skip
                 final = isinstance(exc, FatalError | AbortError | PayloadError)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import inspect
 import math
@@ -152,6 +153,37 @@ async def test_fatal_error_fails_at_once(tmp_path: Path) -> None:
         (framework,) = await facts(agent, "trigger.failed")
         assert list(state.terminal_event_ids) == [failed[0].id, framework.id]
         assert await facts(agent, ATTEMPT_FAILED) == []
+
+
+async def test_a_cancelled_error_the_host_did_not_cause_is_an_attempt_error(
+    tmp_path: Path,
+) -> None:
+    """An acquire that raises ``CancelledError`` without its task being cancelled (it awaited
+    a future someone else cancelled, as a library's inner task may be) fails that attempt
+    like any error, and is retried; the host goes on running other intents. (It stopped the
+    whole scheduler: every later intent stayed pending.)"""
+    attempts: list[int] = []
+
+    async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
+        attempts.append(ctx.attempt)
+        if intent == "cancelled inside" and ctx.attempt == 1:
+            inner = asyncio.ensure_future(asyncio.sleep(3600))
+            inner.cancel()
+            await inner
+        return {"attempt": ctx.attempt}
+
+    async with open_host(tmp_path, make_trigger(KIND, acquire)) as host:
+        agent = host.get("a")
+        first = await agent.enqueue_trigger(trigger_kind=KIND, payload="cancelled inside")
+        state = await terminal(agent, first.id)
+        assert state.status is IntentStatus.COMPLETED
+        assert state.attempts == 2
+        (failed,) = await facts(agent, ATTEMPT_FAILED, first.id)
+        assert failed.payload["error_type"] == "CancelledError"
+        second = await agent.enqueue_trigger(trigger_kind=KIND, payload="plain")
+        assert (await terminal(agent, second.id)).status is IntentStatus.COMPLETED
+        assert host.scheduler is not None
+        assert host.scheduler.abandoned == 0
 
 
 async def test_exhausted_attempts_fail_through_commit_failed(tmp_path: Path) -> None:

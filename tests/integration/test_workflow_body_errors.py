@@ -4,6 +4,7 @@ run's own cancel ends it cancelled, and only storage trouble runs the body again
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import pytest
@@ -14,7 +15,7 @@ from tests.helpers import fast_config, place
 from tests.workflow_helpers import calls, reset_state, result_of
 from triggers import AbortError, AbortSignal, _workflow
 from triggers._engine import cancel_op
-from triggers._workflow import RUN_CANCELLED, RUN_FAILED, WORKFLOW_KIND
+from triggers._workflow import RUN_CANCELLED, RUN_FAILED, STEP_ATTEMPT_FAILED, WORKFLOW_KIND
 from triggers.workflows import (
     RunFailedError,
     StepFailedError,
@@ -98,12 +99,40 @@ async def fails_after_a_cancel_elsewhere() -> None:
     raise ValueError("failed after the cancel")
 
 
+async def await_a_cancelled_future() -> None:
+    """Await a future someone else cancelled (as a library's inner task may be): a
+    ``CancelledError`` that is no cancellation of the awaiting task."""
+    inner = asyncio.ensure_future(asyncio.sleep(3600))
+    inner.cancel()
+    await inner
+
+
+@workflow
+async def meets_a_stray_cancel() -> None:
+    calls["body"] += 1
+    await await_a_cancelled_future()
+
+
+@step
+async def meets_a_stray_cancel_once() -> str:
+    calls["inner"] += 1
+    if calls["inner"] == 1:
+        await await_a_cancelled_future()
+    return "done"
+
+
+@workflow
+async def retries_a_stray_cancel() -> str:
+    return await meets_a_stray_cancel_once()
+
+
 _host: list[ActorHost] = []
 
 BodyDO = define_agent_do(
     workflows=[
         raises_its_own_abort, times_itself_out, writes_a_set, reads_an_unknown_run,
-        misuses_a_step, fails_after_a_cancel_elsewhere,
+        misuses_a_step, fails_after_a_cancel_elsewhere, meets_a_stray_cancel,
+        retries_a_stray_cancel,
     ]
 )  # fmt: skip
 
@@ -138,6 +167,18 @@ async def test_a_body_call_awaited_in_a_step_fails_the_step_without_retries(
         assert calls["inner"] == 1
 
 
+async def test_a_step_meeting_a_stray_cancel_fails_that_step_attempt(tmp_path: Path) -> None:
+    """A ``CancelledError`` that cancels nothing, raised in a step, is that step attempt's
+    failure: recorded and retried like any error (it escaped the step machinery)."""
+    async with ActorHost(BodyDO, **place(tmp_path), config=fast_config()) as h:
+        agent = h.get("u:s")
+        run = await start(retries_a_stray_cancel, actor=agent)
+        assert await result_of(run, 30) == "done"
+        assert calls["inner"] == 2
+        kinds = [event.kind for event in await agent.events(intent_event_id=run.run_id)]
+        assert kinds.count(STEP_ATTEMPT_FAILED) == 1
+
+
 @pytest.mark.parametrize(
     ("wf", "error_type"),
     [
@@ -145,14 +186,16 @@ async def test_a_body_call_awaited_in_a_step_fails_the_step_without_retries(
         (times_itself_out, "AbortError"),
         (writes_a_set, "PayloadError"),
         (reads_an_unknown_run, "IntentNotFoundError"),
+        (meets_a_stray_cancel, "CancelledError"),
     ],
 )
 async def test_a_body_error_fails_the_run_on_its_first_attempt(
     tmp_path: Path, wf: object, error_type: str
 ) -> None:
     """An ``AbortError`` the body raises while nobody cancelled the run (its own timeout),
-    a payload the ledger cannot hold and an unknown run id are the body's failures: the run
-    ends ``failed`` at once, its body ran once, no ``trigger.cancel_requested`` fact."""
+    a payload the ledger cannot hold, an unknown run id and a ``CancelledError`` that cancels
+    nothing (it went on retrying the whole run) are the body's failures: the run ends
+    ``failed`` at once, its body ran once, no ``trigger.cancel_requested`` fact."""
     async with ActorHost(BodyDO, **place(tmp_path), config=fast_config()) as h:
         _host[:] = [h]
         agent = h.get("u:1")
