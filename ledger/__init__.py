@@ -11,6 +11,7 @@ from ._errors import LedgerError as LedgerError
 from ._errors import LedgerNotFoundError as LedgerNotFoundError
 from ._errors import LedgerWriteError as LedgerWriteError
 from ._errors import PayloadError as PayloadError
+from ._errors import ProjectionError as ProjectionError
 from ._index import Directory as Directory
 from ._index import IndexDB as IndexDB
 from ._index import ProcessInfo as ProcessInfo
@@ -67,6 +68,7 @@ __all__ = [
     "PayloadError",
     "ProcessInfo",
     "Projection",
+    "ProjectionError",
     "Store",
     "TxEffects",
     "check_event_id",

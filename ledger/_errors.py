@@ -90,6 +90,26 @@ class PayloadError(LedgerError, ValueError):
     """A payload or chunk cannot be stored as JSON (not serializable, NaN, too large...)."""
 
 
+class ProjectionError(LedgerError):
+    """A projection's ``apply`` raised on an event, or returned a state that is not JSON: a
+    bug in the projection. The write that needed it did not happen. Its cause is the error
+    ``apply`` raised.
+
+    Attributes:
+        projection: the projection's name.
+        kind: the kind of the event it could not apply.
+        event_id: that event's id.
+    """
+
+    def __init__(self, projection: str, kind: str, event_id: int, error: str) -> None:
+        self.projection = projection
+        self.kind = kind
+        self.event_id = event_id
+        super().__init__(
+            f"projection {projection!r} could not apply event {event_id} ({kind!r}): {error}"
+        )
+
+
 class IntentNotFoundError(LedgerError, LookupError):
     """No intent with this id exists in the actor's ledger.
 

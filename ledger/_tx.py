@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._errors import PayloadError
+from ._errors import PayloadError, ProjectionError
 from ._models import JSON, Event, IntentState, IntentStatus, Projection, make_event, ms_to_datetime
 
 if TYPE_CHECKING:
@@ -658,7 +658,11 @@ class LedgerTx:
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:
-        """Run a block whose writes are rolled back if it raises (the error propagates)."""
+        """Run a block whose writes are rolled back if it raises (the error propagates).
+
+        The projections take the operation's new events before the block ends, so a
+        ``ProjectionError`` is the block's error.
+        """
         conn = self._file.conn
         conn.execute("SAVEPOINT nested")
         pending = len(self._pending_events)
@@ -669,6 +673,9 @@ class LedgerTx:
         notices = len(self.effects.notices or ())
         try:
             yield
+            # The block's events reach the projections inside it: a projection that cannot
+            # take them fails the block, and its writes roll back.
+            self.flush_projections()
         except BaseException:
             self._file.next_id = None
             self._file.no_due_pending = due_known
@@ -893,15 +900,34 @@ class LedgerTx:
         return state
 
     def flush_projections(self) -> None:
-        """Fold this operation's new events into every projection (same transaction)."""
-        if not self._pending_events:
+        """Fold this operation's new events into every projection (same transaction).
+
+        Raises:
+            ProjectionError: a projection's ``apply`` raised, or its state is not JSON.
+                Nothing was stored; the events stay pending.
+        """
+        events = self._pending_events
+        if not events:
             return
-        events, self._pending_events = self._pending_events, []
+        states: list[tuple[str, str]] = []
         for projection in self._projections:
             state, _ = self._fold(projection, before=events[0].id)
             for event in events:
-                state = projection.apply(state, event)
-            self._store_projection(projection.name, state, events[-1].id)
+                state = _apply(projection, state, event)
+            try:
+                text = dump_json(state, what=f"projection {projection.name!r} state")
+            except PayloadError as exc:
+                last = events[-1]
+                raise ProjectionError(projection.name, last.kind, last.id, str(exc)) from exc
+            states.append((projection.name, text))
+        for name, text in states:
+            self._store_projection_text(name, text, events[-1].id)
+        self._pending_events = []
+
+    def discard_pending_events(self) -> None:
+        """Leave this operation's new events out of the projections for now (after a
+        ``ProjectionError``): the next fold of each projection takes them up again."""
+        self._pending_events = []
 
     # -- named values ---------------------------------------------------------------------
 
@@ -947,12 +973,14 @@ class LedgerTx:
             if not missing:
                 break
             for event in missing:
-                state = projection.apply(state, event)
+                state = _apply(projection, state, event)
             last = missing[-1].id
         return state, last
 
     def _store_projection(self, name: str, state: Any, last: int) -> None:
-        text = dump_json(state, what=f"projection {name!r} state")
+        self._store_projection_text(name, dump_json(state, what=f"projection {name!r} state"), last)
+
+    def _store_projection_text(self, name: str, text: str, last: int) -> None:
         conn = self._file.conn
         updated = conn.execute(
             "UPDATE projections SET state = ?, last_event_id = ? WHERE name = ?",
@@ -967,3 +995,12 @@ class LedgerTx:
     def integrity_check(self) -> list[str]:
         """``PRAGMA integrity_check`` of this ledger file."""
         return self._file.integrity_check()
+
+
+def _apply(projection: Projection[Any], state: Any, event: Event) -> Any:
+    """``projection.apply(state, event)``; its error as a ``ProjectionError`` naming both."""
+    try:
+        return projection.apply(state, event)
+    except Exception as exc:
+        message = f"{type(exc).__name__}: {exc}"
+        raise ProjectionError(projection.name, event.kind, event.id, message) from exc

@@ -22,7 +22,18 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from ledger import JSON, Event, IntentRow, IntentStatus, LedgerTx, NewClaim, ms_to_datetime
+import structlog
+
+from ledger import (
+    JSON,
+    Event,
+    IntentRow,
+    IntentStatus,
+    LedgerTx,
+    NewClaim,
+    ProjectionError,
+    ms_to_datetime,
+)
 
 from ._abort import AbortError, describe, reason_text
 from ._errors import FatalError, IntentRejectedError, TriggerDefinitionError
@@ -34,6 +45,8 @@ if TYPE_CHECKING:
     from ._spec import TriggerDef, TriggerRegistry
 
 Op = Callable[[LedgerTx], Any]
+
+_log = structlog.get_logger("triggers")
 
 CANCEL_REQUESTED = "trigger.cancel_requested"
 ATTEMPT_FAILED = "trigger.attempt_failed"
@@ -302,9 +315,25 @@ def settle_op(
     value: Any,
     backoff_s: float,
 ) -> Callable[[LedgerTx], Settled]:
-    """End an attempt: commit, commit_cancelled, retry, fail, or release (shutdown)."""
+    """End an attempt: commit, commit_cancelled, retry, fail, or release (shutdown).
+
+    The facts the trigger's own functions write must suit the actor's projections, or the
+    function fails (``ProjectionError``). The framework's facts (``trigger.failed``, an
+    attempt's failure) are written whatever the projections make of them: one that cannot take
+    them is left behind, with a warning, rather than hold the intent unsettled (its attempt
+    would be run again and again).
+    """
 
     def op(tx: LedgerTx) -> Settled:
+        settled = settle(tx)
+        try:
+            tx.flush_projections()
+        except ProjectionError as exc:
+            _log.warning("projection_left_behind", actor=tx.actor_id, error=str(exc))
+            tx.discard_pending_events()
+        return settled
+
+    def settle(tx: LedgerTx) -> Settled:
         row = tx.intent_row(intent_event_id)
         if row is None or row.status != IntentStatus.RUNNING or row.claim_token != token:
             return Settled.LOST

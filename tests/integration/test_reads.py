@@ -21,10 +21,11 @@ from ledger import (
     LedgerTx,
     PayloadError,
     Projection,
+    ProjectionError,
     ledger_relpath,
 )
 from tests.helpers import CANCELLED, DONE, FAILED, Gate, fast_config, make_trigger, open_host
-from triggers import AbortError, CancelStatus, FatalError, TriggerContext
+from triggers import AbortError, CancelStatus, FatalError, TriggerContext, Tx
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -323,21 +324,118 @@ async def test_projection_ignores_rolled_back_events(tmp_path: Path) -> None:
         assert await agent.projection("kinds") == {REQUESTED: 1, DONE: 1, "kept": 1}
 
 
+def picky(state: int, event: Event) -> int:
+    """Counts events; cannot take a ``poison`` one (nor, as a ``ProjectionError``, a
+    framework failure fact when ``FRAMEWORK_POISON`` is set)."""
+    if event.kind == "poison" or (FRAMEWORK_POISON and event.kind == "trigger.failed"):
+        raise ValueError("poison")
+    return state + 1
+
+
+FRAMEWORK_POISON: list[bool] = []
+
+
 async def test_failing_projection_fails_the_write(tmp_path: Path) -> None:
-    """A projection whose apply raises rolls back the events it was folding."""
-
-    def picky(state: int, event: Event) -> int:
-        if event.kind == "poison":
-            raise ValueError("poison")
-        return state + 1
-
+    """A projection whose apply raises rolls back the events it was folding; the error names
+    the projection and the event, its cause is what apply raised."""
     spec = define_agent_do(triggers=[make_trigger()], projections=[Projection("n", 0, picky)])
     async with open_host(tmp_path, spec=spec) as host:
-        with pytest.raises(ValueError, match="poison"):
+        with pytest.raises(ProjectionError, match="projection 'n' could not apply event 1 "
+                           r"\('poison'\): ValueError: poison") as caught:  # fmt: skip
             await host.store.run("a", lambda tx: tx.insert_event("poison", None))
+        assert isinstance(caught.value.__cause__, ValueError)
+        assert (caught.value.projection, caught.value.kind, caught.value.event_id) == (
+            "n", "poison", 1,
+        )  # fmt: skip
         assert await host.get("a").events() == []
         await host.store.run("a", lambda tx: tx.insert_event("fine", None))
         assert await host.get("a").projection("n") == 1
+
+
+async def test_a_state_that_is_not_json_fails_the_write(tmp_path: Path) -> None:
+    """An apply that returns a state the ledger cannot hold fails the write alike."""
+    spec = define_agent_do(projections=[Projection("s", [], lambda s, e: {1, 2})])
+    async with open_host(tmp_path, spec=spec) as host:
+        with pytest.raises(ProjectionError, match="projection 's' could not apply event 1"):
+            await host.store.run("a", lambda tx: tx.insert_event("any", None))
+        assert await host.get("a").events() == []
+
+
+async def test_an_enqueue_a_projection_cannot_take_writes_nothing(tmp_path: Path) -> None:
+    """``enqueue_trigger`` of an intent whose event a projection cannot apply raises
+    ``ProjectionError`` (it raised what apply raised, naming neither) and records nothing."""
+    trigger = make_trigger(intent_event_kind="poison")
+    spec = define_agent_do(triggers=[trigger], projections=[Projection("n", 0, picky)])
+    async with open_host(tmp_path, spec=spec) as host:
+        agent = host.get("a")
+        with pytest.raises(ProjectionError, match="'poison'"):
+            await agent.enqueue_trigger(trigger_kind="test.work")
+        assert await agent.events() == []
+
+
+async def test_a_commit_whose_facts_a_projection_cannot_take_fails_the_intent(
+    tmp_path: Path,
+) -> None:
+    """Facts a ``commit`` writes that a projection cannot apply fail the commit: its writes
+    roll back and the intent ends ``failed`` at once, its acquire run once. (The settle
+    failed, again and again: the intent stayed running and its acquire ran at every
+    redrive.)"""
+    runs: list[int] = []
+
+    async def acquire(intent: Any, ctx: TriggerContext) -> None:
+        runs.append(ctx.attempt)
+
+    def commit(outcome: Any, tx: Tx) -> None:
+        tx.insert_event(kind="poison", payload={"note": "no amount"})
+
+    trigger = make_trigger(acquire=acquire, commit=commit)
+    spec = define_agent_do(triggers=[trigger], projections=[Projection("n", 0, picky)])
+    async with open_host(tmp_path, spec=spec) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind="test.work")
+        with anyio.fail_after(10):
+            state = await agent.wait_for_intent(intent.id)
+        assert state.status == "failed"
+        assert runs == [1]
+        kinds = [event.kind for event in await agent.events()]
+        assert "poison" not in kinds
+        (failed,) = await agent.events(kinds=["trigger.failed"])
+        assert failed.payload["error_type"] == "ProjectionError"
+        assert "projection 'n' could not apply" in failed.payload["message"]
+        assert await agent.projection("n") == len(kinds)
+
+
+async def test_a_projection_that_cannot_take_a_failure_fact_does_not_hold_the_intent(
+    tmp_path: Path,
+) -> None:
+    """The framework's own facts are written whatever the projections make of them: a
+    projection that cannot apply ``trigger.failed`` is left behind (a warning), the intent
+    fails once, and reading that projection raises ``ProjectionError`` until its apply is
+    fixed."""
+    FRAMEWORK_POISON.append(True)
+    runs: list[int] = []
+
+    async def acquire(intent: Any, ctx: TriggerContext) -> None:
+        runs.append(ctx.attempt)
+        raise FatalError("no")
+
+    trigger = make_trigger(acquire=acquire)
+    spec = define_agent_do(triggers=[trigger], projections=[Projection("n", 0, picky)])
+    try:
+        async with open_host(tmp_path, spec=spec) as host:
+            agent = host.get("a")
+            intent = await agent.enqueue_trigger(trigger_kind="test.work")
+            with anyio.fail_after(10):
+                state = await agent.wait_for_intent(intent.id)
+            assert state.status == "failed"
+            assert runs == [1]
+            assert len(await agent.events(kinds=["trigger.failed"])) == 1
+            with pytest.raises(ProjectionError, match=r"'trigger\.failed'"):
+                await agent.projection("n")
+            FRAMEWORK_POISON.clear()  # apply fixed: the projection catches up
+            assert await agent.projection("n") == len(await agent.events())
+    finally:
+        FRAMEWORK_POISON.clear()
 
 
 @pytest.mark.sqlite_only
