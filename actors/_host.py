@@ -187,6 +187,7 @@ class ActorHost:
                 lock_timeout=lock_timeout,
             )
         self.key_retention_ms = retention_ms
+        self.store.key_retention_ms = retention_ms  # for keys given to a commit's tx.enqueue
         self.scheduler: Scheduler | None = None
         self._wake: WakeupSocket | NotifyWakeup | None = None
         self._peers: list[ProcessInfo] = []

@@ -1165,7 +1165,7 @@ class PostgresStore(Store):
         conn.actor = actor_id
         state = _Done(actor_id, [], TxEffects())
         for request in requests:
-            tx = LedgerTx(scope, now_ms, self.projections)
+            tx = LedgerTx(scope, now_ms, self.projections, self.key_retention_ms)
             if not alone:
                 conn.execute("SAVEPOINT op")
             progress.ran = True

@@ -192,6 +192,9 @@ class Store:
             raise ValueError("shards must be at least 1")
         self.projections = tuple(projections)
         self.clock = clock
+        self.key_retention_ms = 0
+        """How long an ended intent keeps its idempotency key, for enqueues inside
+        operations (``LedgerTx.key_retention_ms``); its host sets it."""
         self._batch_actors = batch_actors
         self._shards = [_Shard(i) for i in range(shards)]
         self._listeners: list[Callable[[list[Committed]], None]] = []
@@ -846,7 +849,7 @@ class LedgerStore(Store):
         if len(requests) == 1:
             # One operation: the transaction itself is its savepoint.
             request = requests[0]
-            tx = LedgerTx(file, now_ms, self.projections)
+            tx = LedgerTx(file, now_ms, self.projections, self.key_retention_ms)
             try:
                 request.result = request.fn(tx)
                 tx.flush_projections()
@@ -858,7 +861,7 @@ class LedgerStore(Store):
             state.effects = tx.effects
         else:
             for request in requests:
-                tx = LedgerTx(file, now_ms, self.projections)
+                tx = LedgerTx(file, now_ms, self.projections, self.key_retention_ms)
                 conn.execute("SAVEPOINT op")
                 try:
                     request.result = request.fn(tx)

@@ -364,16 +364,22 @@ class LedgerTx:
         effects: what this operation changed (read by the store after commit).
     """
 
-    __slots__ = ("_file", "_pending_events", "_projections", "actor_id", "effects", "now_ms")
+    __slots__ = ("_file", "_pending_events", "_projections", "actor_id", "effects",
+                 "key_retention_ms", "now_ms")  # fmt: skip
 
     def __init__(
-        self, file: LedgerHandle, now_ms: int, projections: Sequence[Projection[Any]]
+        self,
+        file: LedgerHandle,
+        now_ms: int,
+        projections: Sequence[Projection[Any]],
+        key_retention_ms: int = 0,
     ) -> None:
         self._file = file
         self._projections = projections
         self._pending_events: list[Event] = []
         self.actor_id = file.actor_id
         self.now_ms = now_ms
+        self.key_retention_ms = key_retention_ms
         self.effects = TxEffects()
 
     # -- events ---------------------------------------------------------------------------
@@ -466,15 +472,16 @@ class LedgerTx:
         payload: JSON,
         due_at: int,
         idempotency_key: str | None = None,
-        key_retention_ms: int = 0,
+        key_retention_ms: int | None = None,
         text: str | None = None,
         claim: NewClaim | None = None,
     ) -> tuple[Event, bool]:
         """Record an intent event and its schedule row (``pending`` at ``due_at``).
 
         With an ``idempotency_key``, an existing intent holding that key is returned instead
-        while it is live or ended less than ``key_retention_ms`` ago; if that intent is of
-        another trigger kind, ``ValueError`` is raised (nothing is written).
+        while it is live or ended less than ``key_retention_ms`` ago (by default this
+        transaction's ``key_retention_ms``, its store's); if that intent is of another
+        trigger kind, ``ValueError`` is raised (nothing is written).
 
         With ``claim``, a new intent is claimed as it is recorded: its row is written
         ``running`` (``claim.row(...)``), as ``claim_due`` would leave it, with one write
@@ -492,6 +499,8 @@ class LedgerTx:
             ).fetchone()
             if existing is not None:
                 intent_id, held_by, finished_at = existing
+                if key_retention_ms is None:
+                    key_retention_ms = self.key_retention_ms
                 if finished_at is None or finished_at + key_retention_ms > self.now_ms:
                     if held_by != trigger_kind:
                         raise ValueError(

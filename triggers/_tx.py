@@ -40,7 +40,7 @@ class TxLedger(Protocol):
         payload: JSON,
         due_at: int,
         idempotency_key: str | None = None,
-        key_retention_ms: int = 0,
+        key_retention_ms: int | None = None,
         text: str | None = None,
     ) -> tuple[Event, bool]: ...
 

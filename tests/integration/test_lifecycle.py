@@ -887,3 +887,29 @@ async def test_idempotency_key_survives_completion_within_retention(tmp_path: Pa
         again = await agent.enqueue_trigger(trigger_kind=KIND, idempotency_key="k")
         assert again.id == first.id
         assert len(await agent.events(kinds=TERMINAL_KINDS)) == 1
+
+
+async def test_a_key_given_to_a_commits_enqueue_is_kept_for_the_retention(tmp_path: Path) -> None:
+    """An idempotency key given to ``tx.enqueue`` in a commit still holds once its intent
+    ended, for the host's ``idempotency_retention`` as any key (it held only while the
+    intent was live: a second parent enqueued a second child)."""
+
+    def commit(outcome: JSON, tx: Tx) -> None:
+        tx.enqueue(trigger_kind="child", idempotency_key="welcome-email")
+
+    parent = make_trigger(KIND, commit=commit)
+    async with open_host(tmp_path, parent, make_trigger("child")) as host:
+        agent = host.get("a")
+        first = await agent.enqueue_trigger(trigger_kind=KIND)
+        assert (await terminal(agent, first.id)).status is IntentStatus.COMPLETED
+        (child,) = await facts(agent, "child.requested")
+        assert (await terminal(agent, child.id)).status is IntentStatus.COMPLETED
+        second = await agent.enqueue_trigger(trigger_kind=KIND)
+        assert (await terminal(agent, second.id)).status is IntentStatus.COMPLETED
+        assert [e.id for e in await facts(agent, "child.requested")] == [child.id]
+    async with open_host(tmp_path, parent, make_trigger("child"),
+                         idempotency_retention=0) as host:  # fmt: skip
+        agent = host.get("a")
+        third = await agent.enqueue_trigger(trigger_kind=KIND)
+        assert (await terminal(agent, third.id)).status is IntentStatus.COMPLETED
+        assert len(await facts(agent, "child.requested")) == 2
