@@ -109,16 +109,30 @@ def dump_json(value: JSON, *, what: str = "payload") -> str:
 
     Raises:
         PayloadError: the value is not JSON-serializable, holds NaN or Infinity, is nested
-            too deeply, or its JSON text exceeds ``MAX_PAYLOAD_BYTES``.
+            too deeply, holds text that is not valid Unicode (a lone surrogate, as from an
+            undecodable file name), or its JSON text exceeds ``MAX_PAYLOAD_BYTES``.
     """
     try:
         _check_shape(value)
         text = _encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise PayloadError(f"{what} is not storable as JSON: {exc}") from None
-    if len(text) > MAX_PAYLOAD_BYTES // 4 and len(text.encode()) > MAX_PAYLOAD_BYTES:
+    if text.isascii():
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError as exc:
+            raise PayloadError(f"{what} is not storable as JSON: {_invalid(exc)}") from None
+    if size > MAX_PAYLOAD_BYTES:
         raise PayloadError(f"{what} is larger than {MAX_PAYLOAD_BYTES} bytes of JSON")
     return text
+
+
+def _invalid(exc: UnicodeEncodeError) -> str:
+    """What is wrong with text that UTF-8 cannot encode."""
+    char = exc.object[exc.start]
+    return f"it holds {char!r}, a lone surrogate, which is not valid Unicode"
 
 
 MAX_DEPTH = 256
@@ -145,13 +159,21 @@ def _check_shape(value: object) -> None:
 
 
 def check_text(value: str | None, what: str) -> None:
-    """Refuse text a column cannot hold on every backend (PostgreSQL's text has no NUL).
+    """Refuse text a column cannot hold on every backend (PostgreSQL's text has no NUL;
+    neither backend stores a lone surrogate).
 
     Raises:
-        PayloadError: ``value`` holds a NUL character.
+        PayloadError: ``value`` holds a NUL character or a lone surrogate.
     """
-    if value is not None and "\x00" in value:
+    if value is None:
+        return
+    if "\x00" in value:
         raise PayloadError(f"{what} must not contain NUL characters")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError as exc:
+            raise PayloadError(f"{what} must be valid Unicode: {_invalid(exc)}") from None
 
 
 MAX_ID = (1 << 63) - 1
@@ -210,7 +232,7 @@ def check_kinds(kinds: Iterable[str] | None) -> list[str] | None:
     Raises:
         TypeError: ``kinds`` is a single str (it would read as one-letter kinds) or bytes,
             or holds something other than a str.
-        PayloadError: a kind holds a NUL character.
+        PayloadError: a kind holds a NUL character or a lone surrogate.
     """
     if kinds is None:
         return None

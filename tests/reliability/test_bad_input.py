@@ -184,6 +184,41 @@ def test_nul_in_keys_and_reasons_is_refused_alike_on_every_backend(tmp_path: Pat
         assert portal.call(agent.intent, intent.id).status == "pending"
 
 
+SURROGATE = "\udc80"
+"""A lone surrogate: what ``os.fsdecode`` makes of an undecodable byte in a file name. No
+backend can store it."""
+
+
+def test_lone_surrogates_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    """Text that is not valid Unicode (a lone surrogate) in a payload (a value or a key), an
+    idempotency key, a cancel reason or a kind to read is refused alike on every backend:
+    ``PayloadError``, nothing written, no ledger created. (SQLite raised a bare
+    ``UnicodeEncodeError`` after creating the actor's ledger; PostgreSQL a
+    ``LedgerWriteError``.)"""
+    with running_host(tmp_path) as (portal, host):
+        fresh = host.get("fresh")
+        for payload in ({"text": SURROGATE}, {SURROGATE: 1}, [f"a{SURROGATE}b"]):
+            with pytest.raises(PayloadError, match="lone surrogate"):
+                portal.call(lambda p=payload: fresh.enqueue_trigger(trigger_kind=KIND, payload=p))
+        assert portal.call(host.actors) == []
+
+        agent = host.get("a")
+        intent = portal.call(lambda: agent.enqueue_trigger(trigger_kind=KIND, at=LATER))
+        before = portal.call(agent.events)
+        with pytest.raises(PayloadError, match="idempotency_key must be valid Unicode"):
+            portal.call(lambda: agent.enqueue_trigger(trigger_kind=KIND, idempotency_key=SURROGATE))
+        with pytest.raises(PayloadError, match="cancel reason must be valid Unicode"):
+            portal.call(
+                lambda: agent.cancel_trigger(
+                    trigger_kind=KIND, intent_event_id=intent.id, reason=SURROGATE
+                )
+            )
+        with pytest.raises(PayloadError, match="lone surrogate"):
+            portal.call(lambda: agent.events(kinds=[SURROGATE]))
+        assert portal.call(agent.events) == before
+        assert portal.call(agent.intent, intent.id).status == "pending"
+
+
 INJECTIONS = [
     "'; DROP TABLE events; --",
     "a' OR '1'='1",
