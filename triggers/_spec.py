@@ -158,7 +158,9 @@ class TriggerDef:
         """Validate a raw payload into the typed intent.
 
         Raises:
-            IntentRejectedError: ``parse_intent`` refused it.
+            IntentRejectedError: ``parse_intent`` refused it: raised a pydantic
+                ``ValidationError`` or any other ``Exception`` (a payload of the wrong shape
+                often raises ``AttributeError`` or ``IndexError`` in a hand-written parser).
         """
         try:
             return self.parse_intent(payload)
@@ -170,6 +172,8 @@ class TriggerDef:
             raise IntentRejectedError(self.kind, errors) from None
         except (ValueError, TypeError, KeyError) as exc:
             raise IntentRejectedError(self.kind, [str(exc) or type(exc).__name__]) from None
+        except Exception as exc:
+            raise IntentRejectedError(self.kind, [f"{type(exc).__name__}: {exc}"]) from exc
 
 
 def validate_trigger(spec: object, position: int = 0, *, builtin: bool = False) -> TriggerDef:

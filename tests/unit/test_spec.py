@@ -372,6 +372,34 @@ def test_pydantic_model_rejects_with_field_messages() -> None:
     assert "spec.t" in str(error)
 
 
+def _strip_url(payload: Any) -> str:
+    return str(payload["url"].strip())
+
+
+def _first(payload: Any) -> Any:
+    return payload[0]
+
+
+@pytest.mark.parametrize(
+    ("parse_intent", "payload", "message"),
+    [
+        (_strip_url, {"url": 5}, "AttributeError: 'int' object has no attribute 'strip'"),
+        (_first, [], "IndexError: list index out of range"),
+    ],
+)
+def test_any_error_of_a_hand_written_parser_rejects_the_payload(
+    parse_intent: Any, payload: Any, message: str
+) -> None:
+    """A parser that fails on a payload of the wrong shape with ``AttributeError`` or
+    ``IndexError`` (not only ``ValueError``, ``TypeError`` and ``KeyError``) rejects it:
+    ``IntentRejectedError`` naming the error, its cause kept (the error came out bare)."""
+    trigger = define_agent_do(triggers=[spec(parse_intent=parse_intent)]).registry.get("spec.t")
+    with pytest.raises(IntentRejectedError) as info:
+        trigger.parse(payload)
+    assert info.value.errors == (message,)
+    assert info.value.__cause__ is not None
+
+
 async def test_rejected_payload_writes_nothing(tmp_path: Path) -> None:
     """enqueue_trigger with a payload the model refuses raises and leaves the ledger empty."""
     trigger: Any = spec(parse_intent=Job, acquire=sized)
