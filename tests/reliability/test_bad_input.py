@@ -7,6 +7,7 @@ hypothesis drives plain functions.
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from datetime import datetime
@@ -199,7 +200,9 @@ def test_lone_surrogates_are_refused_before_anything_is_written(tmp_path: Path) 
         fresh = host.get("fresh")
         for payload in ({"text": SURROGATE}, {SURROGATE: 1}, [f"a{SURROGATE}b"]):
             with pytest.raises(PayloadError, match="lone surrogate"):
-                portal.call(lambda p=payload: fresh.enqueue_trigger(trigger_kind=KIND, payload=p))
+                portal.call(
+                    functools.partial(fresh.enqueue_trigger, trigger_kind=KIND, payload=payload)
+                )
         assert portal.call(host.actors) == []
 
         agent = host.get("a")
