@@ -656,6 +656,15 @@ class LedgerTx:
         ).fetchone()
         return row is not None
 
+    def next_pending_due(self, kinds: Sequence[str]) -> int | None:
+        """The earliest due time of a pending intent of ``kinds`` (None if there is none)."""
+        row = self._file.conn.execute(
+            "SELECT min(due_at) FROM intents WHERE status = 'pending'"
+            f" AND trigger_kind IN ({','.join('?' * len(kinds))})",
+            tuple(kinds),
+        ).fetchone()
+        return None if row is None or row[0] is None else int(row[0])
+
     def lost_claims(self, dead_owners: Iterable[str]) -> list[IntentRow]:
         """Running intents whose lease has run out or whose owner process is gone."""
         conn = self._file.conn

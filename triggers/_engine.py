@@ -186,6 +186,9 @@ class ClaimResult:
     looked_at: int = 0
     """The transaction's clock reading (taken before it began): a change that a hint
     reported before this time was visible to it."""
+    next_due: int | None = None
+    """When the earliest intent of the host's kinds still pending is due, after the claim: a
+    later due time than the one the claim was for may have reached the scheduler only here."""
 
 
 def claim_op(
@@ -259,12 +262,13 @@ def claim_op(
                 kinds=kinds,
             )
             rows += fresh
-        if len(rows) >= limit:
-            # The batch is full: tell the scheduler whether due work is still waiting.
-            more = more or tx.has_due_pending(kinds)
+        # What is still pending: due now (the batch was full: more to claim) or later.
+        next_due = tx.next_pending_due(kinds)
+        if next_due is not None and next_due <= tx.now_ms:
+            more = True
         payloads = tx.intent_payloads([row.id for row in rows])
         claimed = [Claimed(row, payloads.get(row.id)) for row in rows]
-        return ClaimResult(claimed, more, looked_at=tx.now_ms)
+        return ClaimResult(claimed, more, looked_at=tx.now_ms, next_due=next_due)
 
     return op
 

@@ -443,6 +443,10 @@ class Scheduler:
         hinted = self._recheck.pop(actor_id, None)
         if result.more or (hinted is not None and hinted >= result.looked_at):
             self._ready[actor_id] = None
+        elif result.next_due is not None:
+            # A timer for the actor's next due time: it may be later than one already armed
+            # (which keeps only the earliest), or written beside an earlier one in a commit.
+            self.hint(actor_id, result.next_due)
         self._dispatch_wake.set()
         self._check_idle()
 

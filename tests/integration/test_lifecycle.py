@@ -382,6 +382,65 @@ async def test_retry_waits_for_backoff_on_the_clock(tmp_path: Path) -> None:
         assert flaky.times[1] >= failure.payload["retry_at"]
 
 
+# -- due times -----------------------------------------------------------------------------
+
+NO_POLL = fast_config(poll_interval=3600.0, lease=60.0)
+"""The index poll, which would find any due time the scheduler forgot, never runs again after
+the host starts, nor does a timer for a claim's lease end: what runs must run because the
+scheduler kept its due time."""
+
+
+async def test_a_due_time_later_than_an_armed_one_is_kept(tmp_path: Path) -> None:
+    """Intents of one actor due at +50 ms and then +100 ms both run when due: the second was
+    dropped because a timer for the actor was already armed earlier, and waited for the next
+    poll of the index (a second later by default)."""
+    ran: list[JSON] = []
+    both = anyio.Event()
+
+    async def acquire(intent: JSON, ctx: TriggerContext) -> JSON:
+        ran.append(intent)
+        if len(ran) == 2:
+            both.set()
+        return None
+
+    async with open_host(tmp_path, make_trigger(KIND, acquire), config=NO_POLL) as host:
+        agent = host.get("a")
+        now = datetime.now(UTC)
+        for n, delay_ms in ((1, 50), (2, 100)):
+            at = now + timedelta(milliseconds=delay_ms)
+            await agent.enqueue_trigger(trigger_kind=KIND, payload=n, at=at)
+        with anyio.fail_after(10):
+            await both.wait()
+    assert ran == [1, 2]
+
+
+async def test_a_reschedule_beside_a_due_enqueue_is_kept(tmp_path: Path) -> None:
+    """A commit that enqueues an intent due now and reschedules its own for +50 ms: the
+    occurrence runs when due (the earlier due time alone reached the scheduler)."""
+    occurrences: list[int] = []
+    second = anyio.Event()
+
+    async def tick(intent: JSON, ctx: TriggerContext) -> JSON:
+        occurrences.append(ctx.intent_event_id)
+        if len(occurrences) == 2:
+            second.set()
+        return None
+
+    def commit(outcome: JSON, tx: Tx) -> None:
+        if len(occurrences) == 1:
+            tx.enqueue(trigger_kind="child")
+            tx.reschedule(datetime.now(UTC) + timedelta(milliseconds=50))
+
+    ticking = make_trigger(KIND, tick, commit=commit)
+    async with open_host(tmp_path, ticking, make_trigger("child"), config=NO_POLL) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND)
+        with anyio.fail_after(10):
+            await second.wait()
+        assert (await terminal(agent, intent.id)).status is IntentStatus.COMPLETED
+    assert occurrences == [intent.id, intent.id]
+
+
 # -- shutdown ------------------------------------------------------------------------------
 
 

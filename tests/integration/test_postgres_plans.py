@@ -93,6 +93,7 @@ PER_ACTOR: dict[str, Callable[[LedgerTx], object]] = {
         limit=8, host_id="h", lease_until=9, tokens=iter(["t"]), kinds=["k"]
     ),
     "has_due_pending": lambda tx: tx.has_due_pending(["k"]),
+    "next_pending_due": lambda tx: tx.next_pending_due(["k"]),
     "lost_claims": lambda tx: tx.lost_claims(["dead"]),
     "renew_leases": lambda tx: tx.renew_leases("h", 9, ["t"]),
     "next_due": lambda tx: tx.next_due(),  # the SQLite store's, valid here too
