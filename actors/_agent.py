@@ -26,7 +26,7 @@ from ledger import (
 )
 from triggers import AbortSignal, CancelResult, CancelStatus
 from triggers._engine import cancel_op, enqueue_op
-from triggers._spec import check_idempotency_key
+from triggers._spec import as_payload, check_idempotency_key
 
 from ._call import CallHandle
 from ._errors import HostClosedError
@@ -34,6 +34,8 @@ from ._errors import HostClosedError
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
     from datetime import datetime
+
+    from pydantic import BaseModel
 
     from ._host import ActorHost
 
@@ -80,15 +82,16 @@ class Agent:
         self,
         *,
         trigger_kind: str,
-        payload: JSON = None,
+        payload: JSON | BaseModel = None,
         at: datetime | None = None,
         idempotency_key: str | None = None,
     ) -> Event:
         """Record an intent for ``trigger_kind``; returns the intent event (its ``id`` is the
         intent's id).
 
-        The payload is validated by the trigger's ``parse_intent`` before anything is
-        written. With an ``idempotency_key``, a live intent (or one that ended within the
+        The payload is JSON, or a pydantic model instance (the trigger's intent model, say),
+        stored as its JSON form (``model_dump(mode="json")``). It is validated by the
+        trigger's ``parse_intent`` before anything is written. With an ``idempotency_key``, a live intent (or one that ended within the
         host's ``idempotency_retention``) holding the same key is returned instead of a new
         one, atomically across processes. Keys are per actor: a key held by an intent of
         another trigger kind is an error, and keys starting with ``trigger.`` are the
@@ -111,6 +114,7 @@ class Agent:
         """Validate an enqueue now (raising before anything is written); returns the
         coroutine function that records it."""
         trigger = self._host.spec.registry.get(trigger_kind)
+        payload = as_payload(payload)
         trigger.parse(payload)
         text = dump_json(payload)
         due = None if at is None else datetime_to_ms(at, "at")
@@ -138,7 +142,7 @@ class Agent:
         self,
         *,
         trigger_kind: str,
-        payload: JSON = None,
+        payload: JSON | BaseModel = None,
         at: datetime | None = None,
         signal: AbortSignal | None = None,
         idempotency_key: str | None = None,

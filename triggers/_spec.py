@@ -176,6 +176,15 @@ class TriggerDef:
             raise IntentRejectedError(self.kind, [f"{type(exc).__name__}: {exc}"]) from exc
 
 
+def as_payload(payload: JSON | BaseModel) -> JSON:
+    """An intent payload as JSON: a pydantic model instance (often the trigger's own intent
+    model) as ``model_dump(mode="json")``; anything else as it is."""
+    if isinstance(payload, BaseModel):
+        dumped: JSON = payload.model_dump(mode="json")
+        return dumped
+    return payload
+
+
 def validate_trigger(spec: object, position: int = 0, *, builtin: bool = False) -> TriggerDef:
     """Check one spec dict and return its validated form.
 

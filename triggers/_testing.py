@@ -15,12 +15,14 @@ from ._abort import AbortController, AbortSignal, describe
 from ._context import TriggerContext
 from ._engine import _call_sync
 from ._results import Cancellation, Failure
-from ._spec import TriggerRegistry
+from ._spec import TriggerRegistry, as_payload
 from ._tx import Tx
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
     from datetime import datetime
+
+    from pydantic import BaseModel
 
     from ledger import LedgerTx
 
@@ -125,7 +127,7 @@ class TriggerEnvironment:
 
     # -- running the trigger's functions ---------------------------------------------------
 
-    async def acquire(self, payload: JSON = None) -> Any:
+    async def acquire(self, payload: JSON | BaseModel = None) -> Any:
         """Record an intent with ``payload`` and run one attempt of ``acquire``.
 
         The payload goes through ``parse_intent`` and JSON first, as ``enqueue_trigger``
@@ -141,6 +143,7 @@ class TriggerEnvironment:
             Exception: whatever ``acquire`` raised (``AbortError`` when it honoured a cancel).
         """
         trigger = self.trigger
+        payload = as_payload(payload)
         trigger.parse(payload)  # refuse before recording, as enqueue_trigger does
         event, _ = self._ledger.append_intent(
             trigger_kind=trigger.kind,

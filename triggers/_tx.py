@@ -6,10 +6,12 @@ from typing import TYPE_CHECKING, Protocol
 
 from ledger import JSON, Event, datetime_to_ms, dump_json, ms_to_datetime
 
-from ._spec import RESERVED_PREFIX, check_idempotency_key
+from ._spec import RESERVED_PREFIX, as_payload, check_idempotency_key
 
 if TYPE_CHECKING:
     from datetime import datetime
+
+    from pydantic import BaseModel
 
     from ._spec import TriggerRegistry
 
@@ -99,11 +101,13 @@ class Tx:
         self,
         *,
         trigger_kind: str,
-        payload: JSON = None,
+        payload: JSON | BaseModel = None,
         at: datetime | None = None,
         idempotency_key: str | None = None,
     ) -> Event:
         """Record a new intent atomically with this commit; returns its intent event.
+
+        ``payload`` is JSON or a pydantic model instance, as for ``enqueue_trigger``.
 
         Raises:
             UnknownTriggerError: no trigger of that kind is registered.
@@ -115,6 +119,7 @@ class Tx:
         self._check_open()
         check_idempotency_key(idempotency_key)
         trigger = self._registry.get(trigger_kind)
+        payload = as_payload(payload)
         trigger.parse(payload)
         text = dump_json(payload)
         due = self._ledger.now_ms if at is None else datetime_to_ms(at, "at")

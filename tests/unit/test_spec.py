@@ -8,6 +8,7 @@ import random
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import pytest
 from pydantic import BaseModel
 
@@ -424,6 +425,29 @@ async def test_acquire_receives_the_model(tmp_path: Path) -> None:
         assert state.status == "completed"
         done = await agent.events(kinds=["test.done"])
         assert [event.payload for event in done] == [{"name": "n", "size": 1}]
+
+
+async def test_a_model_instance_is_a_payload(tmp_path: Path) -> None:
+    """The intent model itself may be the payload, given to ``enqueue_trigger``, ``call`` or
+    a commit's ``tx.enqueue``: it is stored as its JSON form (it was refused as not JSON)."""
+
+    def commit(outcome: Any, tx: Tx) -> None:
+        if outcome["name"] == "first":
+            tx.enqueue(trigger_kind="spec.t", payload=Job(name="from commit", size=3))
+        tx.insert_event(kind="test.done", payload=outcome)
+
+    trigger: Any = spec(parse_intent=Job, acquire=sized, commit=commit)
+    async with open_host(tmp_path, trigger) as host:
+        agent = host.get("a")
+        intent = await agent.enqueue_trigger(trigger_kind="spec.t", payload=Job(name="first"))
+        assert intent.payload == {"name": "first", "size": 1}
+        assert await agent.call(trigger_kind="spec.t", payload=Job(name="called", size=2))
+        with anyio.fail_after(10):
+            await agent.wait_for_intent(intent.id)  # its commit enqueued the third
+            for state in await agent.intents():
+                await agent.wait_for_intent(state.intent_event_id)
+        done = await agent.events(kinds=["test.done"])
+        assert sorted(event.payload["name"] for event in done) == ["called", "first", "from commit"]
 
 
 # -- RetryPolicy ---------------------------------------------------------------------------
