@@ -91,11 +91,11 @@ class Agent:
 
         The payload is JSON, or a pydantic model instance (the trigger's intent model, say),
         stored as its JSON form (``model_dump(mode="json")``). It is validated by the
-        trigger's ``parse_intent`` before anything is written. With an ``idempotency_key``, a live intent (or one that ended within the
-        host's ``idempotency_retention``) holding the same key is returned instead of a new
-        one, atomically across processes. Keys are per actor: a key held by an intent of
-        another trigger kind is an error, and keys starting with ``trigger.`` are the
-        framework's.
+        trigger's ``parse_intent`` before anything is written. With an ``idempotency_key``,
+        a live intent (or one that ended within the host's ``idempotency_retention``) holding
+        the same key is returned instead of a new one, atomically across processes. Keys
+        are per actor: a key held by an intent of another trigger kind is an error, and keys
+        starting with ``trigger.`` are the framework's.
 
         Raises:
             UnknownTriggerError: no trigger of that kind is registered.
