@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
@@ -202,7 +203,8 @@ async def start(
 
     Raises:
         TypeError: ``args`` is not a list (or tuple) of arguments: ``start(wf, ["x"])``, or
-            ``actor`` is not an actor's handle (``host.get(name)``).
+            the body cannot be called with them (too many, too few), or ``actor`` is not an
+            actor's handle (``host.get(name)``).
         AbortError: ``signal`` is already aborted; nothing was written.
         WorkflowError: ``wf`` is not registered on the actor's class
             (``define_agent_do(workflows=[...])``).
@@ -213,6 +215,7 @@ async def start(
     check_actor(actor)
     if isinstance(args, str | bytes) or not isinstance(args, Sequence):
         raise TypeError(f"start() takes the body's arguments as a list, not {args!r}")
+    _check_arguments(wf, args)
     payload = {"workflow": wf.name, "args": list(args)}
     try:
         if signal is None:
@@ -225,6 +228,26 @@ async def start(
         raise WorkflowError(
             f"workflow {wf.name!r} is not registered on this actor class: "
             "pass it in define_agent_do(workflows=[...])"
+        ) from None
+
+
+def _check_arguments(wf: Workflow[..., Any], args: Sequence[JSON]) -> None:
+    """Refuse, before anything is written, arguments the body cannot be called with (the run
+    would fail at once)."""
+    try:
+        signature = inspect.signature(wf.fn)
+    except (TypeError, ValueError):  # no signature to check against: the run will tell
+        return
+    try:
+        signature.bind(*args)
+    except TypeError as exc:
+        empty = inspect.Parameter.empty
+        bare = signature.replace(
+            parameters=[p.replace(annotation=empty) for p in signature.parameters.values()],
+            return_annotation=empty,
+        )
+        raise TypeError(
+            f"workflow {wf.name!r} takes {bare}, not {len(args)} argument(s): {exc}"
         ) from None
 
 

@@ -36,7 +36,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, Generic, ParamSpec, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, overload
 
 import anyio
 from pydantic import BaseModel, ValidationError
@@ -260,6 +260,13 @@ class Workflow(Generic[P, R]):
 
     name: str
     fn: Callable[P, Awaitable[R]]
+
+    def __call__(self, *args: object, **kwargs: object) -> NoReturn:
+        """A workflow is not called: its runs are started (and its body replayed) by hosts."""
+        raise TypeError(
+            f"workflow {self.name!r} is not called directly: start a run with"
+            f" start({self.fn.__name__}, [args...], actor=host.get(name))"
+        )
 
 
 @overload

@@ -222,3 +222,31 @@ async def test_a_name_given_for_the_actor_is_refused() -> None:
     for call in calls_with_a_name:
         with pytest.raises(TypeError, match=r"actor's handle \(host.get\('u:1'\)\)"):
             await call()
+
+
+@workflow
+async def takes_a_url(url: str, *, retries: int = 1) -> str:
+    return url
+
+
+async def test_arguments_the_body_cannot_take_are_refused_before_anything_is_written(
+    tmp_path: Path,
+) -> None:
+    """``start`` with too many or too few arguments for the body raises ``TypeError`` naming
+    its signature, and records no run (the run was recorded and failed at once)."""
+    spec = define_agent_do(workflows=[takes_a_url])
+    async with ActorHost(spec, **place(tmp_path), config=fast_config()) as h:
+        agent = h.get("u:a")
+        for args in ([], ["https://a", "https://b"]):
+            with pytest.raises(TypeError, match=r"takes \(url, \*, retries=1\), not [02] arg"):
+                await start(takes_a_url, args, actor=agent)
+        assert await agent.events() == []
+        run = await start(takes_a_url, ["https://a"], actor=agent)
+        assert await result_of(run) == "https://a"
+
+
+def test_calling_a_workflow_says_to_start_it() -> None:
+    """Calling a workflow like a function raises a ``TypeError`` that says how to start a
+    run (it said only that the object is not callable)."""
+    with pytest.raises(TypeError, match=r"start a run with start\(takes_a_url, \[args"):
+        takes_a_url("https://a")
