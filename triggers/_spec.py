@@ -336,7 +336,8 @@ class TriggerRegistry:
     """The validated triggers of one actor class, by kind."""
 
     def __init__(self, specs: Iterable[object], *, builtins: Iterable[object] = ()) -> None:
-        """Validate ``specs`` (and the framework's ``builtins``), refusing duplicate kinds.
+        """Validate ``specs`` (and the framework's ``builtins``), refusing duplicate kinds
+        and intent event kinds.
 
         Raises:
             TriggerDefinitionError: naming the trigger and the offending key.
@@ -348,9 +349,17 @@ class TriggerRegistry:
         self._by_kind: dict[str, TriggerDef] = {}
         checked = [validate_trigger(spec, position) for position, spec in enumerate(specs)]
         checked += [validate_trigger(spec, builtin=True) for spec in builtins]
+        event_kinds: dict[str, str] = {}
         for trigger in checked:
             if trigger.kind in self._by_kind:
                 raise TriggerDefinitionError(trigger.kind, "kind", "duplicate trigger kind")
+            other = event_kinds.setdefault(trigger.intent_event_kind, trigger.kind)
+            if other != trigger.kind:
+                raise TriggerDefinitionError(
+                    trigger.kind, "intent_event_kind",
+                    f"{trigger.intent_event_kind!r} is already trigger {other!r}'s: the intent"
+                    " events of two triggers could not be told apart",
+                )  # fmt: skip
             self._by_kind[trigger.kind] = trigger
 
     def get(self, kind: object) -> TriggerDef:

@@ -138,6 +138,15 @@ def test_duplicate_kinds_are_rejected() -> None:
     assert "duplicate" in str(error)
 
 
+def test_a_shared_intent_event_kind_is_rejected() -> None:
+    """Two triggers whose intents would be recorded as events of one kind fail registration,
+    naming the second trigger and both kinds (they were accepted: a reader of the ledger could
+    not tell their intents apart)."""
+    error = rejected(spec(), spec(kind="spec.u", intent_event_kind="spec.t.requested"))
+    assert_names(error, "spec.u", "intent_event_kind")
+    assert "'spec.t.requested' is already trigger 'spec.t''s" in str(error)
+
+
 @pytest.mark.parametrize("value", ["cooperative", "ignored"])
 def test_cancellation_modes_are_accepted(value: str) -> None:
     """Both cancellation modes register."""
