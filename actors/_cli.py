@@ -255,6 +255,8 @@ def _parser() -> argparse.ArgumentParser:
 
 async def _serve(args: argparse.Namespace) -> int:
     spec = load_app(args.app)
+    if not args.no_http:
+        _check_http_extra()
     log = structlog.get_logger("actors")
     async with ActorHost(spec, data_dir=args.data_dir) as host:
         # A signal ends what runs in this scope, and the host is left in order: running
@@ -263,6 +265,19 @@ async def _serve(args: argparse.Namespace) -> int:
         with anyio.CancelScope() as args.stop_scope:
             await _serve_host(args, host, log)
     return OK
+
+
+def _check_http_extra() -> None:
+    """Refuse to serve HTTP, before the host starts, where the ``http`` extra is missing."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise CliError(
+            f"serve's HTTP API needs the http extra ({exc.name} is not installed): pip install"
+            " 'durable-triggers[http]', or serve without it: --no-http",
+            USAGE,
+        ) from None
 
 
 async def _serve_host(args: argparse.Namespace, host: ActorHost, log: Any) -> None:

@@ -233,11 +233,12 @@ class ActorHost:
         return self._wake.process_id
 
     def get(self, name: str) -> Agent:
-        """The handle of the actor called ``name`` (any non-empty string without NUL).
+        """The handle of the actor called ``name``: any non-empty string without NUL that
+        UTF-8 can encode (no lone surrogates).
 
         Raises:
             TypeError: ``name`` is not a str.
-            ValueError: ``name`` is empty or holds NUL.
+            ValueError: ``name`` is empty, holds NUL or holds a lone surrogate.
         """
         ledger_relpath(name)
         return Agent(self, name)

@@ -155,10 +155,32 @@ def _error_response(
     return JSONResponse(body.model_dump(), status_code=status)
 
 
+def _json_error(error: Any) -> str:
+    """One detail of a body that is not JSON: the parser's message and where it stopped."""
+    where = error["loc"][-1]
+    message = error.get("ctx", {}).get("error", error["msg"])
+    return f"body: {message} (at character {where})"
+
+
+def _unsupported_media_type(content_type: str | None) -> JSONResponse:
+    """415 for a body sent without a JSON ``Content-Type`` (FastAPI leaves it unparsed)."""
+    given = "no Content-Type" if content_type is None else f"Content-Type: {content_type}"
+    response = _error_response(
+        415,
+        "unsupported_media_type",
+        "the body must be JSON, sent with Content-Type: application/json",
+        [given],
+    )
+    response.headers["Accept"] = "application/json"
+    return response
+
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ApiError, "description": "the body is not valid JSON"},
     401: {"model": ApiError, "description": "missing or wrong token"},
     404: {"model": ApiError, "description": "unknown actor, intent or trigger kind"},
     413: {"model": ApiError, "description": "request body too large"},
+    415: {"model": ApiError, "description": "a body sent without a JSON content type"},
     422: {"model": ApiError, "description": "invalid request or payload rejected"},
 }
 
@@ -229,7 +251,17 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()]
+        errors = exc.errors()
+        unparsable = [err for err in errors if err["type"] == "json_invalid"]
+        if unparsable:
+            # FastAPI reports a body it cannot parse as a validation error; it is a malformed
+            # request (400), not a well-formed one whose content is refused (422).
+            details = [_json_error(err) for err in unparsable]
+            return _error_response(400, "invalid_request", "the body is not valid JSON", details)
+        if isinstance(exc.body, bytes):
+            # A body left unparsed: its Content-Type is missing or not JSON.
+            return _unsupported_media_type(request.headers.get("content-type"))
+        details = [f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in errors]
         return _error_response(422, "invalid_request", "the request is invalid", details)
 
     @app.exception_handler(StarletteHTTPException)

@@ -4,13 +4,19 @@ Run it with ``python3 dev.py demo``. It walks through the tutorial twice: once c
 that has not started (``cancelled``), once cancelling work that is running (``requested``,
 then the ``acquire`` sees its signal abort and ``commit_cancelled`` records the fact), and
 shows the other answers ``cancel_trigger`` can give.
+
+``tutorial_cancel.py [DATA_DIR]`` keeps its ledgers in DATA_DIR (a new temporary directory if
+not given) and leaves them there, printing the ``actors`` commands that show them.
 """
 
 from __future__ import annotations
 
+import functools
+import shlex
 import sys
 import tempfile
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
@@ -84,12 +90,25 @@ audit_trigger: DurableTrigger[dict[str, str], dict[str, str]] = {
 AgentDO = define_agent_do(bindings={}, triggers=[trigger, audit_trigger])
 
 
+LABEL_WIDTH = len("cancel_trigger, cancellation ignored")
+"""The width of the label column: its longest label."""
+
+
 def say(step: str, **values: object) -> None:
     detail = "  ".join(f"{k}={v}" for k, v in values.items())
-    print(f"{step:<34} {detail}")
+    print(f"{step:<{LABEL_WIDTH}}  {detail}")
 
 
-async def main(data_dir: str) -> None:
+def actors_command() -> str:
+    """The ``actors`` command installed with this Python (``.venv/bin/actors`` under
+    ``python3 dev.py demo``), by its full path: it need not be on ``PATH``."""
+    script = Path(sys.executable).parent / "actors"
+    if script.exists():
+        return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m actors"
+
+
+async def main(data_dir: str, *, temporary: bool = False) -> None:
     async with ActorHost(AgentDO, data_dir=data_dir) as host:
         agent = host.get("chat:123")
 
@@ -139,10 +158,22 @@ async def main(data_dir: str) -> None:
         # 5. Read the ledger for the terminal cancellation facts.
         for event in await agent.events(kinds=["tutorial.cancelable.cancelled"]):
             say("fact in the ledger", id=event.id, kind=event.kind, payload=event.payload)
-        print(f"\nledgers are in {host.data_dir} (one SQLite file per actor)")
+
+    # The ledgers stay, to be looked at: they are ordinary files in the data directory.
+    where = shlex.quote(str(host.data_dir))
+    actors = actors_command()
+    kept = "left in a temporary directory" if temporary else "kept"
+    print(f"\nThe ledgers (one SQLite file per actor) are {kept}: {host.data_dir}")
+    print("Look at them with the actors command:")
+    print(f"  {actors} inspect {where}")
+    print(f"  {actors} events chat:123 --data-dir {where}")
+    if temporary:
+        print(f"Remove the directory when done: rm -r {where}")
 
 
 if __name__ == "__main__":
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
-    directory = sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="tutorial-")
-    anyio.run(main, directory)
+    if len(sys.argv) > 1:
+        anyio.run(main, sys.argv[1])
+    else:
+        anyio.run(functools.partial(main, temporary=True), tempfile.mkdtemp(prefix="tutorial-"))

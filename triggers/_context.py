@@ -73,7 +73,10 @@ class StreamWriter:
     """Appends output chunks (live progress, tokens) to the intent's attached stream.
 
     Chunks are transport, not truth: readers replay them from index 0 and follow until the
-    intent ends. Each chunk is any JSON value.
+    intent ends. Each chunk is any JSON value. An intent has one stream for all its
+    attempts: a retry or a redrive appends after the chunks of the attempts before it, with
+    no marker between them (write one, such as ``{"attempt": ctx.attempt}``, if readers
+    must tell the attempts apart).
     """
 
     __slots__ = ("_actor_id", "_backend", "_intent_event_id")

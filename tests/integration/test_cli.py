@@ -114,6 +114,52 @@ def test_missing_data_dir_and_usage(tmp_path: Path) -> None:
     actors("inspect", str(tmp_path), check=3)
 
 
+def test_python_m_actors_runs_the_actors_command(tmp_path: Path) -> None:
+    """``python -m actors`` is the console script's entry point: the same help (named
+    ``actors``), the same exit codes."""
+
+    def module(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "actors", *args],
+            cwd=tmp_path,  # found where it is installed, not in the working directory
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    shown = module("--help")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith("usage: actors ")
+    assert shown.stdout == actors("--help").stdout
+    missing = module("intents", "a", "--data-dir", str(tmp_path / "nowhere"))
+    assert missing.returncode == 3
+    assert "no data directory" in missing.stderr
+    assert module("frobnicate").returncode == 2
+
+
+def test_serve_without_the_http_extra_says_how_to_get_it(tmp_path: Path) -> None:
+    """``actors serve`` where FastAPI is not installed (imports of it fail here) says that its
+    HTTP API needs the ``http`` extra, exit 2, before the host starts (it died with a
+    ``ModuleNotFoundError`` traceback)."""
+    blocked = (
+        "import sys; sys.modules['fastapi'] = None; from actors._cli import main;"
+        " sys.exit(main(sys.argv[1:]))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", blocked, "serve", APP, "--data-dir", str(tmp_path / "d")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "needs the http extra (fastapi is not installed)" in result.stderr
+    assert "--no-http" in result.stderr
+    assert not (tmp_path / "d").exists()
+
+
 async def run_to_end(data: str, *payloads: dict[str, int]) -> list[int]:
     """Run intents to completion with an in-process host; returns their ids."""
     async with ActorHost(AgentDO, data_dir=data, config=fast_config()) as host:

@@ -188,6 +188,65 @@ async def test_nan_payload_is_refused(tmp_path: Path) -> None:
         assert await host.actors() == []
 
 
+BODY_ROUTES = (f"/actors/a/triggers/{KIND}", f"/actors/a/triggers/{KIND}/1/cancel", "/abort/a")
+
+
+@pytest.mark.parametrize(
+    ("body", "detail"),
+    [
+        (b"hello", "body: Expecting value (at character 0)"),
+        (b'{"payload": {"a": 1', "body: Expecting ',' delimiter (at character 19)"),
+        (b"\xff\xfe not utf-8", None),
+        (b'{"payload": "\xc3\x28"}', None),
+    ],
+    ids=["not JSON at all", "truncated", "a BOM, then not UTF-16", "not UTF-8"],
+)
+async def test_a_body_that_is_not_json_is_400(
+    tmp_path: Path, body: bytes, detail: str | None
+) -> None:
+    """A body sent as JSON that does not parse (not JSON at all, truncated, not UTF-8) is a
+    malformed request: 400 invalid_request on every route that takes a body (FastAPI alone
+    answers 422), with the parser's message; nothing is written."""
+    async with api(tmp_path) as (client, host):
+        for path in BODY_ROUTES:
+            answer = await client.post(
+                path, content=body, headers={"Content-Type": "application/json"}
+            )
+            assert answer.status_code == 400, (path, answer.text)
+            assert answer.json()["error"] == "invalid_request"
+            assert answer.json()["message"]
+            if detail is not None:
+                assert answer.json()["details"] == [detail]
+        assert await host.actors() == []
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+async def test_a_body_without_a_json_content_type_is_415(
+    tmp_path: Path, content_type: str | None
+) -> None:
+    """A body whose Content-Type is missing or not JSON is not read as JSON (even when it
+    is): 415 unsupported_media_type, naming the type it got and accepting application/json;
+    nothing is written. JSON types with parameters or a +json suffix are read."""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    async with api(tmp_path) as (client, host):
+        for path in BODY_ROUTES:
+            answer = await client.post(path, content=b'{"reason": "r"}', headers=headers)
+            assert answer.status_code == 415, (path, answer.text)
+            assert answer.json()["error"] == "unsupported_media_type"
+            assert answer.json()["details"] == [
+                "no Content-Type" if content_type is None else f"Content-Type: {content_type}"
+            ]
+            assert answer.headers["Accept"] == "application/json"
+        assert await host.actors() == []
+        for json_type in ("application/json; charset=utf-8", "application/merge-patch+json"):
+            answer = await client.post(
+                f"/actors/a/triggers/{KIND}",
+                content=b'{"payload": 1, "at": "2100-01-01T00:00:00Z"}',
+                headers={"Content-Type": json_type},
+            )
+            assert answer.status_code == 201, (json_type, answer.text)
+
+
 async def test_oversized_body_is_413(tmp_path: Path) -> None:
     """A body over the limit is refused with 413 body_too_large, declared or streamed."""
     async with api(tmp_path, max_body=1000) as (client, host):
