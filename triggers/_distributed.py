@@ -10,10 +10,21 @@ The controller is an intent of a built-in trigger in the ledger of the actor nam
   fact, durably, whether or not anyone listens yet;
 * either way the ended intent keeps its key for ``grace``: a late ``create(id)`` finds the
   fired controller; after that, ``create(id)`` starts a fresh one.
+
+A read ``signal`` is followed by one task of the host (``_Follower.follow``) that sleeps
+until a wake-up: the firing's notice, a change of the actor, or a fallback poll that backs off
+from the host's ``poll_interval`` to ``SLOWEST_POLL``. The task holds the signal weakly, as the
+inputs of ``AbortSignal.any`` hold theirs: it ends as soon as nobody holds the controller or
+the signal, or listens to it.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import random
+import weakref
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -43,6 +54,10 @@ ABORTED = "trigger.abort_controller.aborted"
 _KEY = "trigger.abort_controller"
 DEFAULT_TTL = timedelta(hours=24)
 DEFAULT_GRACE = timedelta(hours=1)
+SLOWEST_POLL = 10.0
+"""Seconds between a follower's fallback reads once backed off (or ``poll_interval``, if
+longer). Wake-ups are the way a firing arrives; the poll only bounds the wait when one is
+lost, and starts at ``poll_interval`` for the races of a process that just registered."""
 
 
 class ControllerHost(Protocol):
@@ -218,6 +233,15 @@ class DistributedAbortController:
         never blocks: the same signal is returned each time, followed by a task of the host.
         If the controller's ledger cannot be read, the signal aborts with that error's
         message rather than never firing.
+
+        The task waits for wake-ups (this process's commits, other processes' datagrams or
+        notifications), not a timer: it reads the ledger again only when the actor changed,
+        or as a fallback poll that backs off from the host's ``poll_interval`` to 10 seconds.
+        It holds the signal weakly, like the inputs of ``AbortSignal.any``: it follows while
+        anyone holds the controller or the signal, or listens to the signal (a listener, a
+        ``scope()``, a signal made by ``any()``), and ends as soon as nobody does, so
+        controllers may be dropped without being closed. It also ends when the signal
+        fires, and when the host stops.
         """
         if self._signal is None:
             signal = AbortSignal()
@@ -225,37 +249,104 @@ class DistributedAbortController:
             if fired:
                 signal._abort(reason)  # known to have fired: nothing to follow
             else:
-                self._host.start_soon(self._follow, signal)
+                pin: list[AbortSignal] = []
+                stopper = anyio.CancelScope()
+                # First, as ``AbortSignal.any`` does for its own: the pin's rule (held while
+                # more than one listener is registered) counts this listener as the source's.
+                signal.add_listener(functools.partial(_followed, pin, stopper))
+                signal._pin = pin  # the follower holds ``pin``: it keeps a listened-to signal
+                host = self._host
+                follower = _Follower(host.store, self.id, self.run_id, host.poll_interval)
+                host.start_soon(follower.follow, weakref.ref(signal), pin, stopper)
             self._signal = signal
         return self._signal
 
-    async def _follow(self, signal: AbortSignal) -> None:
-        """Fire ``signal`` when the controller fires: at once on its notice (from this or
-        another process), else when a re-read after a change (or a poll) finds it ended."""
-        store = self._host.store
-        run_id = self.run_id
+
+class _Follower:
+    """Where a follower looks: what ``follow`` needs besides the signal. It refers to neither
+    the controller nor the signal, so the task keeps neither alive."""
+
+    __slots__ = ("actor_id", "poll_interval", "run_id", "store")
+
+    def __init__(self, store: Store, actor_id: str, run_id: int, poll_interval: float) -> None:
+        self.store = store
+        self.actor_id = actor_id
+        self.run_id = run_id
+        self.poll_interval = poll_interval
+
+    async def follow(
+        self, weak: weakref.ref[AbortSignal], pin: list[AbortSignal], stopper: anyio.CancelScope
+    ) -> None:
+        """Fire the signal when the controller fires: at once on its notice (from this or
+        another process), else when a re-read after a change (or a poll) finds it ended.
+
+        Ends when the signal fires (its first listener cancels ``stopper``) or is collected
+        (the weak reference's callback cancels it). While a listener waits, ``pin`` holds
+        the signal; nothing else here may refer to it across an await.
+        """
+        signal = weak()
+        if signal is None or signal.aborted:
+            return
+        # The signal's last reference may go on any thread (a reference cycle collected on a
+        # ledger worker thread, say): hand the cancel to the loop. Backend-specific on purpose,
+        # as ``AbortSignal.timeout`` is: anyio has no non-blocking "call soon from any thread".
+        loop = asyncio.get_running_loop()
+
+        def collected(_: weakref.ref[AbortSignal]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nothing to end
+                loop.call_soon_threadsafe(stopper.cancel)
+
+        # Held by this frame only: once the task ends, the callback can no longer run.
+        alive = weakref.ref(signal, collected)
+        del signal
+
+        def fire(reason: str | None) -> None:
+            target = alive()
+            if target is not None:
+                target._abort(reason)
 
         def heard(data: JSON) -> None:
             reason = data.get("reason") if isinstance(data, dict) else None
-            signal._abort(reason if isinstance(reason, str) else None)
+            fire(reason if isinstance(reason, str) else None)
+
+        run_id = self.run_id
 
         def read(tx: LedgerTx) -> tuple[bool, str | None]:
             return _fired(tx, run_id)
 
-        stop = store.follow_notices(self.id, _topic(run_id), heard)
+        store, actor_id = self.store, self.actor_id
+        stop = store.follow_notices(actor_id, _topic(run_id), heard)
+        delay = self.poll_interval
+        slowest = max(self.poll_interval, SLOWEST_POLL)
         try:
-            while not signal.aborted:
-                version = store.version(self.id)
-                fired, reason = await store.run(self.id, read, write=False, create=False)
-                if fired:
-                    signal._abort(reason)
-                    return
-                with anyio.move_on_after(self._host.poll_interval):
-                    await store.wait_changed(self.id, version)
+            with stopper:
+                while True:
+                    version = store.version(actor_id)
+                    fired, reason = await store.run(actor_id, read, write=False, create=False)
+                    if fired:
+                        fire(reason)
+                        return
+                    # Jittered, so that controllers made together do not poll together.
+                    if not await self._woken(version, delay * random.uniform(0.75, 1.0)):
+                        delay = min(delay * 2, slowest)  # a wake-up may have been lost
         except Exception as exc:
-            signal._abort(f"abort controller {self.id!r} could not be read: {exc}")
+            fire(f"abort controller {actor_id!r} could not be read: {exc}")
         finally:
             stop()
+
+    async def _woken(self, version: int, seconds: float) -> bool:
+        """Wait until the actor changes after ``version``, at most ``seconds``; False if
+        nothing woke this follower (the fallback poll is due)."""
+        with anyio.move_on_after(seconds):
+            await self.store.wait_changed(self.actor_id, version)
+            return True
+        return False
+
+
+def _followed(pin: list[AbortSignal], stopper: anyio.CancelScope, _: AbortSignal) -> None:
+    """The first listener of a followed signal: once it fired, end its follower."""
+    pin.clear()
+    stopper.cancel()
 
 
 def _fired(tx: LedgerTx, run_id: int) -> tuple[bool, str | None]:
