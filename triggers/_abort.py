@@ -86,8 +86,9 @@ class AbortSignal:
         self._listeners: dict[object, Callable[[AbortSignal], object]] | None = {}
         # Created lazily by the first wait(), so signals nobody waits on stay cheap.
         self._event: anyio.Event | None = None
-        # Signals made by any(): their inputs hold them weakly, and strongly through this
-        # list only while they hold it (while someone listens to them). None otherwise.
+        # Signals held weakly by what fires them (made by any(), whose inputs hold them; a
+        # distributed abort controller's, whose follower holds it): strongly through this
+        # list only while it holds them (while someone listens to them). None otherwise.
         self._pin: list[AbortSignal] | None = None
 
     def __repr__(self) -> str:
