@@ -217,6 +217,7 @@ def claim_op(
             return ClaimResult([], more=True, looked_at=tx.now_ms)
         try:
             result = claim(tx, budget)
+            _fold_framework_facts(tx)  # a redrive limit's failure facts
         except BaseException:
             slots.give(budget)
             raise
@@ -330,11 +331,7 @@ def settle_op(
 
     def op(tx: LedgerTx) -> Settled:
         settled = settle(tx)
-        try:
-            tx.flush_projections()
-        except ProjectionError as exc:
-            _log.warning("projection_left_behind", actor=tx.actor_id, error=str(exc))
-            tx.discard_pending_events()
+        _fold_framework_facts(tx)
         return settled
 
     def settle(tx: LedgerTx) -> Settled:
@@ -379,6 +376,17 @@ def settle_op(
         return Settled.RETRY
 
     return op
+
+
+def _fold_framework_facts(tx: LedgerTx) -> None:
+    """Fold the framework's facts into the projections, or leave a projection that cannot take
+    them behind (a warning; reading it raises until its ``apply`` is fixed): an intent's end
+    must not wait on user code that is not the trigger's own."""
+    try:
+        tx.flush_projections()
+    except ProjectionError as exc:
+        _log.warning("projection_left_behind", actor=tx.actor_id, error=str(exc))
+        tx.discard_pending_events()
 
 
 def _settle_completed(

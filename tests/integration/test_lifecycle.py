@@ -14,7 +14,7 @@ import anyio
 import pytest
 
 from actors import define_agent_do
-from ledger import IntentStatus, PayloadError, system_clock
+from ledger import IntentStatus, PayloadError, Projection, ProjectionError, system_clock
 from tests.helpers import (
     CANCELLED,
     DONE,
@@ -25,6 +25,7 @@ from tests.helpers import (
     ManualClock,
     fast_config,
     make_trigger,
+    noop,
     open_host,
     wait_until,
 )
@@ -790,6 +791,39 @@ async def test_redrive_of_lost_claim_runs_again(tmp_path: Path) -> None:
         assert state.status is IntentStatus.COMPLETED
         assert state.redrives == 1
         assert gate.attempts == [(intent.id, 1, True, False)]
+
+
+async def test_a_projection_that_cannot_take_a_redrive_failure_does_not_hold_claims(
+    tmp_path: Path,
+) -> None:
+    """A lost claim past the redrive limit fails its intent even where a projection cannot
+    apply ``trigger.failed`` (the claim failed at every look, the intent never ended): the
+    projection is left behind. Writes that need it then raise ``ProjectionError`` naming
+    that event, until its ``apply`` is fixed."""
+    broken = [True]
+
+    def picky(state: int, event: Event) -> int:
+        if broken and event.kind == "trigger.failed":
+            raise ValueError("not this one")
+        return state + 1
+
+    trigger = make_trigger(KIND, noop)
+    spec = define_agent_do(triggers=[trigger], projections=[Projection("n", 0, picky)])
+    async with open_host(tmp_path, spec=spec, run_scheduler=False, clock=past_clock) as client:
+        lost = await client.get("a").enqueue_trigger(trigger_kind=KIND)
+        await client.store.run("a", lost_claim(client))
+
+    config = fast_config(max_redrives=0)
+    async with open_host(tmp_path, spec=spec, config=config) as host:
+        agent = host.get("a")
+        assert (await terminal(agent, lost.id)).status is IntentStatus.FAILED
+        assert len(await facts(agent, "trigger.failed")) == 1
+        with pytest.raises(ProjectionError, match=r"'trigger\.failed'"):
+            await agent.enqueue_trigger(trigger_kind=KIND)
+        broken.clear()  # apply fixed
+        later = await agent.enqueue_trigger(trigger_kind=KIND)
+        assert (await terminal(agent, later.id)).status is IntentStatus.COMPLETED
+        assert await agent.projection("n") == len(await agent.events())
 
 
 async def test_redrive_limit_fails_the_intent(tmp_path: Path) -> None:
