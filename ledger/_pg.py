@@ -17,6 +17,7 @@ A batch of operations (many actors) is one transaction: group commit, as on SQLi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import re
 from collections.abc import Callable
@@ -825,9 +826,36 @@ def redact(url: str) -> str:
 async def connect(url: str, *, connect_timeout: float = 10.0) -> asyncpg.Connection:
     """A connection to ``url`` with the store's schema first on the search path.
 
+    Cancelling the caller does not cancel the connect itself: asyncpg, cancelled just after
+    its socket connects and before the TLS negotiation starts, leaves behind a future whose
+    ``ConnectionError`` nobody retrieves, which asyncio then reports as an error of the
+    program (MagicStack/asyncpg#1211). The connect runs on in its own task, bounded by
+    ``connect_timeout``, and the connection it makes is closed at once.
+
     Raises:
         LedgerWriteError: the server cannot be reached or refuses the connection.
     """
+    task = asyncio.ensure_future(_connect(url, connect_timeout))
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        _abandoned.add(task)
+        task.add_done_callback(_close_abandoned)
+        raise
+
+
+_abandoned: set[asyncio.Future[asyncpg.Connection]] = set()
+"""Connects whose callers were cancelled, held until they end (the loop keeps tasks weakly)."""
+
+
+def _close_abandoned(task: asyncio.Future[asyncpg.Connection]) -> None:
+    _abandoned.discard(task)
+    if task.cancelled() or task.exception() is not None:
+        return  # the exception is retrieved by asking for it: nothing is reported
+    task.result().terminate()
+
+
+async def _connect(url: str, connect_timeout: float) -> asyncpg.Connection:
     import asyncpg
 
     try:

@@ -3,15 +3,18 @@ surviving a server restart. The shared semantics are the ``contract`` suites'.""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 import pytest
 
 from actors import ActorHost, define_agent_do
 from actors._pgwake import NotifyWakeup
-from ledger import LedgerError, LedgerWriteError
+from ledger import LedgerError, LedgerWriteError, _pg
 from ledger.postgres import SCHEMA, SCHEMA_VERSION, PostgresStore
 from tests.helpers import CANCELLED, DONE, TERMINAL_KINDS, Gate, fast_config, make_trigger
 
@@ -46,6 +49,52 @@ async def test_unreachable_database_names_it_without_the_password(
             pass
     assert "s3cret" not in str(caught.value)
     assert "postgres:***@127.0.0.1" in str(caught.value)
+
+
+async def test_a_connect_cancelled_at_any_step_leaves_nothing_behind(database_url: str) -> None:
+    """The store's connect (every connection of a store and of a host's wake-ups is made by
+    it) is cancelled after 0, 1, 2, ... scheduling steps until it connects first, so once at
+    every point, among them just after its socket connects (where a cancelled asyncpg connect
+    leaves a failed future nobody retrieves, MagicStack/asyncpg#1211). Nothing is reported to
+    the event loop's exception handler and no connection stays open."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    made: list[asyncpg.Connection] = []
+
+    async def open_one() -> None:
+        made.append(await _pg.connect(database_url))
+
+    try:
+        steps = 0
+        while not made:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(open_one)
+                for _ in range(steps):
+                    await anyio.lowlevel.checkpoint()
+                tg.cancel_scope.cancel()
+            steps += 1
+        await made[0].close()
+        if _pg._abandoned:
+            await asyncio.wait(list(_pg._abandoned))
+            await anyio.lowlevel.checkpoint()  # their done-callbacks run
+        gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+    assert steps > 5  # the sweep went through the connect, not past it
+    assert reported == []
+    assert not _pg._abandoned
+    conn = await asyncpg.connect(database_url)
+    try:
+        with anyio.fail_after(10):  # a backend ends a moment after its client hangs up
+            while await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ):
+                await anyio.sleep(0.01)
+    finally:
+        await conn.close()
 
 
 async def test_every_table_leads_with_the_actor(database_url: str) -> None:
