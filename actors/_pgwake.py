@@ -21,7 +21,7 @@ import structlog
 
 from ledger import LedgerError, ProcessInfo
 from ledger._index import machine_id
-from ledger._pg import connect
+from ledger._pg import close_connection, connect
 
 from ._wakeup import Message, process_info
 
@@ -72,7 +72,11 @@ class NotifyWakeup:
     async def _listen(self) -> asyncpg.Connection:
         conn = await connect(self.url)
         assert self.address is not None
-        await conn.add_listener(self.address, self._on_notify)
+        try:
+            await conn.add_listener(self.address, self._on_notify)
+        except BaseException:
+            await close_connection(conn)  # cancelled or failed: the connection is nobody's
+            raise
         conn.add_termination_listener(self._on_terminated)
         return conn
 
@@ -162,12 +166,8 @@ class NotifyWakeup:
         """Stop listening and close the connection."""
         self._closed = True
         conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                with anyio.move_on_after(2, shield=True):
-                    await conn.close()
-            except Exception as exc:  # closing a broken connection: nothing to keep
-                _log.debug("wakeup_close_failed", error=str(exc))
+        if conn is not None:
+            await close_connection(conn)
 
     def close(self) -> None:
         """Forget queued notifications (``aclose`` closes the connection)."""

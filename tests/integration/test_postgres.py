@@ -4,6 +4,7 @@ surviving a server restart. The shared semantics are the ``contract`` suites'.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from typing import TYPE_CHECKING, Any
 
@@ -14,11 +15,14 @@ import pytest
 
 from actors import ActorHost, define_agent_do
 from actors._pgwake import NotifyWakeup
+from actors._wakeup import Message
 from ledger import LedgerError, LedgerWriteError, _pg
 from ledger.postgres import SCHEMA, SCHEMA_VERSION, PostgresStore
 from tests.helpers import CANCELLED, DONE, TERMINAL_KINDS, Gate, fast_config, make_trigger
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from ledger import LedgerTx
     from tests.postgres import PostgresServer
 
@@ -51,22 +55,47 @@ async def test_unreachable_database_names_it_without_the_password(
     assert "postgres:***@127.0.0.1" in str(caught.value)
 
 
+@contextlib.contextmanager
+def reported_to_loop() -> Iterator[list[dict[str, Any]]]:
+    """What the running event loop's exception handler is given inside the block, unretrieved
+    future exceptions among them (garbage is collected on leaving)."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        yield reported
+        gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+
+
+async def no_backends_but_this(database_url: str) -> None:
+    """Returns once the server has no other connection to the database."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        with anyio.fail_after(10):  # a backend ends a moment after its client hangs up
+            while await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            ):
+                await anyio.sleep(0.01)
+    finally:
+        await conn.close()
+
+
 async def test_a_connect_cancelled_at_any_step_leaves_nothing_behind(database_url: str) -> None:
     """The store's connect (every connection of a store and of a host's wake-ups is made by
     it) is cancelled after 0, 1, 2, ... scheduling steps until it connects first, so once at
     every point, among them just after its socket connects (where a cancelled asyncpg connect
     leaves a failed future nobody retrieves, MagicStack/asyncpg#1211). Nothing is reported to
     the event loop's exception handler and no connection stays open."""
-    loop = asyncio.get_running_loop()
-    reported: list[dict[str, Any]] = []
-    previous = loop.get_exception_handler()
-    loop.set_exception_handler(lambda _loop, context: reported.append(context))
     made: list[asyncpg.Connection] = []
 
     async def open_one() -> None:
         made.append(await _pg.connect(database_url))
 
-    try:
+    with reported_to_loop() as reported:
         steps = 0
         while not made:
             async with anyio.create_task_group() as tg:
@@ -79,22 +108,47 @@ async def test_a_connect_cancelled_at_any_step_leaves_nothing_behind(database_ur
         if _pg._abandoned:
             await asyncio.wait(list(_pg._abandoned))
             await anyio.lowlevel.checkpoint()  # their done-callbacks run
-        gc.collect()
-    finally:
-        loop.set_exception_handler(previous)
     assert steps > 5  # the sweep went through the connect, not past it
     assert reported == []
     assert not _pg._abandoned
-    conn = await asyncpg.connect(database_url)
-    try:
-        with anyio.fail_after(10):  # a backend ends a moment after its client hangs up
-            while await conn.fetchval(
-                "SELECT count(*) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-            ):
-                await anyio.sleep(0.01)
-    finally:
-        await conn.close()
+    await no_backends_but_this(database_url)
+
+
+async def test_wakeups_stopped_at_any_step_leave_nothing_behind(database_url: str) -> None:
+    """A host's wake-up endpoint is cancelled after 0, 1, 2, ... scheduling steps of opening
+    (connecting, then listening) until it opens first, and closed; then one is stopped
+    while it sends a burst. Nothing is reported to the event loop's exception handler and no
+    connection stays open."""
+    with reported_to_loop() as reported:
+        steps, opened = 0, False
+        while not opened:
+            wake = NotifyWakeup(database_url, scheduler=False)
+            try:
+                with anyio.CancelScope() as scope:
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(wake.open)
+                        for _ in range(steps):
+                            await anyio.lowlevel.checkpoint()
+                        scope.cancel()
+                opened = wake._conn is not None
+            finally:
+                await wake.aclose()
+            steps += 1
+        wake = NotifyWakeup(database_url, scheduler=False)
+        await wake.open()
+        assert wake.address is not None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wake.receive_forever, lambda _message: None)
+                for n in range(50):
+                    wake.send(wake.address, Message(changed=[f"actor-{n}"]))
+                await anyio.lowlevel.checkpoint()
+                tg.cancel_scope.cancel()
+        finally:
+            await wake.aclose()
+    assert steps > 5
+    assert reported == []
+    await no_backends_but_this(database_url)
 
 
 async def test_every_table_leads_with_the_actor(database_url: str) -> None:
