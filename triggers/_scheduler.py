@@ -555,7 +555,7 @@ class Scheduler:
     ) -> tuple[Outcome, Any]:
         row = claimed.row
         try:
-            intent = trigger.parse(claimed.payload)
+            intent = trigger.parse(claimed.payload, claimed=True)
         except Exception as exc:
             return Outcome.RAISED, exc
         ctx = TriggerContext(

@@ -138,6 +138,10 @@ class TriggerDef:
     retry: RetryPolicy
     timeout: float | None
     spec: Mapping[str, Any]
+    parse_claimed: Callable[[JSON], Any] | None = None
+    """The framework's own triggers only: how an intent this host claimed is parsed, where
+    that differs from recording one (a workflow run this host lacks the workflow of is not
+    refused: it is left for a host that has it)."""
 
     def start(self, intent: Any, ctx: Any) -> Awaitable[Any]:
         """Call ``acquire(intent, ctx)``; returns what it returned, to await.
@@ -154,16 +158,18 @@ class TriggerDef:
             )
         return running
 
-    def parse(self, payload: JSON) -> Any:
-        """Validate a raw payload into the typed intent.
+    def parse(self, payload: JSON, *, claimed: bool = False) -> Any:
+        """Validate a raw payload into the typed intent (``claimed``: of an intent this host
+        claimed, rather than one about to be recorded).
 
         Raises:
             IntentRejectedError: ``parse_intent`` refused it: raised a pydantic
                 ``ValidationError`` or any other ``Exception`` (a payload of the wrong shape
                 often raises ``AttributeError`` or ``IndexError`` in a hand-written parser).
         """
+        parse = self.parse_claimed if claimed and self.parse_claimed else self.parse_intent
         try:
-            return self.parse_intent(payload)
+            return parse(payload)
         except ValidationError as exc:
             errors = [
                 f"{'.'.join(str(p) for p in err['loc']) or '(payload)'}: {err['msg']}"
@@ -336,8 +342,8 @@ class TriggerRegistry:
     """The validated triggers of one actor class, by kind."""
 
     def __init__(self, specs: Iterable[object], *, builtins: Iterable[object] = ()) -> None:
-        """Validate ``specs`` (and the framework's ``builtins``), refusing duplicate kinds
-        and intent event kinds.
+        """Validate ``specs`` (and the framework's ``builtins``, dicts or already validated),
+        refusing duplicate kinds and intent event kinds.
 
         Raises:
             TriggerDefinitionError: naming the trigger and the offending key.
@@ -348,7 +354,10 @@ class TriggerRegistry:
             )
         self._by_kind: dict[str, TriggerDef] = {}
         checked = [validate_trigger(spec, position) for position, spec in enumerate(specs)]
-        checked += [validate_trigger(spec, builtin=True) for spec in builtins]
+        checked += [
+            spec if isinstance(spec, TriggerDef) else validate_trigger(spec, builtin=True)
+            for spec in builtins
+        ]
         event_kinds: dict[str, str] = {}
         for trigger in checked:
             if trigger.kind in self._by_kind:

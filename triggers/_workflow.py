@@ -34,7 +34,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, NoReturn, ParamSpec, TypeVar, overload
 
@@ -56,7 +56,7 @@ from ._abort import AbortError, AbortSignal, is_failure
 from ._context import ClaimLostError, StreamWriter, TriggerContext
 from ._engine import CANCEL_REQUESTED
 from ._errors import FatalError, TriggerError
-from ._spec import RetryPolicy
+from ._spec import RetryPolicy, TriggerDef, validate_trigger
 
 if TYPE_CHECKING:
     from ledger import Event
@@ -116,6 +116,9 @@ MAX_TOKEN_BYTES = 1024
 
 _HOOK_POLL_S = 1.0
 """How often a group re-reads its awaited hooks when no wake-up came (lost wake-ups)."""
+
+ELSEWHERE_S = 5.0
+"""How long a run claimed by a host that lacks its workflow waits before it is due again."""
 
 DEFAULT_STEP_RETRY = RetryPolicy(max_attempts=3, initial_backoff=1.0, max_backoff=30.0)
 """Steps retry three times in all, 1 s then 2 s apart (jittered), unless they say otherwise."""
@@ -1581,8 +1584,13 @@ def _release_hooks(tx: Tx) -> None:
     _release_run_hooks(ledger, tx.intent_event_id)
 
 
-def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> DurableTrigger[Any, Any]:
+def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> TriggerDef:
     """The ``trigger.workflow`` trigger that runs ``workflows`` (``define_agent_do`` adds it).
+
+    A run is recorded only for a workflow of the class. A host that claims a run of a
+    workflow it lacks (an older version during a rolling deploy, say) does not fail it: it
+    puts the run back, due again in ``ELSEWHERE_S`` seconds with no attempt spent, for a
+    host that has the workflow, as hosts never claim intents of kinds they lack.
 
     Raises:
         ValueError: two workflows share a name.
@@ -1595,17 +1603,27 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> DurableTrigger[
             raise ValueError(f"two workflows are named {wf.name!r}")
         by_name[wf.name] = wf
 
-    def parse(payload: JSON) -> JSON:
+    def parse_claimed(payload: JSON) -> JSON:
         if not (isinstance(payload, dict) and isinstance(payload.get("workflow"), str)):
             raise ValueError("a workflow run's payload names its workflow")
-        if payload["workflow"] not in by_name:
-            raise ValueError(f"no workflow named {payload['workflow']!r} on this actor class")
         if not isinstance(payload.get("args", []), list):
             raise ValueError("a workflow run's args are a list")
         return payload
 
+    def parse(payload: JSON) -> JSON:
+        parse_claimed(payload)
+        assert isinstance(payload, dict)
+        if payload["workflow"] not in by_name:
+            raise ValueError(f"no workflow named {payload['workflow']!r} on this actor class")
+        return payload
+
     async def acquire(intent: Mapping[str, Any], ctx: TriggerContext) -> JSON:
-        wf = by_name[intent["workflow"]]
+        wf = by_name.get(intent["workflow"])
+        if wf is None:
+            if ctx.signal.aborted:
+                raise RunCancelledError(_reason_of(ctx.signal.reason))
+            ctx.log.warning("workflow_not_here", workflow=intent["workflow"], retry_in=ELSEWHERE_S)
+            return {"suspend_until": ctx._backend.now_ms() + round(ELSEWHERE_S * 1000)}
         for _ in range(2):
             run = await _replay_facts(ctx)
             try:
@@ -1644,7 +1662,7 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> DurableTrigger[
     def commit_failed(intent: Any, failure: Failure, tx: Tx) -> None:
         _release_hooks(tx)  # the framework's trigger.failed fact follows
 
-    return {
+    spec: DurableTrigger[Any, Any] = {
         "kind": WORKFLOW_KIND,
         "intent_event_kind": RUN_STARTED,
         "cancellation": "cooperative",
@@ -1655,3 +1673,4 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> DurableTrigger[
         "commit_failed": commit_failed,
         "retry": RetryPolicy(max_attempts=5, initial_backoff=0.5, max_backoff=10.0),
     }
+    return replace(validate_trigger(spec, builtin=True), parse_claimed=parse_claimed)
