@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from ledger import LedgerError, ProcessInfo
+from ledger import LedgerError, LedgerWriteError, ProcessInfo
 from ledger._index import machine_id
-from ledger._pg import close_connection, connect
+from ledger._pg import close_connection, connect, redact
 
 from ._wakeup import Message, process_info
 
@@ -74,8 +74,12 @@ class NotifyWakeup:
         assert self.address is not None
         try:
             await conn.add_listener(self.address, self._on_notify)
-        except BaseException:
+        except BaseException as exc:
             await close_connection(conn)  # cancelled or failed: the connection is nobody's
+            if isinstance(exc, Exception):
+                # As a refused connect: a plain LISTEN fails only when the server went away
+                # meanwhile (asyncpg raises one of several errors, as the cut finds it).
+                raise LedgerWriteError(redact(self.url), f"cannot listen: {exc!r}") from exc
             raise
         conn.add_termination_listener(self._on_terminated)
         return conn

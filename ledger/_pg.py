@@ -829,8 +829,10 @@ async def connect(url: str, *, connect_timeout: float = 10.0) -> asyncpg.Connect
     Cancelling the caller does not cancel the connect itself: asyncpg, cancelled just after
     its socket connects and before the TLS negotiation starts, leaves behind a future whose
     ``ConnectionError`` nobody retrieves, which asyncio then reports as an error of the
-    program (MagicStack/asyncpg#1211). The connect runs on in its own task, bounded by
-    ``connect_timeout``, and the connection it makes is closed at once.
+    program (MagicStack/asyncpg#1211). The cancelled caller waits up to
+    ``_CONNECT_GRACE_S`` for the connect to end (most take milliseconds) and closes what it
+    made; a slower one is left to end on its own, bounded by ``connect_timeout``, and its
+    connection is then dropped.
 
     Raises:
         LedgerWriteError: the server cannot be reached or refuses the connection.
@@ -839,16 +841,27 @@ async def connect(url: str, *, connect_timeout: float = 10.0) -> asyncpg.Connect
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        _abandoned.add(task)
-        task.add_done_callback(_close_abandoned)
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(_CONNECT_GRACE_S):
+                await asyncio.wait([task])
+            if task.done():
+                if not task.cancelled() and task.exception() is None:
+                    await close_connection(task.result())
+            else:
+                _abandoned.add(task)
+                task.add_done_callback(_drop_abandoned)
         raise
 
+
+_CONNECT_GRACE_S = 1.0
+"""How long a cancelled caller waits for its connect to end before leaving it to end alone
+(the loop closing before then would cut it short, with asyncpg's failed future left over)."""
 
 _abandoned: set[asyncio.Future[asyncpg.Connection]] = set()
 """Connects whose callers were cancelled, held until they end (the loop keeps tasks weakly)."""
 
 
-def _close_abandoned(task: asyncio.Future[asyncpg.Connection]) -> None:
+def _drop_abandoned(task: asyncio.Future[asyncpg.Connection]) -> None:
     _abandoned.discard(task)
     if task.cancelled() or task.exception() is not None:
         return  # the exception is retrieved by asking for it: nothing is reported

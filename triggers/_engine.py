@@ -297,6 +297,17 @@ class Outcome(StrEnum):
     SHUTDOWN = "shutdown"
 
 
+class PutBack(Exception):
+    """Raised by the ``acquire`` of one of the framework's own triggers that cannot run this
+    intent on this host (a workflow run of a workflow the host lacks): the claim is
+    released, the intent due again at ``due_at_ms``, with no attempt spent, its redrive mark
+    and any cancel request kept for the host that runs it."""
+
+    def __init__(self, due_at_ms: int) -> None:
+        super().__init__(due_at_ms)
+        self.due_at_ms = due_at_ms
+
+
 class Settled(StrEnum):
     """What the settle operation did."""
 
@@ -320,7 +331,8 @@ def settle_op(
     value: Any,
     backoff_s: float,
 ) -> Callable[[LedgerTx], Settled]:
-    """End an attempt: commit, commit_cancelled, retry, fail, or release (shutdown).
+    """End an attempt: commit, commit_cancelled, retry, fail, or release (shutdown, or an
+    intent put back for another host: ``PutBack``).
 
     The facts the trigger's own functions write must suit the actor's projections, or the
     function fails (``ProjectionError``). The framework's facts (``trigger.failed``, an
@@ -344,6 +356,10 @@ def settle_op(
         if outcome is Outcome.RETURNED:
             return _settle_completed(tx, registry, trigger, row, payload, value)
         error: BaseException = value
+        if outcome is Outcome.RAISED and isinstance(error, PutBack):
+            due, redrive = error.due_at_ms, bool(row.redrive)
+            tx.release(row.id, token, due_at=due, count_attempt=False, redrive=redrive)
+            return Settled.RELEASED
         cancel_requested = row.cancel_requested_at is not None
         if cancel_requested or (outcome is Outcome.RAISED and isinstance(error, AbortError)):
             if not cancel_requested:

@@ -54,7 +54,7 @@ from ledger import (
 
 from ._abort import AbortError, AbortSignal, is_failure
 from ._context import ClaimLostError, StreamWriter, TriggerContext
-from ._engine import CANCEL_REQUESTED
+from ._engine import CANCEL_REQUESTED, PutBack
 from ._errors import FatalError, TriggerError
 from ._spec import RetryPolicy, TriggerDef, validate_trigger
 
@@ -1299,6 +1299,11 @@ class _Run:
         kinds = [CANCEL_REQUESTED]
         return bool(await ctx.events(intent_event_id=ctx.intent_event_id, kinds=kinds, limit=1))
 
+    def began(self) -> bool:
+        """True if the body has run before: a fact of it is recorded, or an earlier attempt
+        was made (one lost before its first fact had begun too)."""
+        return bool(self.places or self.cancels or self.ctx.attempt > 1 or self.ctx.redrive)
+
     async def execute(self, fn: Callable[..., Awaitable[JSON]], args: Sequence[JSON]) -> JSON:
         """Run the body (replaying what is recorded) in this attempt; returns its result.
 
@@ -1309,8 +1314,7 @@ class _Run:
         """
         token = _current.set(self)
         try:
-            began = self.places or self.cancels or self.ctx.attempt > 1 or self.ctx.redrive
-            if not began and self.ctx.signal.aborted:
+            if not self.began() and self.ctx.signal.aborted:
                 # Cancelled before it began: the body never runs. (An attempt lost before the
                 # first fact was recorded had begun: its replay raises at its first call.)
                 raise RunCancelledError(_reason_of(self.ctx.signal.reason))
@@ -1589,8 +1593,10 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> TriggerDef:
 
     A run is recorded only for a workflow of the class. A host that claims a run of a
     workflow it lacks (an older version during a rolling deploy, say) does not fail it: it
-    puts the run back, due again in ``ELSEWHERE_S`` seconds with no attempt spent, for a
-    host that has the workflow, as hosts never claim intents of kinds they lack.
+    puts the run back (``PutBack``), due again in ``ELSEWHERE_S`` seconds with no attempt
+    spent, for a host that has the workflow, as hosts never claim intents of kinds they
+    lack. A cancelled run that never began ends cancelled there, as it would on a host
+    with the workflow; one that began is put back too, so that its ``finally`` blocks run.
 
     Raises:
         ValueError: two workflows share a name.
@@ -1620,10 +1626,12 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> TriggerDef:
     async def acquire(intent: Mapping[str, Any], ctx: TriggerContext) -> JSON:
         wf = by_name.get(intent["workflow"])
         if wf is None:
-            if ctx.signal.aborted:
-                raise RunCancelledError(_reason_of(ctx.signal.reason))
+            if ctx.signal.aborted and not (await _replay_facts(ctx)).began():
+                raise RunCancelledError(_reason_of(ctx.signal.reason))  # as a host with it would
+            # (A run that began and is cancelled is put back too: its finally blocks, cleanup
+            # steps included, run on a host that has the workflow.)
             ctx.log.warning("workflow_not_here", workflow=intent["workflow"], retry_in=ELSEWHERE_S)
-            return {"suspend_until": ctx._backend.now_ms() + round(ELSEWHERE_S * 1000)}
+            raise PutBack(ctx._backend.now_ms() + round(ELSEWHERE_S * 1000))
         for _ in range(2):
             run = await _replay_facts(ctx)
             try:

@@ -13,7 +13,7 @@ import anyio.lowlevel
 import asyncpg
 import pytest
 
-from actors import ActorHost, define_agent_do
+from actors import ActorHost, _pgwake, define_agent_do
 from actors._pgwake import NotifyWakeup
 from actors._wakeup import Message
 from ledger import LedgerError, LedgerWriteError, _pg
@@ -114,19 +114,68 @@ async def test_a_connect_cancelled_at_any_step_leaves_nothing_behind(database_ur
     await no_backends_but_this(database_url)
 
 
-async def test_wakeups_stopped_at_any_step_leave_nothing_behind(database_url: str) -> None:
-    """A host's wake-up endpoint is cancelled after 0, 1, 2, ... scheduling steps of opening
-    (connecting, then listening) until it opens first, and closed; then one is stopped
-    while it sends a burst. Nothing is reported to the event loop's exception handler and no
-    connection stays open."""
+async def test_a_connect_cancelled_as_its_loop_ends_leaves_nothing_behind(
+    database_url: str,
+) -> None:
+    """A connect is cancelled after 0 to 19 scheduling steps and its event loop ends 0 to 5
+    steps later (a program stopped while it connects): the loop's close must not cut the
+    connect short where asyncpg would leave a failed future nobody retrieves. Each run has
+    a loop of its own, in a thread; nothing is reported to its exception handler."""
+    reported: list[tuple[int, object]] = []
+
+    def one_loop(steps: int, after: int) -> None:
+        async def main() -> None:
+            loop = asyncio.get_running_loop()
+            loop.set_exception_handler(
+                lambda _loop, context: reported.append((steps, context.get("exception")))
+            )
+            async with anyio.create_task_group() as tg:
+
+                async def open_and_close() -> None:
+                    await (await _pg.connect(database_url)).close()
+
+                tg.start_soon(open_and_close)
+                for _ in range(steps):
+                    await anyio.lowlevel.checkpoint()
+                tg.cancel_scope.cancel()
+            for _ in range(after):
+                await anyio.lowlevel.checkpoint()
+
+        anyio.run(main)
+        gc.collect()
+
+    for steps in range(20):
+        for after in range(6):
+            await anyio.to_thread.run_sync(one_loop, steps, after)
+    assert reported == []
+    await no_backends_but_this(database_url)
+
+
+async def test_wakeups_stopped_at_any_step_leave_nothing_behind(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host's wake-up endpoint is cancelled 0, 1, 2, ... scheduling steps after its
+    connection is made (so while it starts listening), until it opens first, and closed;
+    then one is stopped while it sends a burst. Nothing is reported to the event loop's
+    exception handler and no connection stays open."""
+    connected = anyio.Event()
+
+    async def connect_and_tell(url: str) -> asyncpg.Connection:
+        conn = await _pg.connect(url)
+        connected.set()
+        return conn
+
+    monkeypatch.setattr(_pgwake, "connect", connect_and_tell)
     with reported_to_loop() as reported:
         steps, opened = 0, False
         while not opened:
+            connected = anyio.Event()
             wake = NotifyWakeup(database_url, scheduler=False)
             try:
                 with anyio.CancelScope() as scope:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(wake.open)
+                        await connected.wait()
                         for _ in range(steps):
                             await anyio.lowlevel.checkpoint()
                         scope.cancel()
@@ -146,8 +195,32 @@ async def test_wakeups_stopped_at_any_step_leave_nothing_behind(database_url: st
                 tg.cancel_scope.cancel()
         finally:
             await wake.aclose()
-    assert steps > 5
+    assert steps > 2  # cancelled while listening at least twice
     assert reported == []
+    await no_backends_but_this(database_url)
+
+
+async def test_a_connection_cut_before_listening_is_a_write_error(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server ends the wake-up connection between its connect and its LISTEN: opening
+    raises LedgerWriteError (which the reconnect loop retries), not asyncpg's own error,
+    and leaves no connection open."""
+
+    async def connect_then_cut(url: str) -> asyncpg.Connection:
+        conn = await _pg.connect(url)
+        admin = await asyncpg.connect(url)
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+        finally:
+            await admin.close()
+        return conn
+
+    monkeypatch.setattr(_pgwake, "connect", connect_then_cut)
+    wake = NotifyWakeup(database_url, scheduler=False)
+    with pytest.raises(LedgerWriteError, match="cannot listen"):
+        await wake.open()
+    await wake.aclose()
     await no_backends_but_this(database_url)
 
 

@@ -12,8 +12,16 @@ from actors import ActorHost, define_agent_do
 from ledger import IntentStatus
 from tests.helpers import ManualClock, fast_config, place, wait_until
 from triggers._engine import FAILED
-from triggers._workflow import ELSEWHERE_S, RUN_CANCELLED, RUN_COMPLETED, RUN_FAILED, RUN_STARTED
-from triggers.workflows import get_run, start, step, workflow
+from triggers._workflow import (
+    ELSEWHERE_S,
+    RUN_CANCELLED,
+    RUN_COMPLETED,
+    RUN_FAILED,
+    RUN_STARTED,
+    STEP_COMPLETED,
+    WAIT_CREATED,
+)
+from triggers.workflows import RunCancelledError, get_run, sleep, start, step, workflow
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -36,13 +44,30 @@ async def greet(name: str) -> str:
     return await shout(name)
 
 
+cleaned: list[str] = []
+
+
+@step
+async def clean_up(name: str) -> None:
+    cleaned.append(name)
+
+
+@workflow
+async def napper(name: str) -> str:
+    try:
+        await sleep("1h")
+        return "rested"
+    finally:
+        await clean_up(name)
+
+
 @workflow
 async def older() -> str:
     return "old"
 
 
-OLD = define_agent_do(workflows=[older])  # has workflows, but not ``greet``
-NEW = define_agent_do(workflows=[older, greet])
+OLD = define_agent_do(workflows=[older])  # has workflows, but not ``greet`` nor ``napper``
+NEW = define_agent_do(workflows=[older, greet, napper])
 
 
 def host(tmp_path: Path, spec: Any, clock: ManualClock, **options: Any) -> ActorHost:
@@ -108,4 +133,43 @@ async def test_a_run_no_host_can_run_waits_and_can_be_cancelled(tmp_path: Path) 
             state = await old.get("chat").wait_for_intent(run.run_id)
         assert state.status is IntentStatus.CANCELLED
         endings = await old.get("chat").events(intent_event_id=run.run_id, kinds=ENDINGS)
+    assert [f.kind for f in endings] == [RUN_CANCELLED]
+
+
+async def test_a_cancelled_run_that_began_keeps_its_cleanup_for_a_host_that_has_it(
+    tmp_path: Path,
+) -> None:
+    """A run began on a new host (it sleeps inside try/finally); the new host stops and the
+    run is cancelled while only an old host runs. The old host puts it back rather than
+    ending it, so that its finally block runs: the next new host replays it, runs the
+    cleanup step, and it ends cancelled, with one terminal fact."""
+    cleaned.clear()
+    clock = ManualClock()
+    async with host(tmp_path, NEW, clock) as new:
+        agent = new.get("chat")
+        run = await start(napper, ["ada"], actor=agent)
+
+        async def asleep() -> bool:
+            slept = await agent.events(kinds=[WAIT_CREATED])
+            return bool(slept) and await run.status() is IntentStatus.PENDING
+
+        await wait_until(agent, asleep)
+    async with (
+        host(tmp_path, OLD, clock) as old,
+        host(tmp_path, NEW, clock, run_scheduler=False) as client,
+    ):
+        run = await get_run(run.run_id, actor=client.get("chat"))
+        assert (await run.cancel()).status == "requested"  # due at once: the old host claims it
+        await put_back(old.get("chat"), run, clock)
+        assert await run.status() is IntentStatus.PENDING
+        assert cleaned == []
+    clock.advance(round(ELSEWHERE_S * 1000))
+    async with host(tmp_path, NEW, clock) as new:
+        run = await get_run(run.run_id, actor=new.get("chat"))
+        with anyio.fail_after(20), pytest.raises(RunCancelledError):
+            await run.result()
+        endings = await new.get("chat").events(intent_event_id=run.run_id, kinds=ENDINGS)
+        steps = await new.get("chat").events(intent_event_id=run.run_id, kinds=[STEP_COMPLETED])
+    assert cleaned == ["ada"]
+    assert len(steps) == 1
     assert [f.kind for f in endings] == [RUN_CANCELLED]
