@@ -36,6 +36,7 @@ from ._engine import (
     EagerClaim,
     Enqueued,
     Outcome,
+    PutBack,
     Settled,
     claim_op,
     renew_op,
@@ -515,7 +516,7 @@ class Scheduler:
                 self._forget(attempt)
                 self.abandoned += 1
                 raise
-        if outcome is not Outcome.RETURNED:
+        if outcome is not Outcome.RETURNED and not isinstance(value, PutBack):
             if attempt.shutdown:
                 outcome = Outcome.SHUTDOWN
             elif attempt.timed_out:

@@ -1528,6 +1528,15 @@ class _Run:
         return index
 
 
+async def _began(ctx: TriggerContext) -> bool:
+    """True if the run's body has run before; also when its facts cannot be read now (so a
+    cancelled run is put back for a host that can run its finally blocks, not ended)."""
+    try:
+        return (await _replay_facts(ctx)).began()
+    except Exception:
+        return True
+
+
 async def _replay_facts(ctx: TriggerContext) -> _Run:
     run = _Run(ctx)
     for event in await ctx.events(intent_event_id=ctx.intent_event_id, kinds=REPLAY_KINDS):
@@ -1626,7 +1635,7 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> TriggerDef:
     async def acquire(intent: Mapping[str, Any], ctx: TriggerContext) -> JSON:
         wf = by_name.get(intent["workflow"])
         if wf is None:
-            if ctx.signal.aborted and not (await _replay_facts(ctx)).began():
+            if ctx.signal.aborted and not await _began(ctx):
                 raise RunCancelledError(_reason_of(ctx.signal.reason))  # as a host with it would
             # (A run that began and is cancelled is put back too: its finally blocks, cleanup
             # steps included, run on a host that has the workflow.)

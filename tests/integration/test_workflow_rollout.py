@@ -9,8 +9,9 @@ import anyio
 import pytest
 
 from actors import ActorHost, define_agent_do
-from ledger import IntentStatus
+from ledger import IntentStatus, LedgerError
 from tests.helpers import ManualClock, fast_config, place, wait_until
+from triggers import _workflow
 from triggers._engine import FAILED
 from triggers._workflow import (
     ELSEWHERE_S,
@@ -136,13 +137,15 @@ async def test_a_run_no_host_can_run_waits_and_can_be_cancelled(tmp_path: Path) 
     assert [f.kind for f in endings] == [RUN_CANCELLED]
 
 
+@pytest.mark.parametrize("unreadable", [False, True], ids=["facts read", "facts unreadable"])
 async def test_a_cancelled_run_that_began_keeps_its_cleanup_for_a_host_that_has_it(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unreadable: bool
 ) -> None:
     """A run began on a new host (it sleeps inside try/finally); the new host stops and the
     run is cancelled while only an old host runs. The old host puts it back rather than
-    ending it, so that its finally block runs: the next new host replays it, runs the
-    cleanup step, and it ends cancelled, with one terminal fact."""
+    ending it (also when it cannot read the run's facts to tell whether it began), so that
+    its finally block runs: the next new host replays it, runs the cleanup step, and it
+    ends cancelled, with one terminal fact."""
     cleaned.clear()
     clock = ManualClock()
     async with host(tmp_path, NEW, clock) as new:
@@ -154,6 +157,12 @@ async def test_a_cancelled_run_that_began_keeps_its_cleanup_for_a_host_that_has_
             return bool(slept) and await run.status() is IntentStatus.PENDING
 
         await wait_until(agent, asleep)
+    if unreadable:
+
+        async def unreadable_facts(_ctx: object) -> None:
+            raise LedgerError("the facts cannot be read now")
+
+        monkeypatch.setattr(_workflow, "_replay_facts", unreadable_facts)
     async with (
         host(tmp_path, OLD, clock) as old,
         host(tmp_path, NEW, clock, run_scheduler=False) as client,
@@ -163,6 +172,7 @@ async def test_a_cancelled_run_that_began_keeps_its_cleanup_for_a_host_that_has_
         await put_back(old.get("chat"), run, clock)
         assert await run.status() is IntentStatus.PENDING
         assert cleaned == []
+    monkeypatch.undo()
     clock.advance(round(ELSEWHERE_S * 1000))
     async with host(tmp_path, NEW, clock) as new:
         run = await get_run(run.run_id, actor=new.get("chat"))
