@@ -25,6 +25,7 @@ import inspect
 import math
 import random
 import re
+import time
 from collections.abc import (
     Awaitable,
     Callable,
@@ -119,6 +120,9 @@ _HOOK_POLL_S = 1.0
 
 ELSEWHERE_S = 5.0
 """How long a run claimed by a host that lacks its workflow waits before it is due again."""
+
+_NOT_HERE_WARN_S = 60.0
+"""A host lacking a workflow warns of its runs at most this often (debug in between)."""
 
 DEFAULT_STEP_RETRY = RetryPolicy(max_attempts=3, initial_backoff=1.0, max_backoff=30.0)
 """Steps retry three times in all, 1 s then 2 s apart (jittered), unless they say otherwise."""
@@ -1618,6 +1622,8 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> TriggerDef:
             raise ValueError(f"two workflows are named {wf.name!r}")
         by_name[wf.name] = wf
 
+    warned_at: dict[str, float] = {}
+
     def parse_claimed(payload: JSON) -> JSON:
         if not (isinstance(payload, dict) and isinstance(payload.get("workflow"), str)):
             raise ValueError("a workflow run's payload names its workflow")
@@ -1639,7 +1645,13 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> TriggerDef:
                 raise RunCancelledError(_reason_of(ctx.signal.reason))  # as a host with it would
             # (A run that began and is cancelled is put back too: its finally blocks, cleanup
             # steps included, run on a host that has the workflow.)
-            ctx.log.warning("workflow_not_here", workflow=intent["workflow"], retry_in=ELSEWHERE_S)
+            # Each run comes back every few seconds: a warning per workflow and minute.
+            name, now = intent["workflow"], time.monotonic()
+            warn = now - warned_at.get(name, -math.inf) >= _NOT_HERE_WARN_S
+            if warn:
+                warned_at[name] = now
+            log = ctx.log.warning if warn else ctx.log.debug
+            log("workflow_not_here", workflow=name, retry_in=ELSEWHERE_S)
             raise PutBack(ctx._backend.now_ms() + round(ELSEWHERE_S * 1000))
         for _ in range(2):
             run = await _replay_facts(ctx)

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
+import structlog.testing
 
 from actors import ActorHost, define_agent_do
 from ledger import IntentStatus, LedgerError
@@ -115,17 +116,23 @@ async def test_a_host_lacking_the_workflow_leaves_the_run_for_one_that_has_it(
 
 async def test_a_run_no_host_can_run_waits_and_can_be_cancelled(tmp_path: Path) -> None:
     """With only hosts that lack its workflow, a run waits (it is not failed), however often
-    it is claimed; cancelled, it ends cancelled, with one terminal fact."""
+    it is claimed, with one warning in the log for the minute; cancelled, it ends
+    cancelled, with one terminal fact."""
     clock = ManualClock()
+    unwarned = define_agent_do(workflows=[older])  # an actor class that has not warned yet
     async with (
-        host(tmp_path, OLD, clock) as old,
+        host(tmp_path, unwarned, clock) as old,
         host(tmp_path, NEW, clock, run_scheduler=False) as client,
     ):
-        run = await start(greet, ["ada"], actor=client.get("chat"))
-        for _ in range(3):
+        with structlog.testing.capture_logs() as logs:
+            run = await start(greet, ["ada"], actor=client.get("chat"))
+            for _ in range(3):
+                await put_back(old.get("chat"), run, clock)
+                clock.advance(round(ELSEWHERE_S * 1000))
             await put_back(old.get("chat"), run, clock)
-            clock.advance(round(ELSEWHERE_S * 1000))
-        await put_back(old.get("chat"), run, clock)
+        warned = [e for e in logs if e["event"] == "workflow_not_here"]
+        assert [(e["log_level"], e["workflow"]) for e in warned][:1] == [("warning", greet.name)]
+        assert all(e["log_level"] == "debug" for e in warned[1:])
         assert await run.status() is IntentStatus.PENDING
         # A run's cancel asks its body to stop (its finally blocks run): the host that
         # lacks the workflow ends it cancelled when it claims it.
