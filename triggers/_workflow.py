@@ -1638,21 +1638,26 @@ def workflow_trigger(workflows: Sequence[Workflow[..., Any]]) -> TriggerDef:
             raise ValueError(f"no workflow named {payload['workflow']!r} on this actor class")
         return payload
 
+    async def not_here(name: str, ctx: TriggerContext) -> NoReturn:
+        """Put back a run of workflow ``name``, which this class lacks (or end it, cancelled
+        before it began, as a host with the workflow would)."""
+        if ctx.signal.aborted and not await _began(ctx):
+            raise RunCancelledError(_reason_of(ctx.signal.reason))
+        # (A run that began and is cancelled is put back too: its finally blocks, cleanup
+        # steps included, run on a host that has the workflow.) Each run comes back every
+        # few seconds: a warning per workflow and minute.
+        now = time.monotonic()
+        warn = now - warned_at.get(name, -math.inf) >= _NOT_HERE_WARN_S
+        if warn:
+            warned_at[name] = now
+        log = ctx.log.warning if warn else ctx.log.debug
+        log("workflow_not_here", workflow=name, retry_in=ELSEWHERE_S)
+        raise PutBack(ctx._backend.now_ms() + round(ELSEWHERE_S * 1000))
+
     async def acquire(intent: Mapping[str, Any], ctx: TriggerContext) -> JSON:
         wf = by_name.get(intent["workflow"])
         if wf is None:
-            if ctx.signal.aborted and not await _began(ctx):
-                raise RunCancelledError(_reason_of(ctx.signal.reason))  # as a host with it would
-            # (A run that began and is cancelled is put back too: its finally blocks, cleanup
-            # steps included, run on a host that has the workflow.)
-            # Each run comes back every few seconds: a warning per workflow and minute.
-            name, now = intent["workflow"], time.monotonic()
-            warn = now - warned_at.get(name, -math.inf) >= _NOT_HERE_WARN_S
-            if warn:
-                warned_at[name] = now
-            log = ctx.log.warning if warn else ctx.log.debug
-            log("workflow_not_here", workflow=name, retry_in=ELSEWHERE_S)
-            raise PutBack(ctx._backend.now_ms() + round(ELSEWHERE_S * 1000))
+            await not_here(intent["workflow"], ctx)
         for _ in range(2):
             run = await _replay_facts(ctx)
             try:
