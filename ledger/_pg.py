@@ -1079,12 +1079,22 @@ class PostgresStore(Store):
             raise AssertionError("unreachable")
 
     async def _reconnect(self) -> PgConnection:
-        with anyio.fail_after(_RECONNECT_S + 1):
+        """A new connection, tried every 0.1 s for up to about ``_RECONNECT_S`` seconds.
+
+        Raises:
+            LedgerWriteError: the server took no connection in that time (the caller's
+                operation fails; the next one tries again, however long the outage lasts).
+        """
+        error: LedgerWriteError | None = None
+        with anyio.move_on_after(_RECONNECT_S + 1):
             while True:
                 try:
                     return PgConnection(await connect(self.url, connect_timeout=2), self.location)
-                except LedgerWriteError:
+                except LedgerWriteError as exc:
+                    error = exc
                     await anyio.sleep(0.1)
+        detail = error.detail if error is not None else "timed out"
+        raise LedgerWriteError(self.location, f"cannot reconnect for {_RECONNECT_S:g} s: {detail}")
 
     def _wrap(self, exc: BaseException) -> BaseException:
         import asyncpg
@@ -1109,7 +1119,7 @@ class PostgresStore(Store):
                         self._run_hooks(committed)
                     return committed, [], ()
                 except _Lost as lost:
-                    with contextlib.suppress(TimeoutError, LedgerError):
+                    with contextlib.suppress(LedgerError):
                         self._conns[shard.number] = await self._reconnect()
                     # Operations run once, as on SQLite (they may keep state of their own, as
                     # a claim's slots): a batch is retried only if none of them had run.

@@ -99,6 +99,11 @@ class PostgresServer:
             "--no-sync", "-E", "UTF8", "--locale=C",
         )  # fmt: skip
         self.port = _free_port()
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server (initialized, stopped by ``halt``) on its port; returns once it
+        accepts connections."""
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={self.port} "
             f"-c unix_socket_directories={self.root} -c fsync=on -c max_connections=200 "
@@ -108,6 +113,10 @@ class PostgresServer:
             self.bindir / "pg_ctl", "-D", self.data, "-l", self.root / "log", "-w", "-t", "60",
             "-o", options, "start",
         )  # fmt: skip
+
+    def halt(self) -> None:
+        """Stop the server (fast: connections are cut), keeping its files for ``resume``."""
+        self._run(self.bindir / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
 
     def restart(self) -> None:
         """Stop (fast: connections are cut) and start again on the same port."""

@@ -189,3 +189,44 @@ async def test_postgres_restarting_under_load_loses_nothing(
     assert stuck == []
     assert sorted(facts) == sorted(keys.values())
     assert all(kinds == [DONE] for kinds in facts.values())
+
+
+async def test_a_postgres_outage_longer_than_a_reconnect_leaves_the_host_running(
+    postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server stays down longer than one reconnect tries for: the host's housekeeping
+    reports the registry unreadable and carries on (before, the reconnect's timeout ended
+    the host). Once the server is back, the same host runs new work and stops cleanly."""
+    from ledger import _pg
+
+    monkeypatch.setattr(_pg, "_RECONNECT_S", 0.2)  # a reconnect gives up after about 1.2 s
+    url = postgres_server.create_database()
+    spec = define_agent_do(triggers=[make_trigger(KIND)])
+    async with ActorHost(spec, database_url=url, config=fast_config()) as host:
+        agent = host.get("chat")
+        first = await agent.enqueue_trigger(trigger_kind=KIND)
+        with anyio.fail_after(20):
+            assert (await agent.wait_for_intent(first.id)).status == "completed"
+
+        unreadable = anyio.Event()
+        refresh = host._refresh_and_recover
+
+        async def watched() -> bool:
+            readable = await refresh()
+            if not readable:
+                unreadable.set()
+            return readable
+
+        monkeypatch.setattr(host, "_refresh_and_recover", watched)
+        await anyio.to_thread.run_sync(postgres_server.halt)
+        try:
+            with anyio.fail_after(30):
+                await unreadable.wait()  # a reconnect gave up: the registry was unreadable
+        finally:
+            await anyio.to_thread.run_sync(postgres_server.resume)
+        with anyio.fail_after(30):
+            # The store reconnects before it answers: no error to retry.
+            second = await agent.enqueue_trigger(trigger_kind=KIND)
+            assert (await agent.wait_for_intent(second.id)).status == "completed"
+        facts = await agent.events(kinds=TERMINAL_KINDS)
+    assert [(f.intent_event_id, f.kind) for f in facts] == [(first.id, DONE), (second.id, DONE)]
