@@ -199,6 +199,40 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each live thread of this process, summed
+    by role: ``loop`` (the main thread, which runs the event loop), ``shards`` (the ledger's
+    shard threads: SQL and the triggers' commit functions) and ``other``. Empty where
+    ``/proc`` has no per-thread figures."""
+    roles = {"loop": 0.0, "shards": 0.0, "other": 0.0}
+    tick = os.sysconf("SC_CLK_TCK")
+    for thread in threading.enumerate():
+        try:
+            with open(f"/proc/self/task/{thread.native_id}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended meanwhile, or no /proc
+        seconds = (int(fields[11]) + int(fields[12])) / tick
+        if thread is threading.main_thread():
+            roles["loop"] += seconds
+        elif thread.name.startswith("ledger-shard"):
+            roles["shards"] += seconds
+        else:
+            roles["other"] += seconds
+    return roles if any(roles.values()) else {}
+
+
+def thread_split(before: dict[str, float], after: dict[str, float], count: int) -> str:
+    """The CPU per item each role used between two ``thread_cpu_seconds`` readings (a thread
+    that ended in between is missing from ``after``: read both while the host runs)."""
+    if not before or not after:
+        return "n/a"
+    return ", ".join(
+        f"{role} {(after[role] - before.get(role, 0.0)) / count * 1e6:,.0f} us"
+        for role in ("loop", "shards", "other")
+    )
+
+
 class ThreadProfile:
     """cProfile of the event-loop thread and, separately, of the worker threads.
 

@@ -9,7 +9,9 @@ waiting for its call, round-robin over the actors; the host's scheduler in the s
 (``ActorHost`` defaults) claims, runs and settles them. The clock runs from the first enqueue
 until every intent is terminal. In the same run, the physical limit is measured: stdlib
 ``sqlite3`` doing one event insert + one row update per transaction (``_common.raw_sqlite_rate``)
-with the same durability setting; ``ratio`` is end-to-end / raw.
+with the same durability setting; ``ratio`` is end-to-end / raw. For a one-host run,
+``cpu_by_thread`` splits the CPU per intent between the event loop and the ledger's shard
+threads (which run the SQL and the triggers' commit functions), where ``/proc`` has it.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from _common import (
     quiet_logs,
     rate,
     raw_sqlite_rate,
+    thread_cpu_seconds,
+    thread_split,
 )
 
 from actors import ActorHost, AgentSpec
@@ -116,17 +120,17 @@ async def end_to_end(
     synchronous: str,
     shards: int,
     profile: ThreadProfile | None,
-) -> tuple[float, float, float]:
+) -> tuple[float, float, float, str]:
     """Run one end-to-end pass in this process; returns (seconds until all terminal, seconds
-    enqueueing, process CPU seconds over the same span)."""
+    enqueueing, process CPU seconds over the same span, CPU per intent by thread role)."""
     counter = Counter()
     names = [f"bench-{a}" for a in range(actors)]
     with ThreadProfile.maybe(profile):
-        started, enqueued, finished, cpu = await _host_run(
+        started, enqueued, finished, cpu, split = await _host_run(
             data_dir, names, intents, intents, callers, synchronous, shards, counter, None
         )
     await _check_completed(data_dir, names, intents, counter.value)
-    return finished - started, enqueued - started, cpu
+    return finished - started, enqueued - started, cpu, split
 
 
 async def _host_run(
@@ -139,10 +143,11 @@ async def _host_run(
     shards: int,
     counter: Counter,
     go: Callable[[], object] | None,
-) -> tuple[float, float, float, float]:
+) -> tuple[float, float, float, float, str]:
     """One host: ``callers`` tasks enqueue ``intents`` over ``names`` once ``go()`` returns;
     returns the monotonic times it started, finished enqueueing and saw ``total`` intents
-    completed (by any host), and its CPU seconds in between."""
+    completed (by any host), its CPU seconds in between, and its CPU per intent by thread
+    role (``thread_split``)."""
     spec = make_spec(counter)
     async with ActorHost(spec, data_dir=data_dir, synchronous=synchronous, shards=shards) as host:
         agents = [host.get(name) for name in names]
@@ -167,6 +172,7 @@ async def _host_run(
         with anyio.fail_after(600):
             started = time.monotonic()
             cpu_started = _cpu_seconds()
+            threads_started = thread_cpu_seconds()
             async with anyio.create_task_group() as tg:
                 for _ in range(callers):
                     tg.start_soon(caller)
@@ -177,7 +183,8 @@ async def _host_run(
                     await all_done.wait()
             finished = time.monotonic()
             cpu = _cpu_seconds() - cpu_started
-    return started, enqueued, finished, cpu
+            split = thread_split(threads_started, thread_cpu_seconds(), intents)
+    return started, enqueued, finished, cpu, split
 
 
 async def _check_completed(data_dir: Path, names: list[str], intents: int, counted: int) -> None:
@@ -202,7 +209,7 @@ def multi_host(
     context = multiprocessing.get_context("spawn")
     shared = context.Value("q", 0)
     barrier = context.Barrier(hosts + 1)  # every host open, then all start at once
-    results: multiprocessing.queues.Queue[tuple[float, float, float, float]] = context.Queue()
+    results: multiprocessing.queues.Queue[tuple[float, float, float, float, str]] = context.Queue()
     processes = [
         context.Process(
             target=_host_process,
@@ -243,7 +250,7 @@ def _host_process(
     synchronous: str,
     shared: Synchronized[int],
     barrier: multiprocessing.synchronize.Barrier,
-    results: multiprocessing.queues.Queue[tuple[float, float, float, float]],
+    results: multiprocessing.queues.Queue[tuple[float, float, float, float, str]],
 ) -> None:
     """One host process of ``multi_host``: open, wait for the others, run, report its span."""
     quiet_logs()
@@ -321,10 +328,10 @@ def main() -> None:
                             shards=args.shards,
                             profile=profile,
                         )
-                        total, enqueue, cpu = anyio.run(run)
+                        total, enqueue, cpu, split = anyio.run(run)
                         metric(f"enqueue_{name}", rate(args.intents, enqueue))
                     else:
-                        profile = None
+                        profile, split = None, None
                         total, cpu = multi_host(
                             data_dir,
                             hosts=hosts,
@@ -339,6 +346,8 @@ def main() -> None:
                         f"cpu_per_intent_{name}",
                         f"{cpu / args.intents * 1e6:,.0f} us ({cpu / total:.2f} cores busy)",
                     )
+                    if split is not None:
+                        metric(f"cpu_by_thread_{name}", f"{split} per intent")
                     metric(f"ratio_{name}", f"{e2e / raw:.3f} (target >= 0.5)")
                     metric(f"x_huey_{name}", f"{e2e / HUEY_ANCHOR:.1f} (target >= 8)")
                     metric(f"loadavg_after_{name}", loadavg())
