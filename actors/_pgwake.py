@@ -13,6 +13,7 @@ its scheduler rescans and its waiters re-read.
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 _log = structlog.get_logger("actors")
 _MAX_PAYLOAD = 7_900  # PostgreSQL refuses NOTIFY payloads of 8000 bytes and more
 _PROBE_S = 1.0
+_RETRY_FIRST_S = 0.05  # the wait after a failed reconnect, doubling up to _RETRY_MAX_S
+_RETRY_MAX_S = 2.0
 """Seconds between liveness probes of an idle listening connection."""
 
 
@@ -137,15 +140,27 @@ class NotifyWakeup:
             self._conn = None
 
     async def _reconnect(self) -> asyncpg.Connection:
-        delay = 0.05
+        """Connect and listen again, backing off up to 2 s between tries, for as long as it
+        takes. An outage is logged without flooding the log: ``wakeup_reconnect_failed`` is
+        a warning at the 1st, 2nd, 4th, 8th... failed try and a debug line at the others;
+        ``wakeup_reconnected`` says how long it took."""
+        delay = _RETRY_FIRST_S
+        failures = 0
+        started = time.monotonic()
         while True:
             try:
                 self._conn = await self._listen()
-                return self._conn
             except (OSError, LedgerError) as exc:
-                _log.warning("wakeup_reconnect_failed", error=str(exc))
+                failures += 1
+                log = _log.warning if failures & (failures - 1) == 0 else _log.debug
+                log("wakeup_reconnect_failed", error=str(exc), failures=failures)
                 await anyio.sleep(delay)
-                delay = min(2.0, delay * 2)
+                delay = min(_RETRY_MAX_S, delay * 2)
+                continue
+            if failures:
+                seconds = round(time.monotonic() - started, 3)
+                _log.info("wakeup_reconnected", failures=failures, seconds=seconds)
+            return self._conn
 
     async def _send_loop(self, conn: asyncpg.Connection) -> None:
         while True:

@@ -12,6 +12,7 @@ import anyio
 import anyio.lowlevel
 import asyncpg
 import pytest
+import structlog.testing
 
 from actors import ActorHost, _pgwake, define_agent_do
 from actors._pgwake import NotifyWakeup
@@ -483,3 +484,33 @@ async def test_a_server_restart_is_survived(postgres_server: PostgresServer) -> 
         (running.id, CANCELLED),
         (fresh.id, DONE),
     ]
+
+
+async def test_a_long_wakeup_outage_is_logged_without_a_flood(
+    database_url: str, monkeypatch: pytest.MonkeyPatch, connections: list[asyncpg.Connection]
+) -> None:
+    """Nine failed tries to reconnect the wake-ups: warnings at the 1st, 2nd, 4th and 8th,
+    debug lines at the others, then one ``wakeup_reconnected`` naming the nine."""
+    monkeypatch.setattr(_pgwake, "_RETRY_FIRST_S", 0.0)
+    failed = 0
+
+    async def refused_nine_times(url: str) -> asyncpg.Connection:
+        nonlocal failed
+        if failed < 9:
+            failed += 1
+            raise LedgerWriteError(url, "cannot connect: refused")
+        return await _pg.connect(url)
+
+    monkeypatch.setattr(_pgwake, "connect", refused_nine_times)
+    wake = NotifyWakeup(database_url, scheduler=False)
+    with structlog.testing.capture_logs() as logs:
+        try:
+            await wake._reconnect()
+        finally:
+            await wake.aclose()
+    tries = [
+        (e["failures"], e["log_level"]) for e in logs if e["event"] == "wakeup_reconnect_failed"
+    ]
+    assert tries == [(n, "warning" if n in (1, 2, 4, 8) else "debug") for n in range(1, 10)]
+    assert [e["failures"] for e in logs if e["event"] == "wakeup_reconnected"] == [9]
+    assert all_closed(connections)
