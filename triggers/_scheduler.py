@@ -141,6 +141,9 @@ class Scheduler:
         self._slots = Slots(config.max_concurrency)
         self._eager = 0  # enqueues in flight that may claim their intent
         self._running: dict[tuple[str, int], _Attempt] = {}
+        # Attempts still running here whose intent this host claimed again meanwhile (their
+        # claim was lost: another host took the intent over and gave it back), by token.
+        self._superseded: dict[str, _Attempt] = {}
         self.abandoned = 0
         """Attempts killed before they could settle: their claims stand until redriven."""
         self._tokens: set[str] = set()
@@ -165,11 +168,14 @@ class Scheduler:
     @property
     def running(self) -> int:
         """Attempts running on this host now."""
-        return len(self._running)
+        return len(self._running) + len(self._superseded)
 
     def running_attempts(self) -> list[tuple[str, int]]:
         """``(actor_id, intent_event_id)`` of the attempts running here."""
-        return list(self._running)
+        keys = dict.fromkeys(self._running)
+        for attempt in self._superseded.values():
+            keys[attempt.actor_id, attempt.intent_event_id] = None
+        return list(keys)
 
     def hint(self, actor_id: str, due_ms: int | None = None, *, seen_at: int | None = None) -> None:
         """Tell the scheduler that ``actor_id`` may have work due at ``due_ms`` (now if None).
@@ -230,7 +236,11 @@ class Scheduler:
         return after
 
     def deliver_cancel(self, actor_id: str, intent_event_id: int, reason: str | None) -> bool:
-        """Abort the signal of a running attempt here; False if it does not run here."""
+        """Abort the signal of the intent's attempt here; False if its claim is not held here
+        (an attempt of it here whose claim was lost is aborted too, but does not count)."""
+        for old in self._superseded.values():
+            if old.actor_id == actor_id and old.intent_event_id == intent_event_id:
+                old.controller.abort(reason)
         attempt = self._running.get((actor_id, intent_event_id))
         if attempt is None:
             return False
@@ -304,7 +314,7 @@ class Scheduler:
         with anyio.CancelScope(shield=True):
             with anyio.move_on_after(self.config.shutdown_grace):
                 await self._wait_idle()
-            for attempt in list(self._running.values()):
+            for attempt in [*self._running.values(), *self._superseded.values()]:
                 attempt.shutdown = True
                 attempt.controller.abort("shutdown")
                 if attempt.scope is not None:
@@ -312,13 +322,13 @@ class Scheduler:
             await self._wait_idle()
 
     async def _wait_idle(self) -> None:
-        while self._running or self._claiming or self._eager:
+        while self._running or self._superseded or self._claiming or self._eager:
             if self._idle.is_set():
                 self._idle = anyio.Event()  # set when it was last idle: wait for the next time
             await self._idle.wait()  # shared by every waiter (shutdown may run twice at once)
 
     def _check_idle(self) -> None:
-        if not self._running and not self._claiming and not self._eager:
+        if not (self._running or self._superseded or self._claiming or self._eager):
             self._idle.set()
 
     # -- loops ----------------------------------------------------------------------------
@@ -489,7 +499,13 @@ class Scheduler:
         row = claimed.row
         assert row.claim_token is not None
         attempt = _Attempt(actor_id, row.id, row.claim_token, AbortController())
-        self._running[(actor_id, row.id)] = attempt
+        key = (actor_id, row.id)
+        previous = self._running.get(key)
+        if previous is not None:
+            # An attempt of this intent still runs here, though its claim was lost: kept
+            # apart (its slot taken, shutdown waiting for it) until it ends.
+            self._superseded[previous.token] = previous
+        self._running[key] = attempt
         self._tokens.add(row.claim_token)
         if row.cancel_requested_at is not None:
             # A redrive of an intent whose cancel was requested: start already aborted.
@@ -544,8 +560,11 @@ class Scheduler:
 
     def _forget(self, attempt: _Attempt) -> None:
         """The attempt has ended: its slot is free."""
-        if self._running.pop((attempt.actor_id, attempt.intent_event_id), None) is None:
-            return
+        key = (attempt.actor_id, attempt.intent_event_id)
+        if self._running.get(key) is attempt:
+            del self._running[key]
+        elif self._superseded.pop(attempt.token, None) is None:
+            return  # forgotten already
         self._tokens.discard(attempt.token)
         self._slots.give(1)
         self._dispatch_wake.set()

@@ -10,7 +10,15 @@ import anyio
 import pytest
 
 from ledger import IntentStatus, ledger_relpath, ms_to_datetime
-from tests.helpers import Gate, ManualClock, fast_config, make_trigger, open_host
+from tests.helpers import (
+    CANCELLED,
+    TERMINAL_KINDS,
+    Gate,
+    ManualClock,
+    fast_config,
+    make_trigger,
+    open_host,
+)
 from triggers._engine import claim_op
 from triggers._scheduler import Scheduler
 from triggers._slots import Slots, Taken
@@ -275,3 +283,76 @@ async def test_a_claim_with_no_free_slot_takes_no_write_lock(
         with anyio.fail_after(30):
             state = await host.get("b").wait_for_intent(second.id)
         assert state.status is IntentStatus.COMPLETED
+
+
+async def test_an_intent_claimed_again_while_its_old_attempt_runs_here_stays_in_hand(
+    tmp_path: Path,
+) -> None:
+    """Another host took an intent over from this host's stalled attempt and gave it back
+    (shown here by releasing the old claim directly, as its retry would): this host claims
+    it again while the old attempt still runs. When the old one ends (its settle finds the
+    claim lost), the new one is still this host's: a cancel reaches it, the intent ends once,
+    and both attempts' slots come back."""
+    tokens: list[str | None] = []
+    first_started, second_started, finish_first = anyio.Event(), anyio.Event(), anyio.Event()
+    unstick = anyio.Event()
+    gate = Gate()
+
+    async def acquire(intent: Any, ctx: Any) -> Any:
+        if intent != "x":
+            return await gate.acquire(intent, ctx)
+        tokens.append(ctx._claim_token)
+        if len(tokens) == 1:
+            first_started.set()
+            await finish_first.wait()  # stalled: it neither sees nor heeds the signal
+            return "late"
+        second_started.set()
+        with ctx.signal.scope():
+            await unstick.wait()  # set only when the test ends: this waits for the cancel
+        return "not cancelled"
+
+    async with open_host(
+        tmp_path, make_trigger(acquire=acquire), config=fast_config(max_concurrency=2)
+    ) as host:
+        scheduler = host.scheduler
+        assert scheduler is not None
+        finished = anyio.Event()
+        real_finished = scheduler._finished
+
+        def finishing(*args: Any) -> None:
+            real_finished(*args)
+            finished.set()
+
+        scheduler._finished = finishing  # type: ignore[method-assign,assignment]
+        agent = host.get("chat")
+        x = await agent.enqueue_trigger(trigger_kind="test.work", payload="x")
+        with anyio.fail_after(10):
+            await first_started.wait()
+        token = tokens[0]
+        assert token is not None
+
+        def take_back(tx: LedgerTx) -> bool:
+            return tx.release(x.id, token, due_at=tx.now_ms, count_attempt=False, redrive=True)
+
+        assert await host.store.run("chat", take_back)
+        with anyio.fail_after(10):
+            await second_started.wait()
+        finish_first.set()
+        try:
+            with anyio.fail_after(10):
+                await finished.wait()  # the old attempt has ended (lost)
+            result = await agent.cancel_trigger(trigger_kind="test.work", intent_event_id=x.id)
+            assert result.status == "requested"
+            with anyio.fail_after(10):
+                assert (await agent.wait_for_intent(x.id)).status == "cancelled"
+        finally:
+            unstick.set()  # lets the host stop even when the cancel never arrived
+        # Both slots are free again: two intents run at once.
+        y = await agent.enqueue_trigger(trigger_kind="test.work", payload="y")
+        z = await agent.enqueue_trigger(trigger_kind="test.work", payload="z")
+        for intent in (y, z):
+            await gate.wait_started(intent.id)
+        for intent in (y, z):
+            gate.open(intent.id)
+        facts = await agent.events(intent_event_id=x.id, kinds=TERMINAL_KINDS)
+    assert [f.kind for f in facts] == [CANCELLED]
