@@ -1119,11 +1119,14 @@ class PostgresStore(Store):
                         self._run_hooks(committed)
                     return committed, [], ()
                 except _Lost as lost:
+                    reconnected = False
                     with contextlib.suppress(LedgerError):
                         self._conns[shard.number] = await self._reconnect()
+                        reconnected = True
                     # Operations run once, as on SQLite (they may keep state of their own, as
-                    # a claim's slots): a batch is retried only if none of them had run.
-                    if lost.ran or attempt:
+                    # a claim's slots): a batch is retried only if none of them had run, and
+                    # only on a new connection (the old one would only fail again).
+                    if lost.ran or attempt or not reconnected:
                         message = lost.message
                         if lost.committing:
                             message += " (the connection broke during COMMIT: outcome unknown)"

@@ -29,8 +29,17 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
+import structlog
 
-from ledger import JSON, IntentStatus, LedgerTx, duration_ms, ledger_relpath
+from ledger import (
+    JSON,
+    IntentStatus,
+    LedgerBusyError,
+    LedgerTx,
+    LedgerWriteError,
+    duration_ms,
+    ledger_relpath,
+)
 
 from ._abort import AbortSignal
 from ._engine import cancel_op
@@ -47,6 +56,8 @@ if TYPE_CHECKING:
     from ._tx import Tx
 
 __all__ = ["ABORT_CONTROLLER_TRIGGER", "DistributedAbortController"]
+
+_log = structlog.get_logger("triggers")
 
 KIND = "trigger.abort_controller"
 CREATED = "trigger.abort_controller.created"
@@ -231,8 +242,11 @@ class DistributedAbortController:
 
         Its reason is the abort's reason, or a text ending in ``"(expired)"``. Reading this
         never blocks: the same signal is returned each time, followed by a task of the host.
-        If the controller's ledger cannot be read, the signal aborts with that error's
-        message rather than never firing.
+        If the controller's ledger cannot be read for good (corrupt, or gone), the signal
+        aborts with that error's message rather than never firing. A storage outage (a lost
+        database connection, a locked or unopenable file) does not fire it: nobody could
+        have aborted the controller through that storage meanwhile, so the follower logs
+        ``abort_follow_failed`` once and reads again, backing off, until it can.
 
         The task waits for wake-ups (this process's commits, other processes' datagrams or
         notifications), not a timer: it reads the ledger again only when the actor changed,
@@ -318,11 +332,23 @@ class _Follower:
         stop = store.follow_notices(actor_id, _topic(run_id), heard)
         delay = self.poll_interval
         slowest = max(self.poll_interval, SLOWEST_POLL)
+        failing = False
         try:
             with stopper:
                 while True:
                     version = store.version(actor_id)
-                    fired, reason = await store.run(actor_id, read, write=False, create=False)
+                    try:
+                        fired, reason = await store.run(actor_id, read, write=False, create=False)
+                    except (LedgerWriteError, LedgerBusyError) as exc:
+                        if not failing:
+                            _log.warning("abort_follow_failed", actor=actor_id, error=str(exc))
+                        failing = True
+                        await self._woken(version, delay * random.uniform(0.75, 1.0))
+                        delay = min(delay * 2, slowest)
+                        continue
+                    if failing:
+                        _log.info("abort_follow_recovered", actor=actor_id)
+                        failing = False
                     if fired:
                         fire(reason)
                         return

@@ -267,12 +267,23 @@ class Scheduler:
                         remote.append((item.actor_id, intent_event_id, owner, reason))
         return remote
 
-    async def rescan(self, horizon_s: float = 0.0) -> None:
-        """Mark every actor due within ``horizon_s`` from now ready (used after crashes)."""
+    async def rescan(self, horizon_s: float = 0.0) -> bool:
+        """Mark every actor due within ``horizon_s`` from now ready (used after crashes and
+        lost wake-ups).
+
+        Returns:
+            False, with a ``rescan_failed`` warning logged, when the due-time index could
+            not be read (a storage outage): the scheduler's regular poll reads it again.
+        """
         before = self.store.clock() + round(horizon_s * 1000)
-        rows = await self.store.run_index(lambda index: index.due_before(before, 1_000_000))
+        try:
+            rows = await self.store.run_index(lambda index: index.due_before(before, 1_000_000))
+        except LedgerError as exc:
+            _log.warning("rescan_failed", error=str(exc))
+            return False
         for actor_id, _ in rows:
             self.hint(actor_id)
+        return True
 
     async def serve(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Claim and run due work until cancelled; then stop as ``shutdown()`` does.
