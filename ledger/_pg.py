@@ -49,7 +49,7 @@ from ._store import (
 from ._tx import LedgerTx, TxEffects
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator, Sequence
+    from collections.abc import Awaitable, Iterable, Iterator, Sequence
 
     import asyncpg
 
@@ -65,6 +65,11 @@ _MAX_ID = (1 << 63) - 1  # PostgreSQL's bigint
 _MIGRATION_LOCK = 0x64745F6D6967  # pg_advisory_lock key: one migrator at a time
 _LOCK_TIMEOUT = "10s"
 _RECONNECT_S = 10.0
+_STATEMENT_TIMEOUT_S = 60.0
+"""How long a store connection waits for the server's answer to one statement. Past it the
+connection is dropped and treated as lost (the store reconnects): a server that stops
+answering without closing (a network partition, a frozen server) must not hold a host,
+and its stop, forever. Well above the lock timeout, the longest a statement waits here."""
 
 # Each entry upgrades from version (index) to version (index + 1).
 MIGRATIONS: tuple[str, ...] = (
@@ -537,12 +542,12 @@ class PgConnection:
         text = _translate(sql)
         try:
             if rows:
-                found = wait_for(self.raw.fetch(text, *parameters))
+                found = self._wait(self.raw.fetch(text, *parameters))
                 return _Result(found, len(found))
             if parameters:
-                status = wait_for(self.raw.execute(text, *parameters))
+                status = self._wait(self.raw.execute(text, *parameters))
             else:
-                status = wait_for(self.raw.execute(text))
+                status = self._wait(self.raw.execute(text))
         except Exception:
             self._check_aborted()
             raise
@@ -553,7 +558,7 @@ class PgConnection:
         if self._queue or self._sent != self.actor:
             self._flush()
         try:
-            wait_for(self.raw.executemany(_translate(sql), list(parameters)))
+            self._wait(self.raw.executemany(_translate(sql), list(parameters)))
         except Exception:
             self._check_aborted()
             raise
@@ -573,7 +578,7 @@ class PgConnection:
             # belongs to the session; a rollback keeps it.)
             name = f"dt_w{len(self._prepared)}"
             try:
-                wait_for(self.raw.execute(f"PREPARE {name} AS {_translate(sql)}"))
+                self._wait(self.raw.execute(f"PREPARE {name} AS {_translate(sql)}"))
             except Exception:
                 self._check_aborted()
                 raise
@@ -612,7 +617,7 @@ class PgConnection:
             self._queue.clear()
             self._dirty.clear()
             commands.append(f"ROLLBACK TO SAVEPOINT {name}")
-            wait_for(self.raw.execute("; ".join(commands)))
+            self._wait(self.raw.execute("; ".join(commands)))
             # The rollback undid the switches after the savepoint: the server's ``dt.actor``
             # is what it was there, the savepoint's own actor (see ``_script``).
             self._sent = stack[found][2]
@@ -663,7 +668,7 @@ class PgConnection:
         self._queue.clear()
         self._dirty.clear()
         try:
-            wait_for(self.raw.execute(";\n".join(statements)))
+            self._wait(self.raw.execute(";\n".join(statements)))
         except Exception:
             # Some of the queue may have run, the rest is lost: whatever the server says of
             # the transaction, it must not commit. Only a rollback to a savepoint sent
@@ -675,6 +680,16 @@ class PgConnection:
         for entry in self._savepoints:
             entry[1] = True
 
+    def _wait(self, awaitable: Awaitable[T]) -> T:
+        """Await a statement of ``raw`` from the bridged code. One the server leaves
+        unanswered past ``_STATEMENT_TIMEOUT_S`` (asyncpg's command timeout) drops the
+        connection, which is then lost like a cut one: the store reconnects."""
+        try:
+            return wait_for(awaitable)
+        except TimeoutError:
+            self.raw.terminate()
+            raise
+
     def _check_aborted(self) -> None:
         """After a failed statement: is the transaction aborted? (One round trip.)"""
         import asyncpg
@@ -682,7 +697,7 @@ class PgConnection:
         if self.raw.is_closed():
             return
         try:
-            wait_for(self.raw.fetchval("SELECT 1"))
+            self._wait(self.raw.fetchval("SELECT 1"))
         except asyncpg.InFailedSQLTransactionError:
             self.aborted = True
 
@@ -698,7 +713,7 @@ class PgConnection:
         self._reset()
         # Whatever the database's default: each statement must see what committed before
         # it, so rows read after a lock wait (``enter_batch``) are current.
-        wait_for(self.raw.execute("BEGIN ISOLATION LEVEL READ COMMITTED"))
+        self._wait(self.raw.execute("BEGIN ISOLATION LEVEL READ COMMITTED"))
 
     def commit(self) -> None:
         """Send what is queued and commit (one round trip), or raise if a failed statement
@@ -710,14 +725,14 @@ class PgConnection:
             raise LedgerWriteError(
                 self.location, "a statement failed and was not rolled back; nothing was written"
             )
-        status = wait_for(self.raw.execute(";\n".join(statements)))
+        status = self._wait(self.raw.execute(";\n".join(statements)))
         if status != "COMMIT":
             raise LedgerWriteError(self.location, f"COMMIT answered {status}")
 
     def rollback(self) -> None:
         """Roll the transaction back."""
         self._reset()
-        wait_for(self.raw.execute("ROLLBACK"))
+        self._wait(self.raw.execute("ROLLBACK"))
 
 
 class _Scope:
@@ -823,7 +838,9 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
 
 
-async def connect(url: str, *, connect_timeout: float = 10.0) -> asyncpg.Connection:
+async def connect(
+    url: str, *, connect_timeout: float = 10.0, command_timeout: float | None = None
+) -> asyncpg.Connection:
     """A connection to ``url`` with the store's schema first on the search path.
 
     Cancelling the caller does not cancel the connect itself: asyncpg, cancelled just after
@@ -837,7 +854,7 @@ async def connect(url: str, *, connect_timeout: float = 10.0) -> asyncpg.Connect
     Raises:
         LedgerWriteError: the server cannot be reached or refuses the connection.
     """
-    task = asyncio.ensure_future(_connect(url, connect_timeout))
+    task = asyncio.ensure_future(_connect(url, connect_timeout, command_timeout))
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -883,13 +900,16 @@ async def close_connection(conn: asyncpg.Connection) -> None:
         conn.terminate()
 
 
-async def _connect(url: str, connect_timeout: float) -> asyncpg.Connection:
+async def _connect(
+    url: str, connect_timeout: float, command_timeout: float | None
+) -> asyncpg.Connection:
     import asyncpg
 
     try:
         return await asyncpg.connect(
             url,
             timeout=connect_timeout,
+            command_timeout=command_timeout,
             statement_cache_size=1024,
             server_settings={
                 "search_path": SCHEMA,
@@ -1024,7 +1044,7 @@ class PostgresStore(Store):
         self.notifies_cancels = True
 
     async def __aenter__(self) -> PostgresStore:
-        first = await connect(self.url)
+        first = await connect(self.url, command_timeout=_STATEMENT_TIMEOUT_S)
         try:
             await migrate(first)
         except BaseException:
@@ -1033,7 +1053,8 @@ class PostgresStore(Store):
         self._index = PgConnection(first, self.location)
         try:
             for shard in self._shards:
-                self._conns[shard.number] = PgConnection(await connect(self.url), self.location)
+                conn = await connect(self.url, command_timeout=_STATEMENT_TIMEOUT_S)
+                self._conns[shard.number] = PgConnection(conn, self.location)
         except BaseException:
             await self._close_connections()
             raise
@@ -1089,7 +1110,10 @@ class PostgresStore(Store):
         with anyio.move_on_after(_RECONNECT_S + 1):
             while True:
                 try:
-                    return PgConnection(await connect(self.url, connect_timeout=2), self.location)
+                    conn = await connect(
+                        self.url, connect_timeout=2, command_timeout=_STATEMENT_TIMEOUT_S
+                    )
+                    return PgConnection(conn, self.location)
                 except LedgerWriteError as exc:
                     error = exc
                     await anyio.sleep(0.1)
@@ -1105,6 +1129,8 @@ class PostgresStore(Store):
             return LedgerBusyError(self.location, 10.0)
         if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
             return LedgerWriteError(self.location, str(exc))
+        if isinstance(exc, TimeoutError):
+            return LedgerWriteError(self.location, "the server did not answer in time")
         return exc
 
     async def _run_batch(

@@ -78,8 +78,10 @@ def connections(monkeypatch: pytest.MonkeyPatch) -> list[asyncpg.Connection]:
     made: list[asyncpg.Connection] = []
     real = _pg._connect
 
-    async def recording(url: str, connect_timeout: float) -> asyncpg.Connection:
-        conn = await real(url, connect_timeout)
+    async def recording(
+        url: str, connect_timeout: float, command_timeout: float | None
+    ) -> asyncpg.Connection:
+        conn = await real(url, connect_timeout, command_timeout)
         made.append(conn)
         return conn
 
