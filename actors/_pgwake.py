@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from ledger import LedgerError, LedgerWriteError, ProcessInfo
+from ledger import LedgerError, LedgerWriteError, ProcessInfo, _pg
 from ledger._index import machine_id
 from ledger._pg import close_connection, connect, redact
 
@@ -73,7 +73,9 @@ class NotifyWakeup:
         self._conn = await self._listen()
 
     async def _listen(self) -> asyncpg.Connection:
-        conn = await connect(self.url)
+        # A probe or a send the server leaves unanswered (a partition, a frozen server) ends
+        # in a TimeoutError, as a cut connection ends in an OSError: the loop reconnects.
+        conn = await connect(self.url, command_timeout=_pg._STATEMENT_TIMEOUT_S)
         assert self.address is not None
         try:
             await conn.add_listener(self.address, self._on_notify)
@@ -131,12 +133,14 @@ class NotifyWakeup:
                 self._handle(Message(everything=True))
             try:
                 await self._send_loop(conn)
-            except (OSError, LedgerError) as exc:
-                _log.warning("wakeup_connection_lost", error=str(exc))
+            except (OSError, LedgerError) as exc:  # a TimeoutError too: no answer in time
+                _log.warning("wakeup_connection_lost", error=str(exc) or repr(exc))
             except Exception as exc:
                 if not conn.is_closed():
                     raise
                 _log.warning("wakeup_connection_lost", error=str(exc))
+            if not conn.is_closed():
+                conn.terminate()  # given up: whatever it still waits for, nobody does
             self._conn = None
 
     async def _reconnect(self) -> asyncpg.Connection:

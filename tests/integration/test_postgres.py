@@ -171,8 +171,8 @@ async def test_wakeups_stopped_at_any_step_leave_nothing_behind(
     exception handler and no connection stays open."""
     connected = anyio.Event()
 
-    async def connect_and_tell(url: str) -> asyncpg.Connection:
-        conn = await _pg.connect(url)
+    async def connect_and_tell(url: str, **options: Any) -> asyncpg.Connection:
+        conn = await _pg.connect(url, **options)
         connected.set()
         return conn
 
@@ -218,8 +218,8 @@ async def test_a_connection_cut_before_listening_is_a_write_error(
     raises LedgerWriteError (which the reconnect loop retries), not asyncpg's own error,
     and leaves no connection open."""
 
-    async def connect_then_cut(url: str) -> asyncpg.Connection:
-        conn = await _pg.connect(url)
+    async def connect_then_cut(url: str, **options: Any) -> asyncpg.Connection:
+        conn = await _pg.connect(url, **options)
         admin = await asyncpg.connect(url)
         try:
             await admin.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
@@ -496,12 +496,12 @@ async def test_a_long_wakeup_outage_is_logged_without_a_flood(
     monkeypatch.setattr(_pgwake, "_RETRY_FIRST_S", 0.0)
     failed = 0
 
-    async def refused_nine_times(url: str) -> asyncpg.Connection:
+    async def refused_nine_times(url: str, **options: Any) -> asyncpg.Connection:
         nonlocal failed
         if failed < 9:
             failed += 1
             raise LedgerWriteError(url, "cannot connect: refused")
-        return await _pg.connect(url)
+        return await _pg.connect(url, **options)
 
     monkeypatch.setattr(_pgwake, "connect", refused_nine_times)
     wake = NotifyWakeup(database_url, scheduler=False)

@@ -412,3 +412,46 @@ async def test_an_attempt_outlives_an_outage_longer_than_its_lease(
         facts = await agent.events(kinds=TERMINAL_KINDS)
     assert [(f.intent_event_id, f.kind) for f in facts] == [(intent.id, DONE)]
     assert gate.attempts == [(intent.id, 1, False, False)]
+
+
+async def test_a_wakeup_connection_that_stops_answering_is_replaced(
+    postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server stops answering on the host's wake-up connection without closing it (its
+    backend stopped with SIGSTOP). The connection's idle probe gets no answer: it is
+    dropped once the statement timeout (shortened here) passes, and the host listens on a
+    new one (before, the probe waited forever: no notification reached the host again)."""
+    from actors import _pgwake
+    from ledger import _pg
+
+    monkeypatch.setattr(_pg, "_STATEMENT_TIMEOUT_S", 2.0)
+    url = postgres_server.create_database()
+    spec = define_agent_do(triggers=[make_trigger(KIND)])
+    paused: list[int] = []
+    listening = anyio.Event()
+    real_listen = _pgwake.NotifyWakeup._listen
+
+    async def watched(self: _pgwake.NotifyWakeup) -> Any:
+        conn = await real_listen(self)
+        if paused:
+            listening.set()  # listening again, on a new connection
+        return conn
+
+    monkeypatch.setattr(_pgwake.NotifyWakeup, "_listen", watched)
+    try:
+        async with ActorHost(spec, database_url=url, config=fast_config()) as host:
+            wake = host._wake
+            assert isinstance(wake, _pgwake.NotifyWakeup)
+            assert wake._conn is not None
+            frozen = wake._conn
+            os.kill(frozen.get_server_pid(), signal.SIGSTOP)
+            paused.append(frozen.get_server_pid())
+            with anyio.fail_after(20):
+                await listening.wait()
+            assert frozen.is_closed()
+            assert wake._conn is not None
+            assert not wake._conn.is_closed()
+            await _run_one(host)
+    finally:
+        while paused:
+            os.kill(paused.pop(), signal.SIGCONT)
