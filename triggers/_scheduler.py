@@ -23,8 +23,10 @@ from ledger import (
     Committed,
     Directory,
     Event,
+    LedgerBusyError,
     LedgerError,
     LedgerTx,
+    LedgerWriteError,
     Store,
 )
 
@@ -53,6 +55,11 @@ if TYPE_CHECKING:
     from ._spec import TriggerDef, TriggerRegistry
 
 _log = structlog.get_logger("triggers")
+
+_SETTLE_RETRY_FIRST_S = 0.05
+"""The wait before a failed settle's first retry; each next one waits 4 times longer, up to
+``_SETTLE_RETRY_MAX_S``."""
+_SETTLE_RETRY_MAX_S = 5.0
 
 _MAX_CLAIM_BACKOFF_MS = 30_000
 """Longest wait before the poll sends the scheduler back to an actor whose claims fail."""
@@ -686,15 +693,27 @@ class Scheduler:
         log: Any,
         started: float,
     ) -> None:
+        """Retry a settle that failed, backing off up to ``_SETTLE_RETRY_MAX_S``: for as long
+        as the storage is out (``LedgerWriteError``, ``LedgerBusyError``) while the host runs,
+        so the attempt's work is not lost to an outage; four tries for any other error, or
+        once the host is stopping. The operation re-checks the claim token: if another host
+        took the intent over meanwhile, it answers LOST."""
         settled = Settled.LOST
+        delay, tries = _SETTLE_RETRY_FIRST_S, 0
         with anyio.CancelScope(shield=True):
-            for delay in (0.05, 0.2, 1.0, 5.0):
+            while True:
                 await anyio.sleep(delay)
                 try:
                     settled = await self.store.run(attempt.actor_id, op, reads=claimed.row.id)
                     break
                 except Exception as exc:  # whatever it is, the attempt must finish here
-                    log.warning("settle_failed", error=repr(exc))
+                    tries += 1
+                    if tries & (tries - 1) == 0:  # the 1st, 2nd, 4th, 8th... failure
+                        log.warning("settle_failed", error=repr(exc), retry=tries)
+                    outage = isinstance(exc, (LedgerWriteError, LedgerBusyError))
+                    if tries >= 4 and (self._stopping or not outage):
+                        break
+                delay = min(delay * 4, _SETTLE_RETRY_MAX_S)
         # Gave up (LOST): the lease runs out and the intent is redriven; the token guards it.
         self._finished(attempt, claimed, settled, outcome, value, log, started)
 

@@ -455,3 +455,51 @@ async def test_a_wakeup_connection_that_stops_answering_is_replaced(
     finally:
         while paused:
             os.kill(paused.pop(), signal.SIGCONT)
+
+
+async def test_an_attempt_ending_in_a_long_outage_settles_once_the_server_is_back(
+    postgres_server: PostgresServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attempt ends while the server is down, and stays down through many retries of
+    its settle (before, four tries over about 6 s, then the attempt was given up: its lease
+    ran out and its finished work was run again). The settle keeps being retried while the
+    host runs; once the server is back it lands: one attempt, one terminal fact."""
+    from triggers import _scheduler
+
+    _short_reconnects(monkeypatch)
+    monkeypatch.setattr(_scheduler, "_SETTLE_RETRY_MAX_S", 0.05)
+    url = postgres_server.create_database()
+    gate = Gate()
+    spec = define_agent_do(triggers=[make_trigger(KIND, gate.acquire)])
+    async with ActorHost(spec, database_url=url, config=fast_config()) as host:
+        agent = host.get("chat")
+        intent = await agent.enqueue_trigger(trigger_kind=KIND)
+        await gate.wait_started(intent.id)
+        store_run = host.store.run
+        failed = 0
+        many = anyio.Event()
+
+        async def watched(actor_id: str, fn: Any, **options: Any) -> Any:
+            nonlocal failed
+            try:
+                return await store_run(actor_id, fn, **options)
+            except LedgerWriteError:
+                if options.get("reads") == intent.id:
+                    failed += 1  # a settle (the only operation naming the intent here)
+                    if failed >= 5:  # one more than the retries before this change
+                        many.set()
+                raise
+
+        monkeypatch.setattr(host.store, "run", watched)
+        await anyio.to_thread.run_sync(postgres_server.halt)
+        try:
+            gate.open(intent.id)  # the attempt ends: its settle cannot land
+            with anyio.fail_after(30):
+                await many.wait()
+        finally:
+            await _resume(postgres_server)
+        with anyio.fail_after(30):
+            assert (await agent.wait_for_intent(intent.id)).status == "completed"
+        facts = await agent.events(kinds=TERMINAL_KINDS)
+    assert [(f.intent_event_id, f.kind) for f in facts] == [(intent.id, DONE)]
+    assert gate.attempts == [(intent.id, 1, False, False)]  # not run again
