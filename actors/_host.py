@@ -28,6 +28,7 @@ from ledger import (
     system_clock,
 )
 from triggers import Scheduler, SchedulerConfig
+from triggers._streaks import FailureStreak
 
 from ._agent import Agent
 from ._errors import HostClosedError
@@ -191,6 +192,7 @@ class ActorHost:
         self.scheduler: Scheduler | None = None
         self._wake: WakeupSocket | NotifyWakeup | None = None
         self._peers: list[ProcessInfo] = []
+        self._refresh_failures = FailureStreak(_log, "registry_refresh_failed")
         self._late: collections.deque[tuple[str, int, str, str | None]] = collections.deque()
         """Cancels for owners the wake-up hook found no address for (filled on any thread)."""
         self._dead: set[str] = set()
@@ -451,8 +453,9 @@ class ActorHost:
         try:
             newly_dead = await self._refresh_peers()
         except LedgerError as exc:
-            _log.warning("registry_refresh_failed", error=str(exc))
+            self._refresh_failures.failed(error=str(exc))
             return False
+        self._refresh_failures.succeeded()
         if newly_dead and self.scheduler is not None:
             _log.info("dead_processes_found", processes=sorted(newly_dead))
             await self.scheduler.rescan(self.config.lease)

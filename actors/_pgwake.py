@@ -23,6 +23,7 @@ import structlog
 from ledger import LedgerError, LedgerWriteError, ProcessInfo, _pg
 from ledger._index import machine_id
 from ledger._pg import close_connection, connect, redact
+from triggers._streaks import worth_a_warning
 
 from ._wakeup import Message, process_info
 
@@ -156,7 +157,7 @@ class NotifyWakeup:
                 self._conn = await self._listen()
             except (OSError, LedgerError) as exc:
                 failures += 1
-                log = _log.warning if failures & (failures - 1) == 0 else _log.debug
+                log = _log.warning if worth_a_warning(failures) else _log.debug
                 log("wakeup_reconnect_failed", error=str(exc), failures=failures)
                 await anyio.sleep(delay)
                 delay = min(_RETRY_MAX_S, delay * 2)

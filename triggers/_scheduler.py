@@ -46,6 +46,7 @@ from ._engine import (
 )
 from ._pool import TaskPool
 from ._slots import Slots, Taken
+from ._streaks import FailureStreak, worth_a_warning
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
@@ -169,6 +170,10 @@ class Scheduler:
         self._attempt_tg: TaskGroup | None = None
         self._pool: TaskPool
         self._backend = _Backend(store)
+        # Failures in a row of the index poll and of lease renewals (all actors together:
+        # an outage fails them all), logged without flooding the log.
+        self._poll_failures = FailureStreak(_log, "index_poll_failed")
+        self._renewal_failures = FailureStreak(_log, "lease_renewal_failed")
 
     # -- public surface -------------------------------------------------------------------
 
@@ -382,8 +387,9 @@ class Scheduler:
         try:
             read_at, rows = await self.store.run_index(read)
         except Exception as exc:  # the next poll retries; the ledgers stay the truth
-            _log.warning("index_poll_failed", error=str(exc))
+            self._poll_failures.failed(error=str(exc))
             return
+        self._poll_failures.succeeded()
         failing = self._failing
         for actor_id, due in rows:
             if failing and actor_id in failing and failing[actor_id][0] > read_at:
@@ -509,7 +515,9 @@ class Scheduler:
         try:
             await self.store.run(actor_id, renew_op(self.host_id, tokens, self._lease_ms))
         except LedgerError as exc:
-            _log.warning("lease_renewal_failed", actor=actor_id, error=str(exc))
+            self._renewal_failures.failed(actor=actor_id, error=str(exc))
+            return
+        self._renewal_failures.succeeded()
 
     # -- one attempt ----------------------------------------------------------------------
 
@@ -708,7 +716,7 @@ class Scheduler:
                     break
                 except Exception as exc:  # whatever it is, the attempt must finish here
                     tries += 1
-                    if tries & (tries - 1) == 0:  # the 1st, 2nd, 4th, 8th... failure
+                    if worth_a_warning(tries):
                         log.warning("settle_failed", error=repr(exc), retry=tries)
                     outage = isinstance(exc, (LedgerWriteError, LedgerBusyError))
                     if tries >= 4 and (self._stopping or not outage):
