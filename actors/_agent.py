@@ -94,13 +94,14 @@ class Agent:
         trigger's ``parse_intent`` before anything is written. With an ``idempotency_key``,
         a live intent (or one that ended within the host's ``idempotency_retention``) holding
         the same key is returned instead of a new one, atomically across processes. Keys
-        are per actor: a key held by an intent of another trigger kind is an error, and keys
-        starting with ``trigger.`` are the framework's.
+        are per actor: a key held by an intent of another trigger kind is an error, keys
+        starting with ``trigger.`` are the framework's, and a key holds at most 1,024 bytes
+        of UTF-8.
 
         Raises:
             UnknownTriggerError: no trigger of that kind is registered.
             IntentRejectedError: ``parse_intent`` refused the payload.
-            ledger.PayloadError: the payload is not storable as JSON.
+            ledger.PayloadError: the payload is not storable as JSON, or the key is too long.
             TypeError: ``at`` is not a datetime, or ``idempotency_key`` not a str.
             ValueError: ``at`` is a naive datetime.
             HostClosedError: the host is not running (enter it with ``async with`` first).

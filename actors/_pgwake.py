@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import structlog
 
-from ledger import LedgerError, LedgerWriteError, ProcessInfo, _pg
+from ledger import LedgerError, LedgerUnavailableError, ProcessInfo, _pg
 from ledger._index import machine_id
 from ledger._pg import close_connection, connect, redact
 from triggers._streaks import worth_a_warning
@@ -69,7 +69,7 @@ class NotifyWakeup:
         """Connect and listen, so peers' notifications reach us from now on.
 
         Raises:
-            LedgerWriteError: the database cannot be reached.
+            LedgerUnavailableError: the database cannot be reached.
         """
         self._conn = await self._listen()
 
@@ -85,7 +85,7 @@ class NotifyWakeup:
             if isinstance(exc, Exception):
                 # As a refused connect: a plain LISTEN fails only when the server went away
                 # meanwhile (asyncpg raises one of several errors, as the cut finds it).
-                raise LedgerWriteError(redact(self.url), f"cannot listen: {exc!r}") from exc
+                raise LedgerUnavailableError(redact(self.url), f"cannot listen: {exc!r}") from exc
             raise
         conn.add_termination_listener(self._on_terminated)
         return conn

@@ -9,6 +9,7 @@ from ._errors import LedgerBusyError as LedgerBusyError
 from ._errors import LedgerCorruptError as LedgerCorruptError
 from ._errors import LedgerError as LedgerError
 from ._errors import LedgerNotFoundError as LedgerNotFoundError
+from ._errors import LedgerUnavailableError as LedgerUnavailableError
 from ._errors import LedgerWriteError as LedgerWriteError
 from ._errors import PayloadError as PayloadError
 from ._errors import ProjectionError as ProjectionError
@@ -63,6 +64,7 @@ __all__ = [
     "LedgerNotFoundError",
     "LedgerStore",
     "LedgerTx",
+    "LedgerUnavailableError",
     "LedgerWriteError",
     "NewClaim",
     "PayloadError",

@@ -71,6 +71,13 @@ class LedgerWriteError(LedgerError):
             super().__init__(f"could not write {_where(path)}: {detail}; nothing was written")
 
 
+class LedgerUnavailableError(LedgerWriteError):
+    """The storage could not be reached: the database connection was lost and could not be
+    made again, or the server left a statement unanswered. Unlike other write errors, it
+    says nothing about the operation itself: trying again once the storage is back may
+    succeed. Nothing was written unless the message says the outcome is unknown."""
+
+
 def is_locked(error: BaseException) -> bool:
     """True if SQLite refused because another connection holds the file ("database is
     locked" or "busy"): a wait or a retry may succeed, unlike any other error."""

@@ -32,6 +32,7 @@ from ._errors import (
     LedgerBusyError,
     LedgerError,
     LedgerNotFoundError,
+    LedgerUnavailableError,
     LedgerWriteError,
     PayloadError,
 )
@@ -852,7 +853,8 @@ async def connect(
     connection is then dropped.
 
     Raises:
-        LedgerWriteError: the server cannot be reached or refuses the connection.
+        LedgerUnavailableError: the server cannot be reached, or takes no connections now.
+        LedgerWriteError: the server refuses the connection (its credentials, its database).
     """
     task = asyncio.ensure_future(_connect(url, connect_timeout, command_timeout))
     try:
@@ -919,7 +921,10 @@ async def _connect(
                 "standard_conforming_strings": "on",
             },
         )
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+    except (OSError, asyncpg.CannotConnectNowError, asyncpg.InterfaceError) as exc:
+        # Not reached, or not taking connections now (starting, stopping): try again later.
+        raise LedgerUnavailableError(redact(url), f"cannot connect: {exc}") from exc
+    except asyncpg.PostgresError as exc:  # refused: a wrong password, no such database...
         raise LedgerWriteError(redact(url), f"cannot connect: {exc}") from exc
 
 
@@ -1044,14 +1049,10 @@ class PostgresStore(Store):
         self.notifies_cancels = True
 
     async def __aenter__(self) -> PostgresStore:
-        first = await connect(self.url, command_timeout=_STATEMENT_TIMEOUT_S)
+        await self._migrate()
         try:
-            await migrate(first)
-        except BaseException:
-            await close_connection(first)
-            raise
-        self._index = PgConnection(first, self.location)
-        try:
+            index = await connect(self.url, command_timeout=_STATEMENT_TIMEOUT_S)
+            self._index = PgConnection(index, self.location)
             for shard in self._shards:
                 conn = await connect(self.url, command_timeout=_STATEMENT_TIMEOUT_S)
                 self._conns[shard.number] = PgConnection(conn, self.location)
@@ -1060,6 +1061,25 @@ class PostgresStore(Store):
             raise
         await self._start_pumps()
         return self
+
+    async def _migrate(self) -> None:
+        """Create or upgrade the schema, on a connection of its own: with no statement
+        timeout, as a migration of a large table may take long, and no lock timeout, as a
+        host starting while another migrates waits for it.
+
+        Raises:
+            LedgerError: the schema is newer than this version's, or the migration failed.
+        """
+        import asyncpg
+
+        conn = await connect(self.url)
+        try:
+            await conn.execute("SET lock_timeout = 0")
+            await migrate(conn)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+            raise LedgerWriteError(self.location, f"cannot migrate the schema: {exc}") from exc
+        finally:
+            await close_connection(conn)
 
     async def __aexit__(self, *exc_info: object) -> None:
         try:
@@ -1103,7 +1123,7 @@ class PostgresStore(Store):
         """A new connection, tried every 0.1 s for up to about ``_RECONNECT_S`` seconds.
 
         Raises:
-            LedgerWriteError: the server took no connection in that time (the caller's
+            LedgerUnavailableError: the server took no connection in that time (the caller's
                 operation fails; the next one tries again, however long the outage lasts).
         """
         error: LedgerWriteError | None = None
@@ -1118,7 +1138,9 @@ class PostgresStore(Store):
                     error = exc
                     await anyio.sleep(0.1)
         detail = error.detail if error is not None else "timed out"
-        raise LedgerWriteError(self.location, f"cannot reconnect for {_RECONNECT_S:g} s: {detail}")
+        raise LedgerUnavailableError(
+            self.location, f"cannot reconnect for {_RECONNECT_S:g} s: {detail}"
+        )
 
     def _wrap(self, exc: BaseException) -> BaseException:
         import asyncpg
@@ -1127,10 +1149,12 @@ class PostgresStore(Store):
             return exc
         if isinstance(exc, asyncpg.exceptions.LockNotAvailableError):
             return LedgerBusyError(self.location, 10.0)
-        if isinstance(exc, (asyncpg.PostgresError, asyncpg.InterfaceError, OSError)):
+        if isinstance(exc, TimeoutError):  # (an OSError: first)
+            return LedgerUnavailableError(self.location, "the server did not answer in time")
+        if isinstance(exc, (asyncpg.InterfaceError, OSError)):
+            return LedgerUnavailableError(self.location, str(exc))
+        if isinstance(exc, asyncpg.PostgresError):
             return LedgerWriteError(self.location, str(exc))
-        if isinstance(exc, TimeoutError):
-            return LedgerWriteError(self.location, "the server did not answer in time")
         return exc
 
     async def _run_batch(
@@ -1156,7 +1180,7 @@ class PostgresStore(Store):
                         message = lost.message
                         if lost.committing:
                             message += " (the connection broke during COMMIT: outcome unknown)"
-                        error = LedgerWriteError(self.location, message)
+                        error = LedgerUnavailableError(self.location, message)
                         for request in batch:
                             request.result, request.error = None, error
                         return [], [], ()

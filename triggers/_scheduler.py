@@ -26,7 +26,7 @@ from ledger import (
     LedgerBusyError,
     LedgerError,
     LedgerTx,
-    LedgerWriteError,
+    LedgerUnavailableError,
     Store,
 )
 
@@ -702,9 +702,11 @@ class Scheduler:
         started: float,
     ) -> None:
         """Retry a settle that failed, backing off up to ``_SETTLE_RETRY_MAX_S``: for as long
-        as the storage is out (``LedgerWriteError``, ``LedgerBusyError``) while the host runs,
-        so the attempt's work is not lost to an outage; four tries for any other error, or
-        once the host is stopping. The operation re-checks the claim token: if another host
+        as the storage cannot be reached (``LedgerUnavailableError``, ``LedgerBusyError``)
+        while the host runs, so the attempt's work is not lost to an outage; four tries for
+        any other error (one the storage may give every time, such as a write the server
+        refuses), or once the host is stopping. Then the lease runs out and the intent is
+        redriven, up to its bound. The operation re-checks the claim token: if another host
         took the intent over meanwhile, it answers LOST."""
         settled = Settled.LOST
         delay, tries = _SETTLE_RETRY_FIRST_S, 0
@@ -718,7 +720,7 @@ class Scheduler:
                     tries += 1
                     if worth_a_warning(tries):
                         log.warning("settle_failed", error=repr(exc), retry=tries)
-                    outage = isinstance(exc, (LedgerWriteError, LedgerBusyError))
+                    outage = isinstance(exc, (LedgerUnavailableError, LedgerBusyError))
                     if tries >= 4 and (self._stopping or not outage):
                         break
                 delay = min(delay * 4, _SETTLE_RETRY_MAX_S)

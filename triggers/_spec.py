@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, NotRequired, TypedDict,
 
 from pydantic import BaseModel, ValidationError
 
-from ledger import JSON, LONGEST_MS, check_text
+from ledger import JSON, LONGEST_MS, PayloadError, check_text
 
 from ._errors import (
     FatalError,
@@ -279,14 +279,21 @@ def validate_trigger(spec: object, position: int = 0, *, builtin: bool = False) 
     )
 
 
+MAX_KEY_BYTES = 1024
+"""The longest idempotency key, in bytes of UTF-8. Keys are indexed: PostgreSQL refuses an
+index entry past about 2,700 bytes, and only when the transaction writes it, failing every
+operation of its batch; the same limit holds on SQLite, so an application moves between
+backends unchanged."""
+
+
 def check_idempotency_key(key: object) -> None:
-    """Refuse an idempotency key a user may not give: not a str, a NUL in it, or the
-    framework's own ``trigger.`` prefix.
+    """Refuse an idempotency key a user may not give: not a str, a NUL in it, longer than
+    ``MAX_KEY_BYTES``, or the framework's own ``trigger.`` prefix.
 
     Raises:
         TypeError: ``key`` is not a str (or None).
         ValueError: ``key`` starts with ``trigger.``.
-        ledger.PayloadError: ``key`` holds a NUL.
+        ledger.PayloadError: ``key`` holds a NUL, or is too long.
     """
     if key is None:
         return
@@ -295,6 +302,8 @@ def check_idempotency_key(key: object) -> None:
     if key.startswith(RESERVED_PREFIX):
         raise ValueError(f"idempotency keys starting with {RESERVED_PREFIX!r} are reserved")
     check_text(key, "idempotency_key")
+    if len(key) * 4 > MAX_KEY_BYTES and len(key.encode()) > MAX_KEY_BYTES:
+        raise PayloadError(f"idempotency_key is longer than {MAX_KEY_BYTES} bytes of UTF-8")
 
 
 _ARGUMENTS = {

@@ -464,3 +464,29 @@ async def test_a_self_cancel_whose_reason_cannot_be_stored_is_recorded_escaped(
 def test_retry_policies_out_of_bounds_are_refused(options: dict[str, Any], error: type) -> None:
     with pytest.raises(error, match="RetryPolicy"):
         RetryPolicy(**options)
+
+
+async def test_an_idempotency_key_is_at_most_1024_bytes(tmp_path: Path) -> None:
+    """A key of 1,024 bytes of UTF-8 is taken; one byte more is refused with PayloadError,
+    at enqueue (nothing written) and in a commit (the intent fails), on both backends
+    alike (PostgreSQL would refuse a long key only at COMMIT, failing its whole batch)."""
+    longest, too_long = "é" * 512, "é" * 512 + "x"
+
+    def commit(outcome: JSON, tx: Tx) -> None:
+        tx.enqueue(trigger_kind=KIND, at=LATER, idempotency_key=too_long)
+
+    async with open_host(
+        tmp_path, make_trigger(KIND), make_trigger("test.b", commit=commit)
+    ) as host:
+        agent = host.get("a")
+        with pytest.raises(PayloadError, match="longer than 1024 bytes"):
+            await agent.enqueue_trigger(trigger_kind=KIND, at=LATER, idempotency_key=too_long)
+        assert await host.actors() == []
+        taken = await agent.enqueue_trigger(trigger_kind=KIND, at=LATER, idempotency_key=longest)
+        again = await agent.enqueue_trigger(trigger_kind=KIND, at=LATER, idempotency_key=longest)
+        assert again.id == taken.id
+        intent = await agent.enqueue_trigger(trigger_kind="test.b")
+        assert (await agent.wait_for_intent(intent.id)).status == "failed"
+        failure = (await agent.events(kinds=[FAILED]))[0].payload
+        assert "longer than 1024 bytes" in failure["message"]
+        assert len(await agent.intents()) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -17,9 +18,16 @@ import structlog.testing
 from actors import ActorHost, _pgwake, define_agent_do
 from actors._pgwake import NotifyWakeup
 from actors._wakeup import Message
-from ledger import LedgerError, LedgerWriteError, _pg
+from ledger import LedgerError, LedgerWriteError, PayloadError, _pg
 from ledger.postgres import SCHEMA, SCHEMA_VERSION, PostgresStore
-from tests.helpers import CANCELLED, DONE, TERMINAL_KINDS, Gate, fast_config, make_trigger
+from tests.helpers import (
+    CANCELLED,
+    DONE,
+    TERMINAL_KINDS,
+    Gate,
+    fast_config,
+    make_trigger,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -516,3 +524,18 @@ async def test_a_long_wakeup_outage_is_logged_without_a_flood(
     assert tries == [(n, "warning" if n in (1, 2, 4, 8) else "debug") for n in range(1, 10)]
     assert [e["failures"] for e in logs if e["event"] == "wakeup_reconnected"] == [9]
     assert all_closed(connections)
+
+
+async def test_the_longest_idempotency_key_fits_the_index(database_url: str) -> None:
+    """A key of the longest length taken (1,024 bytes), made of text that does not compress,
+    is stored and found again: the limit sits well inside what PostgreSQL indexes."""
+    key = "".join(hashlib.sha256(str(n).encode()).hexdigest() for n in range(16))
+    assert len(key.encode()) == 1024
+    spec = define_agent_do(triggers=[make_trigger("test.work")])
+    async with ActorHost(spec, database_url=database_url, run_scheduler=False) as host:
+        agent = host.get("a" * 200)
+        first = await agent.enqueue_trigger(trigger_kind="test.work", idempotency_key=key)
+        again = await agent.enqueue_trigger(trigger_kind="test.work", idempotency_key=key)
+        assert again.id == first.id
+        with pytest.raises(PayloadError, match="longer than 1024 bytes"):
+            await agent.enqueue_trigger(trigger_kind="test.work", idempotency_key=key + "x")

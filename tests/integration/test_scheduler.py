@@ -9,9 +9,16 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import pytest
 
-from ledger import IntentStatus, ledger_relpath, ms_to_datetime
+from ledger import (
+    IntentStatus,
+    LedgerUnavailableError,
+    LedgerWriteError,
+    ledger_relpath,
+    ms_to_datetime,
+)
 from tests.helpers import (
     CANCELLED,
+    DONE,
     TERMINAL_KINDS,
     Gate,
     ManualClock,
@@ -356,3 +363,60 @@ async def test_an_intent_claimed_again_while_its_old_attempt_runs_here_stays_in_
             gate.open(intent.id)
         facts = await agent.events(intent_event_id=x.id, kinds=TERMINAL_KINDS)
     assert [f.kind for f in facts] == [CANCELLED]
+
+
+@pytest.mark.parametrize(
+    ("error", "redriven"),
+    [(LedgerUnavailableError, False), (LedgerWriteError, True)],
+    ids=["storage unreachable: retried until it lands", "refused: given up after four"],
+)
+async def test_a_failed_settle_is_retried_while_the_storage_is_out_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: type[Exception], redriven: bool
+) -> None:
+    """Six settles of an attempt fail in a row. If the storage could not be reached, the
+    settle is tried again until it lands: the attempt's work counts, once. If the storage
+    refused it (an error it may give every time), it is given up after four retries: the
+    lease runs out and a redrive runs the intent again. One terminal fact either way."""
+    from triggers import _scheduler
+
+    monkeypatch.setattr(_scheduler, "_SETTLE_RETRY_MAX_S", 0.01)
+    gate = Gate()
+    async with open_host(
+        tmp_path, make_trigger(acquire=gate.acquire), config=fast_config(lease=1.0)
+    ) as host:
+        agent = host.get("chat")
+        intent = await agent.enqueue_trigger(trigger_kind="test.work")
+        store = host.store
+        real_run, real_submit = store.run, store.submit
+        failures = 0
+
+        def failing(fn: Any) -> Exception | None:
+            nonlocal failures
+            if failures >= 6 or not fn.__qualname__.startswith("settle_op."):
+                return None
+            failures += 1
+            return error(tmp_path, "out")
+
+        async def run(actor_id: str, fn: Any, **options: Any) -> Any:
+            if (exc := failing(fn)) is not None:
+                raise exc
+            return await real_run(actor_id, fn, **options)
+
+        def submit(actor_id: str, fn: Any, after: Any, **options: Any) -> None:
+            if (exc := failing(fn)) is not None:
+                after(None, exc)
+                return
+            real_submit(actor_id, fn, after, **options)
+
+        monkeypatch.setattr(store, "run", run)
+        monkeypatch.setattr(store, "submit", submit)
+        await gate.wait_started(intent.id)
+        gate.open(intent.id)
+        with anyio.fail_after(20):
+            assert (await agent.wait_for_intent(intent.id)).status == "completed"
+        facts = await agent.events(kinds=TERMINAL_KINDS)
+    assert [(f.intent_event_id, f.kind) for f in facts] == [(intent.id, DONE)]
+    expected = (
+        [(intent.id, 1, False), (intent.id, 1, True)] if redriven else [(intent.id, 1, False)]
+    )
+    assert [a[:3] for a in gate.attempts] == expected

@@ -14,6 +14,7 @@ from ledger import (
     LedgerClosedError,
     LedgerCorruptError,
     LedgerNotFoundError,
+    LedgerUnavailableError,
     LedgerWriteError,
     PayloadError,
 )
@@ -45,6 +46,7 @@ ERRORS = [
     LedgerCorruptError("/data/a.db", "not a database"),
     LedgerNotFoundError("chat:1"),
     LedgerWriteError("/data/a.db", "disk full"),
+    LedgerUnavailableError("postgresql://db/app", "cannot reconnect"),
     PayloadError("not JSON"),
     HostClosedError(),
     HostClosedError("chat:1", 3),
