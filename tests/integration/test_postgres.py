@@ -290,6 +290,41 @@ async def test_hosts_starting_together_migrate_once(database_url: str) -> None:
     assert count == 8
 
 
+async def test_a_host_waits_for_another_hosts_long_migration(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another host holds the migration lock longer than the lock timeout (shortened here to
+    1 s): a store starting meanwhile waits for it (it failed with asyncpg's own
+    LockNotAvailableError) and opens once the lock is released."""
+    monkeypatch.setattr(_pg, "_LOCK_TIMEOUT", "1s")
+    admin = await asyncpg.connect(database_url)
+    try:
+        await admin.execute("SELECT pg_advisory_lock($1)", _pg._MIGRATION_LOCK)
+        opened = anyio.Event()
+
+        async def start() -> None:
+            async with PostgresStore(database_url) as store:
+                await store.run("a", lambda tx: tx.insert_event("x", {}))
+                opened.set()
+
+        async def waiting() -> bool:
+            count = await admin.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+            return bool(count)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(start)
+            with anyio.fail_after(20):
+                while not await waiting():
+                    await anyio.sleep(0.05)  # polls the server's lock table, no timing
+                await anyio.sleep(1.5)  # past the (shortened) lock timeout
+                await admin.execute("SELECT pg_advisory_unlock($1)", _pg._MIGRATION_LOCK)
+                await opened.wait()
+    finally:
+        await admin.close()
+
+
 async def test_a_version_1_database_is_migrated_with_its_due_work(database_url: str) -> None:
     """A database written by schema version 1 (one pending and one expired running intent)
     is upgraded on start; the scan for due actors finds both, the pending one is claimed
