@@ -8,6 +8,7 @@ the terminal facts in the transaction that ends the intent.
 from ._abort import AbortController as AbortController
 from ._abort import AbortError as AbortError
 from ._abort import AbortSignal as AbortSignal
+from ._context import ClaimLostError as ClaimLostError
 from ._context import StreamWriter as StreamWriter
 from ._context import TriggerContext as TriggerContext
 from ._distributed import DistributedAbortController as DistributedAbortController
@@ -37,6 +38,7 @@ __all__ = [
     "CancelResult",
     "CancelStatus",
     "Cancellation",
+    "ClaimLostError",
     "DistributedAbortController",
     "DurableTrigger",
     "Failure",

@@ -43,7 +43,16 @@ class ContextBackend(Protocol):
         limit: int | None,
     ) -> list[Event]: ...
 
-    async def stream_append(self, actor_id: str, intent_event_id: int, text: str) -> int: ...
+    async def stream_append(
+        self, actor_id: str, intent_event_id: int, claim_token: str | None, text: str
+    ) -> int:
+        """Append a chunk to the intent's stream if the attempt still holds the claim
+        ``claim_token``; returns its index.
+
+        Raises:
+            ClaimLostError: the attempt no longer holds the claim (nothing was written).
+        """
+        ...
 
     async def record_fact(
         self,
@@ -66,7 +75,10 @@ class ContextBackend(Protocol):
 
 
 class ClaimLostError(Exception):
-    """The attempt no longer holds its intent's claim (a redrive took it over)."""
+    """The attempt no longer holds its intent's claim: another attempt took the intent over
+    (its host stalled past the lease), or the intent has ended. Raised by what an attempt
+    writes while it runs (``ctx.stream.write``, workflow facts); nothing was written. The
+    attempt's outcome will not count: let the error end it."""
 
 
 class StreamWriter:
@@ -76,24 +88,38 @@ class StreamWriter:
     intent ends. Each chunk is any JSON value. An intent has one stream for all its
     attempts: a retry or a redrive appends after the chunks of the attempts before it, with
     no marker between them (write one, such as ``{"attempt": ctx.attempt}``, if readers
-    must tell the attempts apart).
+    must tell the attempts apart). Only the attempt that holds the intent's claim writes:
+    one whose claim was lost (its host stalled past the lease and another took the intent
+    over), or whose intent has ended, gets ``ClaimLostError`` and adds nothing, so its
+    chunks never mix with those of the attempt that took over.
     """
 
-    __slots__ = ("_actor_id", "_backend", "_intent_event_id")
+    __slots__ = ("_actor_id", "_backend", "_claim_token", "_intent_event_id")
 
-    def __init__(self, backend: ContextBackend, actor_id: str, intent_event_id: int) -> None:
+    def __init__(
+        self,
+        backend: ContextBackend,
+        actor_id: str,
+        intent_event_id: int,
+        claim_token: str | None = None,
+    ) -> None:
         self._backend = backend
         self._actor_id = actor_id
         self._intent_event_id = intent_event_id
+        self._claim_token = claim_token
 
     async def write(self, chunk: JSON) -> int:
         """Append one chunk once it is stored; returns its index.
 
         Raises:
             ledger.PayloadError: the chunk is not storable as JSON.
+            ClaimLostError: this attempt no longer holds the intent's claim, or the intent
+                has ended; nothing was written.
         """
         text = dump_json(chunk, what="stream chunk")
-        return await self._backend.stream_append(self._actor_id, self._intent_event_id, text)
+        return await self._backend.stream_append(
+            self._actor_id, self._intent_event_id, self._claim_token, text
+        )
 
 
 class TriggerContext:
@@ -141,7 +167,7 @@ class TriggerContext:
         self.redrive = redrive
         self.bindings = bindings
         self.log = log
-        self.stream = StreamWriter(backend, actor_id, intent_event_id)
+        self.stream = StreamWriter(backend, actor_id, intent_event_id, claim_token)
 
     def now(self) -> datetime:
         """The host clock's current time (UTC)."""

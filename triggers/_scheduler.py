@@ -759,10 +759,17 @@ class _Backend:
 
         return await self._store.run(actor_id, op, write=False)
 
-    async def stream_append(self, actor_id: str, intent_event_id: int, text: str) -> int:
-        next_index = await self._store.run(
-            actor_id, lambda tx: tx.stream_append(intent_event_id, [text])
-        )
+    async def stream_append(
+        self, actor_id: str, intent_event_id: int, claim_token: str | None, text: str
+    ) -> int:
+        def op(tx: LedgerTx) -> int | None:
+            if not _holds_claim(tx, intent_event_id, claim_token):
+                return None
+            return tx.stream_append(intent_event_id, [text])
+
+        next_index = await self._store.run(actor_id, op, reads=intent_event_id)
+        if next_index is None:
+            raise _claim_lost(actor_id, intent_event_id)
         return next_index - 1
 
     async def record_fact(
@@ -776,8 +783,7 @@ class _Backend:
         check: Callable[[LedgerTx], None] | None = None,
     ) -> Event:
         def op(tx: LedgerTx) -> Event | None:
-            row = tx.intent_row(intent_event_id)
-            if row is None or row.status != "running" or row.claim_token != claim_token:
+            if not _holds_claim(tx, intent_event_id, claim_token):
                 return None
             if check is not None:
                 check(tx)
@@ -785,5 +791,18 @@ class _Backend:
 
         event = await self._store.run(actor_id, op, reads=intent_event_id)
         if event is None:
-            raise ClaimLostError(f"intent {intent_event_id} of {actor_id!r}: the claim was lost")
+            raise _claim_lost(actor_id, intent_event_id)
         return event
+
+
+def _holds_claim(tx: LedgerTx, intent_event_id: int, claim_token: str | None) -> bool:
+    """True while the intent runs under ``claim_token`` (read with the actor's lock)."""
+    row = tx.intent_row(intent_event_id)
+    return row is not None and row.status == "running" and row.claim_token == claim_token
+
+
+def _claim_lost(actor_id: str, intent_event_id: int) -> ClaimLostError:
+    return ClaimLostError(
+        f"intent {intent_event_id} of {actor_id!r}: this attempt no longer holds its claim"
+        " (another attempt took the intent over, or it has ended); nothing was written"
+    )

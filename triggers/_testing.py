@@ -390,7 +390,9 @@ class _Backend:
         # No SQLite ledger here: checks that read one (workflow hooks) do not apply.
         return self._ledger.insert_event(kind, payload, intent_event_id, text=text)
 
-    async def stream_append(self, actor_id: str, intent_event_id: int, text: str) -> int:
+    async def stream_append(
+        self, actor_id: str, intent_event_id: int, claim_token: str | None, text: str
+    ) -> int:
         ledger = self._ledger
         chunks = ledger.chunks.setdefault(intent_event_id, [])
         chunks.append(json.loads(text))

@@ -429,7 +429,7 @@ class _BodyStream(StreamWriter):
 
     def __init__(self, run: _Run) -> None:
         ctx = run.ctx
-        super().__init__(ctx._backend, ctx.actor_id, ctx.intent_event_id)
+        super().__init__(ctx._backend, ctx.actor_id, ctx.intent_event_id, ctx._claim_token)
         self._run = run
 
     async def write(self, chunk: JSON) -> int:

@@ -25,7 +25,7 @@ from ledger import (
     ledger_relpath,
 )
 from tests.helpers import CANCELLED, DONE, FAILED, Gate, fast_config, make_trigger, open_host
-from triggers import AbortError, CancelStatus, FatalError, TriggerContext, Tx
+from triggers import AbortError, CancelStatus, ClaimLostError, FatalError, TriggerContext, Tx
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -604,6 +604,59 @@ async def test_stream_replays_and_follows_until_completion(tmp_path: Path) -> No
         assert late == expected
         assert skipped == expected[2:]
         assert beyond == []
+
+
+async def test_an_attempt_that_lost_its_claim_writes_nothing_to_the_stream(
+    tmp_path: Path,
+) -> None:
+    """An attempt's claim is taken over while it runs (released here directly, as another
+    host's retry would leave it) and a new attempt runs the intent. The old attempt's next
+    write raises ClaimLostError and adds nothing: the stream holds the chunks of the
+    attempt that held the claim at each write, never the old one's after it lost it."""
+    tokens: list[str | None] = []
+    old_wrote, old_may_write, old_done = anyio.Event(), anyio.Event(), anyio.Event()
+    refused: list[BaseException] = []
+
+    async def acquire(intent: Any, ctx: TriggerContext) -> Any:
+        tokens.append(ctx._claim_token)
+        if len(tokens) > 1:
+            await ctx.stream.write("new 0")
+            return "new"
+        try:
+            await ctx.stream.write("old 0")
+            old_wrote.set()
+            await old_may_write.wait()
+            await ctx.stream.write("old 1")
+        except ClaimLostError as exc:
+            refused.append(exc)
+            raise
+        finally:
+            old_done.set()
+        return "old"
+
+    async with open_host(tmp_path, make_trigger(acquire=acquire)) as host:
+        agent = host.get("chat")
+        intent = await agent.enqueue_trigger(trigger_kind="test.work")
+        with anyio.fail_after(20):
+            await old_wrote.wait()
+        token = tokens[0]
+        assert token is not None
+
+        def take_over(tx: LedgerTx) -> bool:
+            return tx.release(intent.id, token, due_at=tx.now_ms, count_attempt=False, redrive=True)
+
+        assert await host.store.run("chat", take_over)
+        with anyio.fail_after(20):
+            assert (await agent.wait_for_intent(intent.id)).status == "completed"
+        old_may_write.set()
+        with anyio.fail_after(20):
+            await old_done.wait()
+        chunks = [chunk async for chunk in agent.stream(intent.id)]
+        facts = await agent.events(intent_event_id=intent.id, kinds=[DONE, CANCELLED, FAILED])
+    assert chunks == ["old 0", "new 0"]
+    assert len(refused) == 1
+    assert "no longer holds its claim" in str(refused[0])
+    assert [(f.kind, f.payload) for f in facts] == [(DONE, "new")]
 
 
 async def test_stream_write_returns_the_chunk_index(tmp_path: Path) -> None:

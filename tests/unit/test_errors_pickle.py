@@ -20,6 +20,7 @@ from ledger import (
 )
 from triggers import (
     AbortError,
+    ClaimLostError,
     Failure,
     FatalError,
     IntentRejectedError,
@@ -51,6 +52,7 @@ ERRORS = [
     HostClosedError(),
     HostClosedError("chat:1", 3),
     AbortError("user"),
+    ClaimLostError("intent 1 of 'chat': this attempt no longer holds its claim"),
     FatalError("no retry"),
     IntentRejectedError("summary", ["text: field required"]),
     TriggerDefinitionError("summary", "acquire", "must be async"),
